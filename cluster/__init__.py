@@ -1,0 +1,1 @@
+"""Processes and communication: rank discovery, process groups, DeepSpeed set-up, gradient compression, SLURM."""

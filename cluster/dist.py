@@ -1,0 +1,105 @@
+"""Rank discovery and the process group, held in one `DistState` object passed around (never globals).
+
+Discovery order: torchrun (RANK/WORLD_SIZE/LOCAL_RANK), SLURM (SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID),
+MPI launchers (OMPI_COMM_WORLD_*, PMI_*), then mpi4py if it is importable and the world is > 1;
+otherwise a single process.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class DistState:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    source: str = "single"
+    backend: str | None = None
+    initialized: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def device(self) -> torch.device:
+        if torch.cuda.is_available():
+            return torch.device("cuda", self.local_rank % max(torch.cuda.device_count(), 1))
+        return torch.device("cpu")
+
+    def barrier(self) -> None:
+        if self.initialized:
+            torch.distributed.barrier()
+
+    def all_reduce_mean(self, t: torch.Tensor) -> torch.Tensor:
+        if self.initialized and self.world_size > 1:
+            torch.distributed.all_reduce(t)
+            t /= self.world_size
+        return t
+
+
+def _env_int(*names: str) -> int | None:
+    for n in names:
+        v = os.environ.get(n)
+        if v is not None and v.strip().lstrip("-").isdigit():
+            return int(v)
+    return None
+
+
+def discover(env: dict[str, str] | None = None) -> DistState:
+    """Find this process's rank and the world size from the launcher's environment."""
+    e = os.environ if env is None else env
+
+    def get(*names: str) -> int | None:
+        for n in names:
+            v = e.get(n)
+            if v is not None and v.strip().isdigit():
+                return int(v)
+        return None
+
+    if get("RANK") is not None and get("WORLD_SIZE") is not None:
+        return DistState(get("RANK"), get("WORLD_SIZE"), get("LOCAL_RANK") or 0, "torchrun")
+    if get("SLURM_PROCID") is not None and get("SLURM_NTASKS") is not None:
+        return DistState(get("SLURM_PROCID"), get("SLURM_NTASKS"), get("SLURM_LOCALID") or 0, "slurm")
+    if get("OMPI_COMM_WORLD_RANK") is not None:
+        return DistState(get("OMPI_COMM_WORLD_RANK"), get("OMPI_COMM_WORLD_SIZE") or 1, get("OMPI_COMM_WORLD_LOCAL_RANK") or 0, "mpi")
+    if get("PMI_RANK") is not None:
+        return DistState(get("PMI_RANK"), get("PMI_SIZE") or 1, get("MPI_LOCALRANKID") or 0, "mpi")
+    return DistState()
+
+
+def init(state: DistState | None = None, backend: str | None = None, timeout_s: float = 300.0) -> DistState:
+    """Initialise torch.distributed for `state` (discovered if None); a single process stays uninitialised."""
+    import datetime
+
+    state = state or discover()
+    if state.world_size <= 1 or torch.distributed.is_initialized():
+        state.initialized = torch.distributed.is_initialized()
+        return state
+    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    os.environ.setdefault("MASTER_ADDR", os.environ.get("SLURM_LAUNCH_NODE_IPADDR", "127.0.0.1"))
+    os.environ.setdefault("MASTER_PORT", "29500")
+    torch.distributed.init_process_group(
+        backend=backend, rank=state.rank, world_size=state.world_size, timeout=datetime.timedelta(seconds=timeout_s)
+    )
+    state.backend = backend
+    state.initialized = True
+    return state
+
+
+def shutdown(state: DistState) -> None:
+    if state.initialized and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+        state.initialized = False
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

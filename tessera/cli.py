@@ -1,0 +1,115 @@
+"""The `tessera` command line: one table of subcommands, each implemented by a module that
+exposes `add_arguments(parser)` and `run(args) -> int | None`.
+
+Modules are imported only for the command being run, so `tessera --help` stays fast.
+Errors caused by input (TesseraError) print one line and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+from tessera import __version__
+from tessera.errors import TesseraError
+
+# (words) -> (module, one-line help)
+COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
+    ("prep", "crawl"): ("dataprep.crawl", "download, filter, resize and shard a (url, caption) list"),
+    ("prep", "tokenizer"): ("dataprep.tokenizer", "train a BPE tokenizer on the captions of shards"),
+    ("prep", "encode"): ("dataprep.encode", "encode image shards to dVAE token shards"),
+    ("prep", "synthetic"): ("dataprep.synthetic", "write the embedded synthetic shapes dataset and its url list"),
+    ("train", "dvae"): ("trainer.dvae_train", "train the discrete VAE (image tokenizer)"),
+    ("train", "transformer"): ("trainer.transformer_train", "train the sparse-attention transformer on token shards"),
+    ("train", "clip"): ("trainer.clip_train", "train the small CLIP used for reranking and evaluation"),
+    ("export",): ("trainer.export", "write a self-contained inference directory from a run"),
+    ("sample",): ("trainer.sample", "sample images from an exported model"),
+    ("eval",): ("trainer.evaluate", "FID, IS, CLIP score, PSNR/SSIM of generated or reconstructed images"),
+    ("demo",): ("tessera.demo", "run the whole pipeline end to end on the embedded dataset"),
+    ("config",): ("tessera.config_cli", "print a resolved config, or every key with its type and documentation"),
+}
+
+GROUP_HELP = {
+    "prep": "data preparation: crawl, tokenizer, encode, synthetic",
+    "train": "training: dvae, transformer, clip",
+}
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, default: str | None = None) -> None:
+    """`--config PRESET_OR_FILE` and trailing `key.sub=value` overrides (CLI > TOML > defaults)."""
+    parser.add_argument(
+        "--config",
+        default=default,
+        help="a preset name from configs/ (e.g. demo, dalle-12b) or a TOML file" + (f" (default: {default})" if default else ""),
+    )
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key.sub=value",
+        help="config overrides, e.g. dvae.train.steps=100 transformer.model.n_layers=4",
+    )
+
+
+def _top_help() -> str:
+    lines = [f"tessera {__version__}: train DALL-E style text-to-image models", "", "usage: tessera COMMAND [ARGS] (tessera COMMAND --help)", "", "commands:"]
+    for words, (_, help_) in COMMANDS.items():
+        lines.append(f"  {' '.join(words):<18} {help_}")
+    return "\n".join(lines)
+
+
+def _find_command(argv: list[str]) -> tuple[tuple[str, ...], list[str]] | None:
+    for n in (2, 1):
+        words = tuple(argv[:n])
+        if words in COMMANDS:
+            return words, argv[n:]
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_top_help())
+        return 0
+    if argv[0] == "--version":
+        print(f"tessera {__version__}")
+        return 0
+    found = _find_command(argv)
+    if found is None:
+        if argv[0] in GROUP_HELP:
+            subs = [w[1] for w in COMMANDS if w[0] == argv[0]]
+            if len(argv) == 1 or argv[1] in ("-h", "--help"):
+                print(f"usage: tessera {argv[0]} {{{','.join(subs)}}} ...\n\n{GROUP_HELP[argv[0]]}")
+                return 0 if len(argv) > 1 else 2
+            print(f"tessera: error: unknown command 'tessera {argv[0]} {argv[1]}'; choose one of: {', '.join(subs)}", file=sys.stderr)
+            return 2
+        print(f"tessera: error: unknown command '{argv[0]}'; run 'tessera --help' for the list", file=sys.stderr)
+        return 2
+    words, rest = found
+    module_name, help_ = COMMANDS[words]
+    parser = argparse.ArgumentParser(prog="tessera " + " ".join(words), description=help_)
+    debug = os.environ.get("TESSERA_DEBUG") == "1"
+    try:
+        module = importlib.import_module(module_name)
+        module.add_arguments(parser)
+        args = parser.parse_args(rest)
+        code = module.run(args)
+        return int(code or 0)
+    except TesseraError as e:
+        if debug:
+            raise
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"tessera: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("tessera: interrupted", file=sys.stderr)
+        return 130
+
+
+def entry() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    entry()

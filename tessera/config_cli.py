@@ -1,0 +1,23 @@
+"""`tessera config`: print a resolved config as TOML, or every key with type, default and documentation."""
+
+from __future__ import annotations
+
+import argparse
+
+from tessera import config as C
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from tessera.cli import add_config_arguments
+
+    add_config_arguments(parser)
+    parser.add_argument("--keys", action="store_true", help="list every key with its type, default and documentation")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.keys:
+        print(C.format_keys(C.Root()), end="")
+        return 0
+    cfg = C.load_root(args.config, args.overrides)
+    print(C.dumps_toml(cfg), end="")
+    return 0

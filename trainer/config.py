@@ -1,0 +1,171 @@
+"""Config dataclasses of the training stages (see tessera.config for loading rules).
+
+Paper references: Ramesh et al. 2021, "Zero-Shot Text-to-Image Generation" (DALL-E), App. A (dVAE)
+and App. B (transformer).
+"""
+
+
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+from tessera.config import param
+from tessera.errors import ConfigError
+
+
+@dataclass
+class DVAEModelConfig:
+    """Architecture of the dVAE (paper App. A.1; widths are multiples of n_hid as in the released model)."""
+
+    image_size: int = param(256, "Input side in pixels.")
+    channels: int = param(3, "Input channels.")
+    n_hid: int = param(256, "Width of the first group; group g has width n_hid * 2**g (capped at 8x).")
+    n_groups: int = param(4, "Groups of resblocks; each group but the last is followed by 2x2 pooling.")
+    n_blk_per_group: int = param(2, "Bottleneck resblocks per group.")
+    vocab_size: int = param(8192, "Codebook size (image-token vocabulary).")
+
+    def validate(self) -> None:
+        down = 2 ** (self.n_groups - 1)
+        if self.image_size % down:
+            raise ConfigError(f"config key 'dvae.model.image_size': expected a multiple of {down} for {self.n_groups} groups, got {self.image_size}")
+        for key in ("n_hid", "n_groups", "n_blk_per_group", "vocab_size"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"config key 'dvae.model.{key}': expected >= 1, got {getattr(self, key)}")
+
+    @property
+    def grid_size(self) -> int:
+        return self.image_size // 2 ** (self.n_groups - 1)
+
+
+@dataclass
+class DVAETrainConfig:
+    """Optimisation of the dVAE (paper App. A.2: schedules and optimiser)."""
+
+    steps: int = param(3_000_000, "Optimizer updates.")
+    batch_size: int = param(512, "Global batch size (split across ranks).")
+    lr: float = param(1e-4, "Peak learning rate.")
+    lr_min: float = param(1.25e-6, "Final learning rate of the cosine decay.")
+    lr_decay_steps: int = param(1_200_000, "Updates over which the learning rate decays (cosine).")
+    weight_decay: float = param(1e-4, "AdamW weight decay.")
+    beta1: float = param(0.9, "AdamW beta1.")
+    beta2: float = param(0.999, "AdamW beta2.")
+    kl_weight: float = param(6.6, "Final weight (beta) of the KL term to the uniform prior.")
+    kl_warmup_steps: int = param(5000, "Updates over which the KL weight rises 0 -> kl_weight (cosine).")
+    temp_start: float = param(1.0, "Initial gumbel-softmax temperature.")
+    temp_end: float = param(1.0 / 16, "Final gumbel-softmax temperature.")
+    temp_anneal_steps: int = param(150_000, "Updates over which the temperature anneals (cosine).")
+    logit_laplace_eps: float = param(0.1, "epsilon of the pixel map phi(x) = (1 - 2 eps) x + eps.")
+    ema_decay: float = param(0.999, "Parameter EMA decay; the EMA weights are used for evaluation and export.")
+    grad_clip: float = param(0.0, "Gradient-norm clipping; 0 disables.")
+    precision: Literal["auto", "fp32", "bf16"] = param("auto", "auto: bf16 autocast on GPU, fp32 on CPU.")
+    workers: int = param(0, "Data-loading workers per rank.")
+    shuffle_buffer: int = param(1000, "Samples in the shuffle buffer.")
+    log_every: int = param(50, "Updates between metric lines.")
+    eval_every: int = param(500, "Updates between held-out evaluations (PSNR, SSIM, perplexity).")
+    sample_every: int = param(500, "Updates between reconstruction grids.")
+    ckpt_every: int = param(1000, "Updates between checkpoints.")
+    train_data: str = param("", "Training shards: a folder, a brace pattern of tars, or s3://bucket/prefix.")
+    eval_data: str = param("", "Held-out shards for evaluation (optional).")
+    time_budget_s: float = param(0.0, "Stop after this many seconds of training (0: no limit); the step count still bounds it.")
+
+
+@dataclass
+class DVAEConfig:
+    """The discrete VAE: model and training."""
+
+    model: DVAEModelConfig = param(doc="Architecture.", factory=DVAEModelConfig)
+    train: DVAETrainConfig = param(doc="Optimisation.", factory=DVAETrainConfig)
+
+
+@dataclass
+class TransformerModelConfig:
+    """The decoder-only transformer over [text tokens, image tokens] (paper section 2 and App. B)."""
+
+    text_len: int = param(256, "Text positions; shorter captions are filled with a distinct padding token per position.")
+    text_vocab: int = param(16384, "BPE vocabulary size (taken from the tokenizer when training from token shards).")
+    image_grid: int = param(32, "Side of the image-token grid (image_grid**2 image tokens).")
+    image_vocab: int = param(8192, "dVAE codebook size (taken from the dVAE when training from token shards).")
+    d_model: int = param(3968, "Width of the residual stream.")
+    n_layers: int = param(64, "Resblocks (attention + MLP).")
+    n_heads: int = param(62, "Attention heads.")
+    mlp_ratio: float = param(4.0, "MLP hidden width over d_model.")
+    dropout: float = param(0.0, "Dropout on residual branches.")
+    attention: Literal["dalle", "dense"] = param("dalle", "dalle: the paper's row/column/convolutional layer pattern; dense: causal everywhere.")
+    conv_kernel: int = param(11, "Side k of the causal k x k neighbourhood of the convolutional mask.")
+
+    def validate(self) -> None:
+        if self.d_model % self.n_heads:
+            raise ConfigError(f"config key 'transformer.model.d_model': expected a multiple of n_heads={self.n_heads}, got {self.d_model}")
+        if self.conv_kernel % 2 == 0:
+            raise ConfigError(f"config key 'transformer.model.conv_kernel': expected odd, got {self.conv_kernel}")
+
+
+@dataclass
+class TransformerTrainConfig:
+    """Optimisation of the transformer (paper App. B.2)."""
+
+    steps: int = param(430_000, "Optimizer updates.")
+    batch_size: int = param(1024, "Global batch size.")
+    lr: float = param(4.5e-4, "Peak learning rate.")
+    lr_min: float = param(0.0, "Final learning rate of the cosine decay.")
+    warmup_steps: int = param(5000, "Linear warm-up updates.")
+    decay: Literal["cosine", "plateau"] = param("cosine", "cosine to lr_min after warm-up, or plateau (halve on no improvement).")
+    weight_decay: float = param(4.5e-2, "AdamW weight decay.")
+    beta1: float = param(0.9, "AdamW beta1.")
+    beta2: float = param(0.96, "AdamW beta2.")
+    eps: float = param(1e-8, "AdamW epsilon.")
+    grad_clip: float = param(4.0, "Gradient-norm clipping threshold; 0 disables.")
+    ema_decay: float = param(0.0, "Parameter EMA decay (0 disables EMA).")
+    caption_dropout: float = param(0.0, "Probability of an empty caption (enables classifier-free guidance).")
+    image_loss_weight: float = param(7.0, "Loss = (text CE + w * image CE) / (1 + w), each averaged over its tokens.")
+    bpe_dropout: float = param(0.1, "BPE-dropout probability for training captions (paper: 0.1).")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = param("auto", "auto: bf16 on GPU, fp32 on CPU.")
+    workers: int = param(0, "Data-loading workers per rank.")
+    shuffle_buffer: int = param(1000, "Samples in the shuffle buffer.")
+    log_every: int = param(50, "Updates between metric lines.")
+    sample_every: int = param(1000, "Updates between sample grids.")
+    ckpt_every: int = param(1000, "Updates between checkpoints.")
+    train_data: str = param("", "Token shards from `tessera prep encode`.")
+    eval_data: str = param("", "Held-out token shards (optional).")
+    time_budget_s: float = param(0.0, "Stop after this many seconds of training (0: no limit).")
+
+
+@dataclass
+class TransformerConfig:
+    """The transformer: model and training."""
+
+    model: TransformerModelConfig = param(doc="Architecture.", factory=TransformerModelConfig)
+    train: TransformerTrainConfig = param(doc="Optimisation.", factory=TransformerTrainConfig)
+
+
+@dataclass
+class ClipConfig:
+    """A small contrastive image-text model for reranking, the crawl similarity filter and evaluation."""
+
+    d_model: int = param(256, "Embedding width of both towers.")
+    n_layers: int = param(4, "Text transformer layers.")
+    n_heads: int = param(4, "Text attention heads.")
+    image_width: int = param(64, "Width of the first image conv stage.")
+    text_len: int = param(32, "Caption tokens.")
+    steps: int = param(2000, "Optimizer updates.")
+    batch_size: int = param(128, "Batch size.")
+    lr: float = param(5e-4, "Peak learning rate.")
+    checkpoint: Optional[str] = param(None, "Use this local open_clip checkpoint instead of training one.")
+
+
+@dataclass
+class SampleConfig:
+    """Sampling from an exported model."""
+
+    temperature: float = param(1.0, "Softmax temperature.")
+    top_k: int = param(0, "Keep the k most likely tokens (0 disables).")
+    top_p: float = param(1.0, "Nucleus sampling mass (1 disables).")
+    guidance_scale: float = param(1.0, "Classifier-free guidance scale (1 disables; needs caption dropout in training).")
+    candidates: int = param(1, "Candidates per prompt; with CLIP available the best by CLIP score is kept.")
+    batch_size: int = param(16, "Sequences decoded together.")
+    use_kv_cache: bool = param(True, "Incremental decoding with a KV cache.")
+
+    def validate(self) -> None:
+        if self.temperature <= 0:
+            raise ConfigError(f"config key 'sample.temperature': expected > 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"config key 'sample.top_p': expected in (0, 1], got {self.top_p}")
