@@ -30,6 +30,8 @@ from dataclasses import dataclass
 
 import torch
 
+from kernels.layouts import block_layout, block_partial
+
 try:  # triton is a GPU (and test) dependency; the reference works without it
     import triton
     import triton.language as tl
@@ -108,15 +110,6 @@ class BlockSparseIndex:
         return BlockSparseIndex(**fields)
 
 
-def block_counts(mask: torch.Tensor, block: int) -> torch.Tensor:
-    """Number of allowed (query, key) pairs per block tile, mask padded with False: long [nb, nb]."""
-    s = mask.shape[0]
-    nb = -(-s // block)
-    padded = torch.zeros(nb * block, nb * block, dtype=torch.bool, device=mask.device)
-    padded[:s, :s] = mask
-    return padded.view(nb, block, nb, block).sum(dim=(1, 3))
-
-
 def build_index(mask: torch.Tensor, block: int = 64) -> BlockSparseIndex:
     """Build the block index of a bool [S, S] token mask (on the mask's device)."""
     if mask.dtype != torch.bool or mask.dim() != 2 or mask.shape[0] != mask.shape[1]:
@@ -128,9 +121,8 @@ def build_index(mask: torch.Tensor, block: int = 64) -> BlockSparseIndex:
     sp = nb * block
     padded = torch.zeros(sp, sp, dtype=torch.bool, device=mask.device)
     padded[:s, :s] = mask
-    counts = padded.view(nb, block, nb, block).sum(dim=(1, 3))
-    layout = counts > 0
-    partial = layout & (counts < block * block)
+    layout = block_layout(mask, block)  # the one definition, kernels/layouts.py
+    partial = block_partial(mask, block)
 
     def csr(lay: torch.Tensor, part: torch.Tensor):
         rows, cols = lay.nonzero(as_tuple=True)  # row-major order: cols ascending within a row

@@ -1,0 +1,201 @@
+"""Block-sparse attention kernel vs its pure-torch reference, forward and every gradient.
+
+On CPU the kernels run in Triton's interpreter (tests/kernels/conftest.py) at tiny sizes: S 32-80,
+block 16, D 16/32, fp32 and fp16 (the interpreter has no bf16 arithmetic). The `gpu` tests run
+the paper's layouts at full size (256 text + 32x32 image tokens) in fp16 and bf16.
+"""
+
+import math
+import os
+
+import pytest
+import torch
+
+from kernels import layouts
+from kernels.block_sparse_attention import (
+    BlockSparseIndex,
+    attention_flops,
+    block_sparse_attention,
+    block_sparse_attention_reference,
+    build_index,
+)
+
+# tests/kernels/conftest.py has set TRITON_INTERPRET=1 by now when there is no CUDA device
+ON_GPU = torch.cuda.is_available()
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+# Tolerances against the fp32 reference computed from the same (rounded) inputs.
+TOL = {
+    # Interpreter: numpy fp32 matmuls, only summation order differs. On a GPU, tl.dot on fp32 uses
+    # TF32 (10-bit mantissa), so it is loosened there.
+    torch.float32: dict(out=1e-5, grad=1e-5) if not ON_GPU else dict(out=5e-3, grad=1e-2),
+    # fp16 output rounding (2^-11 relative) plus P and dS rounded to fp16 before their matmuls.
+    torch.float16: dict(out=2e-3, grad=1e-2),
+    # bf16 keeps 8 mantissa bits: output rounding alone is ~4e-3 relative.
+    torch.bfloat16: dict(out=2e-2, grad=6e-2),
+}
+
+
+def _random_mask(s: int, seed: int, density: float = 0.5) -> torch.Tensor:
+    """A causal mask with random holes, the diagonal kept (every query sees itself)."""
+    g = torch.Generator().manual_seed(seed)
+    m = (torch.rand(s, s, generator=g) < density).tril()
+    m |= torch.eye(s, dtype=torch.bool)
+    return m
+
+
+def _qkv(b, h, s, d, dtype, device, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(b, h, s, d, generator=g).to(device=device, dtype=dtype).requires_grad_() for _ in range(3)]
+
+
+def _check_against_reference(q, k, v, mask, block, dtype):
+    out = block_sparse_attention(q, k, v, mask, block=block)
+    g = torch.Generator().manual_seed(1234)
+    dout = torch.randn(out.shape, generator=g).to(device=out.device, dtype=out.dtype)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), dout)
+
+    q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
+    ref = block_sparse_attention_reference(q32, k32, v32, mask, block=block)
+    rdq, rdk, rdv = torch.autograd.grad(ref, (q32, k32, v32), dout.float())
+
+    tol = TOL[dtype]
+    assert out.dtype == dtype and out.shape == q.shape
+    torch.testing.assert_close(out.float(), ref, atol=tol["out"], rtol=tol["out"])
+    for name, got, want in (("dq", dq, rdq), ("dk", dk, rdk), ("dv", dv, rdv)):
+        assert torch.isfinite(got).all(), name
+        scale = max(want.abs().max().item(), 1.0)
+        err = (got.float() - want).abs().max().item()
+        assert err <= tol["grad"] * scale, f"{name}: max error {err:.3g} > {tol['grad']} * {scale:.3g}"
+
+
+def _mask_case(kind: str, text_len: int, grid: int) -> torch.Tensor:
+    if kind == "column_t":
+        return layouts.token_mask("column", text_len, grid, transposed=True)
+    if kind == "conv":
+        return layouts.token_mask("conv", text_len, grid, conv_kernel=3)
+    return layouts.token_mask(kind, text_len, grid)
+
+
+# (mask kind, text_len, grid, B, H, D): S = text_len + grid^2, mostly not a multiple of 16
+SMALL_CASES = [
+    ("row", 8, 6, 1, 2, 16),  # S=44
+    ("column_t", 5, 7, 1, 2, 32),  # S=54
+    ("conv", 16, 8, 1, 1, 16),  # S=80, exact multiple
+    ("causal", 7, 5, 2, 1, 16),  # S=32, exact multiple
+    ("random", 0, 0, 1, 2, 16),  # S=50 random holes
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("case", SMALL_CASES, ids=[c[0] for c in SMALL_CASES])
+def test_matches_reference_small(case, dtype, device):
+    kind, text_len, grid, b, h, d = case
+    mask = _random_mask(50, seed=3) if kind == "random" else _mask_case(kind, text_len, grid)
+    q, k, v = _qkv(b, h, mask.shape[0], d, dtype, device, seed=SMALL_CASES.index(case))
+    _check_against_reference(q, k, v, mask.to(device), 16, dtype)
+
+
+def test_index_matches_layouts_and_is_consistent():
+    mask = layouts.token_mask("row", 8, 6)  # S=44, ragged at block 16
+    idx = build_index(mask, 16)
+    assert idx.n_blocks == 3 and idx.padded_len == 48
+    assert torch.equal(idx.layout, layouts.block_layout(mask, 16))
+    assert torch.equal(idx.partial, layouts.block_partial(mask, 16))
+    # row CSR lists exactly the non-empty blocks of each row, ascending; the column CSR is its transpose
+    for m in range(idx.n_blocks):
+        cols = idx.col_idx[idx.row_ptr[m]: idx.row_ptr[m + 1]].tolist()
+        assert cols == idx.layout[m].nonzero().flatten().tolist()
+        flags = idx.row_partial[idx.row_ptr[m]: idx.row_ptr[m + 1]].tolist()
+        assert flags == [int(idx.partial[m, c]) for c in cols]
+    for n in range(idx.n_blocks):
+        rows = idx.row_idx[idx.col_ptr[n]: idx.col_ptr[n + 1]].tolist()
+        assert rows == idx.layout[:, n].nonzero().flatten().tolist()
+    assert idx.nnz_blocks == int(idx.layout.sum())
+    assert idx.allowed_pairs == int(mask.sum())
+    # the block that touches the padding is partial even where the real tokens are all allowed
+    assert bool(idx.partial[2, 0])
+    # block ceiling: the kernel computes nnz_blocks * 16^2 pairs for allowed_pairs useful ones
+    f = attention_flops(idx, 1, 1, 16)
+    assert f["blocks"] / f["useful"] == pytest.approx(idx.nnz_blocks * 256 / idx.allowed_pairs)
+
+
+def test_empty_blocks_are_never_read(device):
+    """Key block 1 (tokens 16..31) is masked for every query, so its block column is empty.
+
+    NaN there would poison any tile that touched it (0 * NaN = NaN), so finite outputs show that
+    the kernel never loads empty blocks; their dK/dV must be exactly zero.
+    """
+    s, blk = 48, 16
+    mask = torch.ones(s, s, dtype=torch.bool).tril()
+    mask[:, 16:32] = False
+    mask |= torch.eye(s, dtype=torch.bool)
+    mask[16:32, 16:32] = False  # queries 16..31 then see only keys 0..15
+    idx = build_index(mask, blk)
+    assert not idx.layout[:, 1].any()
+    q, k, v = _qkv(1, 1, s, 16, torch.float32, device, seed=5)
+    with torch.no_grad():
+        k[:, :, 16:32] = float("nan")
+        v[:, :, 16:32] = float("nan")
+    out = block_sparse_attention(q, k, v, idx, block=blk)
+    assert torch.isfinite(out).all()
+    clean = [t.detach().nan_to_num(0.0) for t in (q, k, v)]
+    torch.testing.assert_close(out, block_sparse_attention_reference(*clean, mask), atol=1e-5, rtol=1e-5)
+    dq, dk, dv = torch.autograd.grad(out.sum(), (q, k, v))
+    assert torch.isfinite(dq).all()
+    assert (dk[:, :, 16:32] == 0).all() and (dv[:, :, 16:32] == 0).all()
+
+
+def test_rows_without_keys_give_zero(device):
+    s = 40
+    mask = _random_mask(s, seed=9)
+    mask[20:25] = False  # five queries may attend nothing
+    q, k, v = _qkv(1, 2, s, 16, torch.float32, device, seed=11)
+    out = block_sparse_attention(q, k, v, mask, block=16)
+    assert (out[:, :, 20:25] == 0).all()
+    dq = torch.autograd.grad(out.sum(), q)[0]
+    assert (dq[:, :, 20:25] == 0).all() and torch.isfinite(dq).all()
+    torch.testing.assert_close(out, block_sparse_attention_reference(q, k, v, mask), atol=1e-5, rtol=1e-5)
+
+
+def test_rejects_bad_inputs(device):
+    q, k, v = _qkv(1, 1, 32, 24, torch.float32, device, seed=0)
+    with pytest.raises(ValueError, match="head dim"):
+        block_sparse_attention(q, k, v, torch.ones(32, 32, dtype=torch.bool), block=16)
+    q, k, v = _qkv(1, 1, 32, 16, torch.float32, device, seed=0)
+    with pytest.raises(ValueError, match="S=40"):
+        block_sparse_attention(q, k, v, torch.ones(40, 40, dtype=torch.bool), block=16)
+    with pytest.raises(ValueError, match="block"):
+        block_sparse_attention(q, k, v, build_index(torch.ones(32, 32, dtype=torch.bool), 32), block=16)
+    with pytest.raises(ValueError, match="bool"):
+        build_index(torch.ones(32, 32), 16)
+
+
+@pytest.mark.skipif(INTERPRETED, reason="Triton's interpreter has no bf16 arithmetic; bf16 is tested on GPU only")
+@pytest.mark.gpu
+def test_bf16_small(device):
+    mask = _mask_case("row", 8, 6)
+    q, k, v = _qkv(1, 2, mask.shape[0], 16, torch.bfloat16, device, seed=21)
+    _check_against_reference(q, k, v, mask.to(device), 16, torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA device: full-size layouts are too slow for the interpreter")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("kind", ["row", "column_t", "conv", "causal"])
+@pytest.mark.parametrize("block", [32, 64])
+def test_paper_layouts_full_size(kind, head_dim, dtype, block, device):
+    mask = layouts.token_mask("column", 256, 32, transposed=True) if kind == "column_t" else layouts.token_mask(kind, 256, 32)
+    q, k, v = _qkv(2, 4, mask.shape[0], head_dim, dtype, device, seed=7)
+    _check_against_reference(q, k, v, mask.to(device), block, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA device")
+def test_ragged_full_size(device):
+    s = 1000  # not a multiple of 64
+    mask = _random_mask(s, seed=13, density=0.3)
+    q, k, v = _qkv(1, 3, s, 64, torch.float16, device, seed=17)
+    _check_against_reference(q, k, v, mask.to(device), 64, torch.float16)
+    assert math.isfinite(attention_flops(build_index(mask, 64), 1, 3, 64)["useful"])
