@@ -226,11 +226,26 @@ def load(cls: type, preset: str | Path | None = None, overrides: list[str] | tup
     if base is not None:
         data = _deep_copy(base)
     if preset is not None:
-        data = _merge(data, load_toml(resolve_preset(preset)))
+        data = _merge(data, load_preset(preset))
     for ov in overrides:
         path, value = parse_override(ov)
         _set_path(data, path, value)
     return from_dict(cls, data)
+
+
+def load_preset(name_or_path: str | Path, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A preset's TOML as a dict; a top-level `extends = "other"` loads that preset first (then this one on top)."""
+    path = resolve_preset(name_or_path)
+    key = str(path.resolve())
+    if key in _seen:
+        raise ConfigError(f"config file '{path}': 'extends' forms a cycle")
+    data = load_toml(path)
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    if not isinstance(parent, str):
+        raise ConfigError(f"config file '{path}': 'extends' expected str, got {type(parent).__name__}")
+    return _merge(load_preset(parent, _seen + (key,)), data)
 
 
 def _deep_copy(d: dict) -> dict:

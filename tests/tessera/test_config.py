@@ -116,3 +116,23 @@ def test_every_field_is_documented():
 def test_unknown_preset_lists_known_ones():
     with pytest.raises(ConfigError, match="presets: .*demo"):
         C.resolve_preset("no-such-preset")
+
+
+def test_preset_extends_another(tmp_path):
+    base = tmp_path / "base.toml"
+    base.write_text('name = "base"\nseed = 3\n[dvae.train]\nsteps = 10\nlr = 0.5\n')
+    child = tmp_path / "child.toml"
+    child.write_text(f'extends = "{base}"\nname = "child"\n[dvae.train]\nsteps = 20\n')
+    cfg = C.load_root(child, ["seed=4"])
+    assert (cfg.name, cfg.seed, cfg.dvae.train.steps, cfg.dvae.train.lr) == ("child", 4, 20, 0.5)
+    quick = C.load_root("demo-quick")
+    demo = C.load_root("demo")
+    assert quick.dvae.model == demo.dvae.model and quick.dvae.train.steps < demo.dvae.train.steps
+
+
+def test_extends_cycle_is_rejected(tmp_path):
+    a, b = tmp_path / "a.toml", tmp_path / "b.toml"
+    a.write_text(f'extends = "{b}"\n')
+    b.write_text(f'extends = "{a}"\n')
+    with pytest.raises(ConfigError, match="cycle"):
+        C.load_root(a)

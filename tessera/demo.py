@@ -1,0 +1,242 @@
+"""`tessera demo`: the whole pipeline, end to end, with real components, on the embedded dataset.
+
+1. generate the synthetic shapes dataset (held-out attribute combinations for evaluation);
+2. serve it from a local HTTP server on 127.0.0.1 and write the url lists as parquet;
+3. crawl both lists with the real crawler into webdataset shards;
+4. train the BPE tokenizer on the training captions;
+5. train the dVAE; 6. encode the training shards to token shards;
+7. train the transformer; 8. export; 9. sample a fixed list of prompts into grid.png;
+10. score: dVAE PSNR on held-out images, and the analytic detector's colour / shape / position
+    accuracy on the generated images; report.json and a printed table.
+
+The output folder holds one subfolder per stage. `report.json` is written last (atomically): its
+presence means the run is complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from tessera import config as C
+from tessera.errors import InputError
+
+STAGE_DIRS = ("source", "urls", "shards", "tokenizer", "dvae", "tokens", "transformer", "export", "samples")
+SAMPLES_PER_PROMPT = 4
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from tessera.cli import add_config_arguments
+
+    parser.add_argument("--quick", action="store_true", help="the 2-minute version (preset demo-quick)")
+    parser.add_argument("--output", default="runs/demo", help="output folder (default: runs/demo)")
+    parser.add_argument("-n", "--samples-per-prompt", type=int, default=SAMPLES_PER_PROMPT, help="images per prompt")
+    add_config_arguments(parser)
+
+
+def demo_prompts() -> list[dict[str, str]]:
+    """The fixed prompt list: every (colour, shape) pair once, with sizes, positions and backgrounds in rotation."""
+    from dataprep.synthetic import BACKGROUNDS, COLORS, POSITIONS, SHAPES, SIZES
+
+    sizes, positions, backgrounds = list(SIZES), list(POSITIONS), list(BACKGROUNDS)
+    prompts = []
+    for i, (color, shape) in enumerate(itertools.product(COLORS, SHAPES)):
+        prompts.append(
+            {"shape": shape, "color": color, "size": sizes[i % len(sizes)], "position": positions[i % len(positions)], "background": backgrounds[i % len(backgrounds)]}
+        )
+    return prompts
+
+
+class Stages:
+    """Times each stage and prints one line per stage as it ends."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.t0 = time.perf_counter()
+
+    def run(self, name: str, fn, *args, **kw):
+        print(f"[demo] {name} ...", file=sys.stderr, flush=True)
+        t = time.perf_counter()
+        out = fn(*args, **kw)
+        self.seconds[name] = round(time.perf_counter() - t, 2)
+        print(f"[demo] {name} done in {self.seconds[name]:.1f} s", file=sys.stderr, flush=True)
+        return out
+
+    @property
+    def total(self) -> float:
+        return round(time.perf_counter() - self.t0, 2)
+
+
+def _reset(out: Path) -> None:
+    """Remove what an earlier demo left in `out` (only the demo's own names)."""
+    for name in (*STAGE_DIRS, "report.json", "grid.png"):
+        p = out / name
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
+
+
+def _captions_of_shards(shard_dir: Path) -> list[str]:
+    import tarfile
+
+    caps = []
+    for tar in sorted(shard_dir.glob("*.tar")):
+        with tarfile.open(tar) as tf:
+            for m in tf:
+                if m.name.endswith(".txt"):
+                    caps.append(tf.extractfile(m).read().decode("utf-8"))
+    return caps
+
+
+def _heldout_psnr(dvae_dir: Path, eval_shards: Path) -> float:
+    """PSNR of hard-code reconstructions (argmax codes -> decoder, EMA weights) over the held-out shards."""
+    import torch
+
+    from trainer.data import iter_image_batches
+    from trainer.dvae import load_dvae
+    from trainer.image_metrics import psnr
+
+    model, _ = load_dvae(dvae_dir)
+    model.eval()
+    vals, n = 0.0, 0
+    with torch.no_grad():
+        for x in iter_image_batches(str(eval_shards), batch_size=64):
+            rec = model.decode_codes(model.get_codes(x))
+            vals += psnr(rec, x).sum().item()
+            n += x.shape[0]
+    if n == 0:
+        raise InputError(f"held-out shards '{eval_shards}' hold no images")
+    return vals / n
+
+
+def run_demo(cfg: Any, out: Path, samples_per_prompt: int = SAMPLES_PER_PROMPT) -> dict[str, Any]:
+    import torch
+
+    from dataprep import detector, synthetic
+    from dataprep.crawl import crawl
+    from dataprep.encode import encode_shards
+    from dataprep.tokenizer import train_tokenizer
+    from tessera.progress import bar
+    from trainer.dvae_train import train_dvae
+    from trainer.export import export
+    from trainer.inference import load as load_inference
+    from trainer.rundir import save_image_grid
+    from trainer.transformer_train import train_transformer
+
+    out.mkdir(parents=True, exist_ok=True)
+    _reset(out)
+    torch.manual_seed(cfg.seed)
+    st = Stages()
+
+    src = st.run("synthetic data", synthetic.generate, out / "source", cfg.synthetic, seed=cfg.seed)
+    server, base_url = synthetic.serve(out / "source")
+    try:
+        urls = synthetic.write_url_lists(out / "source", base_url, out / "urls")
+        crawl_stats = {}
+        for split in ("train", "eval"):
+            crawl_stats[split] = st.run(f"crawl {split}", crawl, urls[split], str(out / "shards" / split), cfg.crawl)
+    finally:
+        server.stop()
+
+    captions = _captions_of_shards(out / "shards" / "train")
+    tok_path = out / "tokenizer" / "bpe.model"
+    st.run("tokenizer", train_tokenizer, captions, tok_path, kind=cfg.tokenizer.kind, vocab_size=cfg.tokenizer.vocab_size, lowercase=cfg.tokenizer.lowercase)
+
+    dvae_summary = st.run("train dvae", train_dvae, cfg, str(out / "shards" / "train"), str(out / "shards" / "eval"), out / "dvae")
+    st.run("encode", encode_shards, out / "dvae", tok_path, str(out / "shards" / "train"), out / "tokens", cfg=cfg.encode)
+    tr_summary = st.run("train transformer", train_transformer, cfg, str(out / "tokens"), out / "transformer")
+    st.run("export", export, out / "transformer", out / "export")
+
+    prompts = demo_prompts()
+    captions_p = [synthetic.caption(a) for a in prompts]
+
+    def _sample():
+        pipe = load_inference(out / "export")
+        return pipe.generate(captions_p, samples_per_prompt, cfg.sample)
+
+    images = st.run("sample", _sample)  # (P * n, 3, H, W), prompt-major
+    (out / "samples").mkdir(exist_ok=True)
+    from PIL import Image
+
+    arr = (images.clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255 + 0.5).astype("uint8")
+    with bar(len(arr), "write samples", "img") as pb:
+        for i, a in enumerate(arr):
+            Image.fromarray(a).save(out / "samples" / f"{i // samples_per_prompt:02d}_{i % samples_per_prompt}.png")
+            pb.update(1)
+    save_image_grid(images, out / "grid.png", nrow=samples_per_prompt * 2)
+
+    expected = [a for a in prompts for _ in range(samples_per_prompt)]
+    acc = detector.score(arr, expected)
+    held = {tuple(sorted(h.items())) for h in src["heldout_combinations"]}
+    is_held = [tuple(sorted(a.items())) in held for a in expected]
+    held_idx = [i for i, h in enumerate(is_held) if h]
+    acc_held = detector.score(arr[held_idx], [expected[i] for i in held_idx]) if held_idx else None
+
+    dvae_psnr = st.run("held-out psnr", _heldout_psnr, out / "dvae", out / "shards" / "eval")
+    report = {
+        "config": cfg.name,
+        "dvae_psnr": round(dvae_psnr, 2),
+        "color_acc": round(acc["color_acc"], 4),
+        "shape_acc": round(acc["shape_acc"], 4),
+        "position_acc": round(acc["position_acc"], 4),
+        "size_acc": round(acc["size_acc"], 4),
+        "background_acc": round(acc["background_acc"], 4),
+        "all_acc": round(acc["all_acc"], 4),
+        "heldout_prompt_images": len(held_idx),
+        "heldout_color_acc": round(acc_held["color_acc"], 4) if acc_held else None,
+        "heldout_shape_acc": round(acc_held["shape_acc"], 4) if acc_held else None,
+        "num_prompts": len(prompts),
+        "samples_per_prompt": samples_per_prompt,
+        "crawl_success": {k: v.get("success", v.get("ok")) for k, v in crawl_stats.items()},
+        "dvae": _small(dvae_summary),
+        "transformer": _small(tr_summary),
+        "stage_seconds": st.seconds,
+        "total_seconds": st.total,
+        "torch_threads": torch.get_num_threads(),
+    }
+    tmp = out / ".report.json.tmp"
+    tmp.write_text(json.dumps(report, indent=2))
+    tmp.replace(out / "report.json")
+    return report
+
+
+def _small(summary: Any) -> Any:
+    """Keep the scalar entries of a stage summary for the report."""
+    if not isinstance(summary, dict):
+        return None
+    return {k: v for k, v in summary.items() if isinstance(v, (int, float, str, bool)) or v is None}
+
+
+def format_report(report: dict[str, Any]) -> str:
+    rows = [
+        ("dvae_psnr (dB, held-out)", report["dvae_psnr"]),
+        ("color_acc", report["color_acc"]),
+        ("shape_acc", report["shape_acc"]),
+        ("position_acc", report["position_acc"]),
+        ("size_acc", report["size_acc"]),
+        ("heldout color/shape acc", f"{report['heldout_color_acc']} / {report['heldout_shape_acc']} ({report['heldout_prompt_images']} images)"),
+        ("prompts x samples", f"{report['num_prompts']} x {report['samples_per_prompt']}"),
+    ]
+    rows += [(f"time: {k}", f"{v:.1f} s") for k, v in report["stage_seconds"].items()]
+    rows.append(("time: total", f"{report['total_seconds']:.1f} s"))
+    w = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{w}}  {v}" for k, v in rows)
+
+
+def run(args: argparse.Namespace) -> int:
+    preset = args.config or ("demo-quick" if args.quick else "demo")
+    cfg = C.load_root(preset, args.overrides)
+    if args.samples_per_prompt < 1:
+        raise InputError(f"--samples-per-prompt: expected >= 1, got {args.samples_per_prompt}")
+    out = Path(args.output)
+    report = run_demo(cfg, out, args.samples_per_prompt)
+    print(format_report(report))
+    print(f"\nreport: {out / 'report.json'}  grid: {out / 'grid.png'}")
+    return 0
