@@ -1,0 +1,106 @@
+import io
+import json
+import pickle
+import tarfile
+
+import pytest
+
+from dataprep import synthetic as S
+from dataprep.tokenizer import KINDS, input_files, load_tokenizer, read_captions, train_tokenizer
+from tessera.cli import main
+from tessera.errors import InputError
+
+CAPTIONS = [S.caption(a) for a in S.all_combinations()]
+
+
+def _write_shard(path, captions, start=0):
+    with tarfile.open(path, "w") as tf:
+        for i, c in enumerate(captions):
+            key = f"{start + i:09d}"
+            for ext, data in (("txt", c.encode()), ("jpg", b"\xff\xd8not-really"), ("json", json.dumps({"caption": c}).encode())):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_train_roundtrip_dropout_and_sidecar(tmp_path, kind):
+    out = tmp_path / "tok" / "bpe.model"
+    tok = train_tokenizer([c.upper() for c in CAPTIONS] + ["", "   "], out, kind=kind, vocab_size=256)
+    meta = json.loads((tmp_path / "tok" / "bpe.model.json").read_text())
+    assert meta["kind"] == kind and meta["lowercase"] is True and meta["num_captions"] == len(CAPTIONS)
+    assert meta["vocab_size"] == tok.vocab_size <= 256 and tok.vocab_size > 40
+    assert sorted(p.name for p in (tmp_path / "tok").iterdir()) == ["bpe.model", "bpe.model.json"]
+    text = "A Large PURPLE triangle at the bottom right on a black background"
+    ids = tok.encode(text)
+    assert all(0 <= i < tok.vocab_size for i in ids)
+    assert tok.decode(ids) == text.lower()
+    # merges were learned: far fewer tokens than characters
+    assert len(ids) < len(text) / 3
+    # BPE-dropout: more (smaller) pieces on average, decoding to the same text, and varied
+    drops = [tok.encode(text, dropout=0.3) for _ in range(20)]
+    assert sum(map(len, drops)) / 20 > len(ids) * 1.3
+    assert len({tuple(d) for d in drops}) > 3
+    assert all(tok.decode(d) == text.lower() for d in drops)
+    assert tok.encode_batch([text, "a red square"]) == [ids, tok.encode("a red square")]
+    # reloading and pickling give the same encoder
+    again = load_tokenizer(out)
+    assert again.encode(text) == ids and again.vocab_size == tok.vocab_size
+    assert pickle.loads(pickle.dumps(tok)).encode(text) == ids
+    with pytest.raises(InputError, match="out of range"):
+        tok.decode([tok.vocab_size])
+
+
+def test_reads_shards_text_files_and_patterns(tmp_path):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    _write_shard(shards / "00000.tar", CAPTIONS[:300])
+    _write_shard(shards / "00001.tar", CAPTIONS[300:], start=10000)
+    (shards / "00000.parquet").write_bytes(b"ignored")
+    got = list(read_captions(shards))
+    assert got == CAPTIONS
+    assert list(read_captions(str(shards / "{00000..00001}.tar"))) == CAPTIONS
+    assert len(input_files(str(shards / "0000*.tar"))) == 2
+    txt = tmp_path / "caps.txt"
+    txt.write_text("\n".join(CAPTIONS[:5]) + "\n")
+    assert [c.strip() for c in read_captions(txt)] == CAPTIONS[:5]
+
+
+def test_cli_on_shards(tmp_path, capsys):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    _write_shard(shards / "00000.tar", CAPTIONS)
+    out = tmp_path / "bpe.yttm"
+    assert main(["prep", "tokenizer", "--input", str(shards), "--output", str(out), "--vocab-size", "200", "--kind", "youtokentome"]) == 0
+    assert "youtokentome tokenizer" in capsys.readouterr().out
+    tok = load_tokenizer(out)
+    assert tok.kind == "youtokentome" and tok.vocab_size <= 200
+    assert tok.decode(tok.encode(CAPTIONS[7])) == CAPTIONS[7]
+    out2 = tmp_path / "bpe.spm"
+    assert main(["prep", "tokenizer", "--input", str(shards), "--output", str(out2), "--config", "demo", "tokenizer.kind=sentencepiece"]) == 0
+    assert json.loads((tmp_path / "bpe.spm.json").read_text())["kind"] == "sentencepiece"
+
+
+def test_bad_inputs(tmp_path, capsys):
+    with pytest.raises(InputError, match="matches no file"):
+        list(read_captions(tmp_path / "nope"))
+    with pytest.raises(InputError, match="no \\*.tar"):
+        input_files(tmp_path)
+    (tmp_path / "bad.tar").write_bytes(b"this is not a tar file" * 50)
+    with pytest.raises(InputError, match="bad.tar"):
+        list(read_captions(tmp_path / "bad.tar"))
+    with pytest.raises(InputError, match="no non-empty captions"):
+        train_tokenizer(["", " \n"], tmp_path / "t", "sentencepiece", 100)
+    for kind in KINDS:
+        with pytest.raises(InputError, match="too small"):
+            train_tokenizer(CAPTIONS, tmp_path / f"small_{kind}", kind, 12)
+        assert not (tmp_path / f"small_{kind}.json").exists()
+    (tmp_path / "m").write_bytes(b"garbage")
+    with pytest.raises(InputError, match="sidecar"):
+        load_tokenizer(tmp_path / "m")
+    for kind in KINDS:
+        (tmp_path / "m.json").write_text(json.dumps({"kind": kind, "vocab_size": 10, "lowercase": True}))
+        with pytest.raises(InputError, match="'.*m'"):
+            load_tokenizer(tmp_path / "m")
+    assert main(["prep", "tokenizer", "--input", str(tmp_path / "missing"), "--output", str(tmp_path / "x")]) == 2
+    assert "missing" in capsys.readouterr().err
