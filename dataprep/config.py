@@ -39,6 +39,7 @@ class FilterConfig:
     near_dup_bits: int = param(4, "Maximum Hamming distance of 64-bit perceptual hashes counted as a near duplicate.")
     similarity_threshold: float = param(0.0, "Minimum image-text similarity (LAION used 0.28 with CLIP ViT-B/32); 0 disables.")
     similarity_model: Optional[str] = param(None, "Scorer for the similarity filter: a Tessera CLIP export dir or an open_clip checkpoint.")
+    reject_non_utf8_captions: bool = param(True, "Reject rows whose caption bytes are not valid UTF-8 (False: decode them with replacement characters).")
 
 
 @dataclass
@@ -62,6 +63,8 @@ class CrawlConfig:
     allowed_schemes: list[str] = param(doc="URL schemes that may be fetched.", factory=lambda: ["http", "https"])
     user_agent: str = param("Tessera/0.1 (+https://github.com/tessera-ml/tessera)", "User-Agent header sent with every request.")
     respect_robots_header: bool = param(True, "Skip images whose X-Robots-Tag says noai/noimageai, as img2dataset does.")
+    retry_backoff: float = param(0.5, "First retry delay in seconds; it doubles with every further retry.")
+    s3_endpoint_url: Optional[str] = param(None, "S3 endpoint for s3:// outputs (None: boto3's own settings, e.g. AWS_ENDPOINT_URL_S3).")
     filters: FilterConfig = param(doc="Filters, each counted by reason.", factory=FilterConfig)
 
     def validate(self) -> None:

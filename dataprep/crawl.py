@@ -1,0 +1,601 @@
+"""`tessera prep crawl`: download, filter, resize and shard a (url, caption) list.
+
+How a crawl runs
+1. The url list is read (dataprep.readers) and cut into shards of `shard_size` rows: shard `s`
+   holds rows `[s * shard_size, (s+1) * shard_size)` whatever the partitioning, so shard ids of
+   different parts never collide. `--part I/N` takes the I-th of N contiguous blocks of shards.
+2. Shards whose `_stats.json` exists are complete and skipped (resume); leftovers of a killed run
+   carry temporary names and are removed. `crawl.json` records the input and the settings that
+   shape the output; re-running into an output made with other settings needs `--overwrite`.
+3. `processes` worker processes each take one shard at a time and download its rows with
+   `threads` concurrent requests over one pooled keep-alive client, filter captions before
+   downloading, check and resize images, score image-text similarity when asked, and drop
+   duplicates within the shard (the earlier row wins).
+4. The main process finalises shards strictly in id order: it drops duplicates of samples kept in
+   lower shards (this run's, and those other parts wrote, read from their `_dedup.npz`), then
+   writes the shard's files, stats last (dataprep.writer). So a crawl killed at any moment and
+   re-run gives exactly the samples of an uninterrupted run.
+
+Every input row ends in exactly one status: success, failed_to_download, failed_to_decode or
+filtered, with a reason code and a message, in the shard's parquet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import io
+import json
+import math
+import os
+import queue
+import re
+import threading
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
+from pathlib import Path
+from typing import Any
+
+from dataprep.config import CrawlConfig
+from tessera.errors import ConfigError, InputError
+
+CRAWL_META = "crawl.json"
+META_FORMAT = 1
+_SHARD_FILE = re.compile(r"^(\d{5,})(\.tar|\.parquet|_stats\.json|_dedup\.npz)$")
+
+
+# --------------------------------------------------------------------------------------------
+# Worker side (runs in each worker process; state in one dict set by the initializer)
+
+_W: dict[str, Any] = {}
+
+
+def _init_worker(cfg: CrawlConfig, progress_q: Any, parent_pid: int) -> None:
+    from dataprep.download import Downloader
+    from dataprep.filters import load_scorer
+    from dataprep.imaging import ImageSpec
+
+    f = cfg.filters
+    _W["cfg"] = cfg
+    _W["progress"] = progress_q
+    _W["parent"] = parent_pid
+    _W["downloader"] = Downloader(
+        timeout=cfg.timeout,
+        retries=cfg.retries,
+        max_bytes=cfg.max_bytes,
+        max_redirects=cfg.max_redirects,
+        allowed_schemes=cfg.allowed_schemes,
+        user_agent=cfg.user_agent,
+        respect_robots_header=cfg.respect_robots_header,
+        backoff=cfg.retry_backoff,
+        pool_size=cfg.threads,
+    )
+    _W["spec"] = ImageSpec(
+        size=cfg.image_size,
+        resize=cfg.resize,
+        output_format=cfg.output_format,
+        quality=cfg.quality,
+        max_pixels=f.max_pixels,
+        min_image_size=f.min_image_size,
+        max_aspect_ratio=f.max_aspect_ratio,
+        phash=f.dedup_near,
+    )
+    _W["pool"] = ThreadPoolExecutor(cfg.threads, thread_name_prefix="crawl")
+    _W["scorer"] = load_scorer(f.similarity_model) if f.similarity_threshold > 0 and f.similarity_model else None
+
+
+class _Progress:
+    """Batches (rows, successes) increments to the main process a few times a second."""
+
+    def __init__(self, q: Any):
+        self.q = q
+        self.lock = threading.Lock()
+        self.rows = 0
+        self.ok = 0
+        self.last = time.monotonic()
+
+    def add(self, ok: bool) -> None:
+        with self.lock:
+            self.rows += 1
+            self.ok += int(ok)
+            now = time.monotonic()
+            if now - self.last > 0.25:
+                self._flush(now)
+
+    def _flush(self, now: float) -> None:
+        if self.q is not None and self.rows:
+            self.q.put((self.rows, self.ok))
+        self.rows = self.ok = 0
+        self.last = now
+
+    def flush(self) -> None:
+        with self.lock:
+            self._flush(time.monotonic())
+
+
+def _process_row(shard: int, idx: int, row: tuple, progress: _Progress) -> tuple[dict, dict | None]:
+    from dataprep.download import DownloadError
+    from dataprep.filters import check_caption, decode_caption
+    from dataprep.imaging import ImageReject, process_image
+    from dataprep.writer import make_key
+
+    if os.getppid() != _W["parent"]:  # the crawl that started us is gone (e.g. kill -9): stop now
+        os._exit(3)
+    cfg: CrawlConfig = _W["cfg"]
+    f = cfg.filters
+    row_index, url, cap_raw, extra = row
+    caption, valid = decode_caption(cap_raw)
+    rec: dict[str, Any] = {
+        "key": make_key(shard, idx, cfg.shard_size),
+        "url": url,
+        "caption": caption,
+        "status": "success",
+        "reason": None,
+        "error_message": None,
+        "width": None,
+        "height": None,
+        "original_width": None,
+        "original_height": None,
+        "sha256": None,
+        "extra": extra,
+    }
+    sample = None
+    rej = check_caption(caption, valid, min_chars=f.min_caption_chars, max_chars=f.max_caption_chars, reject_non_utf8=f.reject_non_utf8_captions)
+    if rej is not None:
+        rec.update(status="filtered", reason=rej[0], error_message=rej[1])
+    else:
+        try:
+            body = _W["downloader"].fetch(url).body
+            img = process_image(body, _W["spec"])
+        except DownloadError as e:
+            rec.update(status="failed_to_download", reason=e.reason, error_message=e.message)
+        except ImageReject as e:
+            rec.update(status=e.status, reason=e.reason, error_message=e.message)
+        else:
+            rec.update(width=img.width, height=img.height, original_width=img.original_width, original_height=img.original_height, sha256=img.sha256)
+            sample = {"key": rec["key"], "image": img.data, "caption": caption, "phash": img.phash}
+    progress.add(sample is not None)
+    return rec, sample
+
+
+def _sample_json(rec: dict, phash: int | None) -> dict:
+    j = {k: rec[k] for k in ("url", "caption", "key", "status", "error_message", "width", "height", "original_width", "original_height", "sha256")}
+    if phash is not None:
+        j["phash"] = f"{phash:016x}"
+    for k, v in rec["extra"].items():
+        j[k] = v
+    return j
+
+
+def _score(samples: list[dict], rows_by_key: dict[str, dict], threshold: float) -> list[dict]:
+    from PIL import Image
+
+    scorer = _W["scorer"]
+    kept = []
+    for i in range(0, len(samples), 64):
+        batch = samples[i : i + 64]
+        images = [Image.open(io.BytesIO(s["image"])).convert("RGB") for s in batch]
+        scores = list(scorer.score(images, [s["caption"] for s in batch]))
+        if len(scores) != len(batch):
+            raise RuntimeError(f"similarity scorer returned {len(scores)} scores for {len(batch)} pairs")
+        for s, sc in zip(batch, scores):
+            if float(sc) >= threshold:
+                kept.append(s)
+            else:
+                rows_by_key[s["key"]].update(status="filtered", reason="low_similarity", error_message=f"image-text similarity {float(sc):.3f} < {threshold:g}")
+    return kept
+
+
+def process_shard(shard: int, rows: list[tuple]) -> dict:
+    """Download and process one shard's rows; returns {'rows': [...], 'samples': [...]} in row order.
+
+    Samples are deduplicated within the shard (earlier row wins); cross-shard duplicates are the
+    main process's business.
+    """
+    from dataprep.filters import DedupIndex
+
+    cfg: CrawlConfig = _W["cfg"]
+    progress = _Progress(_W["progress"])
+    start = time.time()
+    futures = [_W["pool"].submit(_process_row, shard, i, row, progress) for i, row in enumerate(rows)]
+    recs, samples = [], []
+    for fut in futures:
+        rec, sample = fut.result()
+        recs.append(rec)
+        if sample is not None:
+            samples.append(sample)
+    progress.flush()
+    by_key = {r["key"]: r for r in recs}
+    f = cfg.filters
+    if _W["scorer"] is not None and samples:
+        samples = _score(samples, by_key, f.similarity_threshold)
+    if f.dedup_exact or f.dedup_near:
+        index = DedupIndex(f.dedup_exact, f.dedup_near, f.near_dup_bits)
+        kept = []
+        for s in samples:
+            rec = by_key[s["key"]]
+            dup = index.find(rec["sha256"], s["phash"])
+            if dup:
+                rec.update(status="filtered", reason=dup[0], error_message=f"{dup[0].replace('_', ' ')} of {dup[1]}")
+            else:
+                index.add(s["key"], rec["sha256"], s["phash"])
+                kept.append(s)
+        samples = kept
+    for s in samples:
+        s["json"] = _sample_json(by_key[s["key"]], s["phash"])
+    return {"shard": shard, "rows": recs, "samples": samples, "start_time": start}
+
+
+def _run_shard_in_worker(shard: int, rows: list[tuple]) -> dict:
+    return process_shard(shard, rows)
+
+
+# --------------------------------------------------------------------------------------------
+# Main side
+
+
+def parse_part(part: str | tuple[int, int] | None) -> tuple[int, int]:
+    """'I/N' (0 <= I < N) or (I, N) -> (I, N); None -> (0, 1)."""
+    if part is None:
+        return 0, 1
+    if isinstance(part, str):
+        m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", part)
+        if not m:
+            raise InputError(f"--part '{part}': expected I/N with 0 <= I < N, e.g. 0/4")
+        i, n = int(m.group(1)), int(m.group(2))
+    else:
+        i, n = int(part[0]), int(part[1])
+    if n < 1 or not 0 <= i < n:
+        raise InputError(f"--part '{i}/{n}': expected I/N with 0 <= I < N")
+    return i, n
+
+
+def part_shards(n_shards: int, part: tuple[int, int]) -> range:
+    i, n = part
+    return range(i * n_shards // n, (i + 1) * n_shards // n)
+
+
+def _meta(urls: Any, cfg: CrawlConfig) -> dict:
+    shaping = {k: getattr(cfg, k) for k in ("url_col", "caption_col", "keep_cols", "image_size", "resize", "output_format", "quality", "shard_size")}
+    shaping["filters"] = dataclasses.asdict(cfg.filters)
+    return {"format": META_FORMAT, "input": urls.fingerprint(), "settings": shaping}
+
+
+def _diff(a: Any, b: Any, prefix: str = "") -> str:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b)):
+            d = _diff(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else k)
+            if d:
+                return d
+        return ""
+    return "" if a == b else f"{prefix}: {a!r} there vs {b!r} now"
+
+
+class _GlobalIndex:
+    """Dedup index over finalised shards with lower ids (this run's and other parts')."""
+
+    def __init__(self, storage: Any, cfg: CrawlConfig):
+        from dataprep.filters import DedupIndex
+
+        f = cfg.filters
+        self.enabled = f.dedup_exact or f.dedup_near
+        self.index = DedupIndex(f.dedup_exact, f.dedup_near, f.near_dup_bits)
+        self.storage = storage
+        self.loaded: set[int] = set()
+
+    def refresh(self, below: int) -> None:
+        """Load the `_dedup.npz` of every complete shard with id < `below` not loaded yet, in id order."""
+        from dataprep.writer import read_dedup, shard_names
+
+        if not self.enabled:
+            return
+        names = set(self.storage.list())
+        todo = []
+        for name in names:
+            m = _SHARD_FILE.match(name)
+            if m and m.group(2) == "_stats.json":
+                s = int(m.group(1))
+                if s < below and s not in self.loaded and shard_names(s)["dedup"] in names:
+                    todo.append(s)
+        for s in sorted(todo):
+            keys, shas, phs = read_dedup(self.storage.read_bytes(shard_names(s)["dedup"]))
+            self.index.add_many(keys, shas, phs)
+            self.loaded.add(s)
+
+    def filter(self, shard: int, rows: list[dict], samples: list[dict]) -> list[dict]:
+        if not self.enabled:
+            return samples
+        self.refresh(shard)
+        by_key = {r["key"]: r for r in rows}
+        kept = []
+        for s in samples:
+            dup = self.index.find(s["json"]["sha256"], s.get("phash"))
+            if dup:
+                by_key[s["key"]].update(status="filtered", reason=dup[0], error_message=f"{dup[0].replace('_', ' ')} of {dup[1]}")
+            else:
+                kept.append(s)
+        for s in kept:
+            self.index.add(s["key"], s["json"]["sha256"], s.get("phash"))
+        self.loaded.add(shard)
+        return kept
+
+
+class _NullBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def set_postfix(self, *a: Any, **k: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def crawl(
+    input: str | Path,
+    output: str | Path,
+    cfg: CrawlConfig | None = None,
+    part: str | tuple[int, int] | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Crawl `input` (url list file or folder) into shards at `output` (folder or s3://bucket/prefix).
+
+    Returns the stats of this part: rows, shards (written and already complete), successes,
+    counts by status and by reason, duration and images/s of this invocation.
+    """
+    from dataprep.filters import load_scorer
+    from dataprep.readers import read_url_list
+    from dataprep.storage import open_storage
+    from dataprep.writer import shard_names, write_shard
+    from tessera.progress import bar
+
+    cfg = cfg or CrawlConfig()
+    cfg.validate()
+    f = cfg.filters
+    if f.similarity_threshold > 0:
+        if not f.similarity_model:
+            raise ConfigError("config key 'crawl.filters.similarity_threshold' > 0 needs 'crawl.filters.similarity_model'")
+        load_scorer(f.similarity_model)  # fail here, with one line, rather than inside a worker
+    pi, pn = parse_part(part)
+    urls = read_url_list(input, cfg.url_col, cfg.caption_col, cfg.keep_cols)
+    storage = open_storage(output, cfg.s3_endpoint_url)
+    storage.prepare()
+
+    n_rows = urls.num_rows
+    n_shards = math.ceil(n_rows / cfg.shard_size)
+    mine = list(part_shards(n_shards, (pi, pn)))
+    mine_names = {n for s in mine for n in shard_names(s).values()}
+    existing = set(storage.list())
+
+    meta = _meta(urls, cfg)
+    if overwrite:
+        for name in sorted(existing):
+            m = _SHARD_FILE.match(name)
+            if m and (pn == 1 or name in mine_names):
+                storage.delete(name)
+        existing = set(storage.list())
+        storage.write_bytes(CRAWL_META, json.dumps(meta, indent=1, sort_keys=True).encode())
+    elif CRAWL_META in existing:
+        try:
+            old = json.loads(storage.read_bytes(CRAWL_META))
+        except ValueError:
+            raise InputError(f"output '{storage}': {CRAWL_META} is not JSON; use --overwrite") from None
+        d = _diff(old, meta)
+        if d:
+            raise InputError(f"output '{storage}' holds a crawl of another input or settings ({d}); use --overwrite or another output")
+    else:
+        if any(_SHARD_FILE.match(n) for n in existing):
+            raise InputError(f"output '{storage}' holds shards without {CRAWL_META}; use --overwrite or another output")
+        storage.write_bytes(CRAWL_META, json.dumps(meta, indent=1, sort_keys=True).encode())
+    storage.clean_temporaries(mine_names)
+
+    complete = [s for s in mine if shard_names(s)["stats"] in existing]
+    todo = [s for s in mine if shard_names(s)["stats"] not in existing]
+    totals: dict[str, Any] = {"status_counts": {}, "reason_counts": {}}
+
+    def account(st: dict) -> None:
+        for k in ("status_counts", "reason_counts"):
+            for name, c in st[k].items():
+                totals[k][name] = totals[k].get(name, 0) + c
+
+    done_rows = 0
+    for s in complete:
+        st = json.loads(storage.read_bytes(shard_names(s)["stats"]))
+        account(st)
+        done_rows += st["count"]
+
+    def rows_of(s: int) -> list[tuple]:
+        return urls.rows(s * cfg.shard_size, min(n_rows, (s + 1) * cfg.shard_size))
+
+    t0 = time.time()
+    new_rows = new_ok = 0
+    gindex = _GlobalIndex(storage, cfg)
+    ext = cfg.output_format
+    total_rows = sum(min(n_rows, (s + 1) * cfg.shard_size) - s * cfg.shard_size for s in mine)
+    pbar = bar(total=total_rows, desc=f"crawl{'' if pn == 1 else f' part {pi}/{pn}'}", unit="row", initial=done_rows) if progress else _NullBar()
+
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    in_process = cfg.processes == 1
+    progress_q: Any = queue.Queue() if in_process else ctx.Queue()
+    if in_process:
+        _init_worker(cfg, progress_q, os.getppid())
+        executor: Any = ThreadPoolExecutor(1)
+        submit_fn = process_shard
+    else:
+        executor = ProcessPoolExecutor(cfg.processes, mp_context=ctx, initializer=_init_worker, initargs=(cfg, progress_q, os.getpid()))
+        submit_fn = _run_shard_in_worker
+
+    def drain() -> None:
+        nonlocal new_rows, new_ok
+        while True:
+            try:
+                r, ok = progress_q.get_nowait()
+            except queue.Empty:
+                return
+            new_rows += r
+            new_ok += ok
+            pbar.update(r)
+
+    written = 0
+    try:
+        pending: dict[int, Future] = {}
+        ready: dict[int, dict] = {}
+        nxt_submit = 0
+        nxt_final = 0
+        limit = 2 * cfg.processes
+        while nxt_final < len(todo):
+            while nxt_submit < len(todo) and len(pending) + len(ready) < limit:
+                s = todo[nxt_submit]
+                pending[s] = executor.submit(submit_fn, s, rows_of(s))
+                nxt_submit += 1
+            done, _ = wait(list(pending.values()), timeout=0.25, return_when=FIRST_COMPLETED)
+            for s in [s for s, fu in pending.items() if fu in done]:
+                ready[s] = pending.pop(s).result()
+            drain()
+            elapsed = max(time.time() - t0, 1e-6)
+            pbar.set_postfix(ok=f"{(new_ok / new_rows if new_rows else 0):.1%}", img_s=f"{new_ok / elapsed:.0f}", refresh=False)
+            while nxt_final < len(todo) and todo[nxt_final] in ready:
+                s = todo[nxt_final]
+                res = ready.pop(s)
+                samples = gindex.filter(s, res["rows"], res["samples"])
+                st = write_shard(storage, s, samples, res["rows"], urls.keep_cols, ext, res["start_time"])
+                account(st)
+                written += 1
+                nxt_final += 1
+        drain()
+    finally:
+        executor.shutdown(wait=True, cancel_futures=True)
+        pbar.close()
+        if in_process:
+            _W["pool"].shutdown(wait=False)
+            _W["downloader"].close()
+    duration = time.time() - t0
+    sc = totals["status_counts"]
+    total = sum(sc.values())
+    return {
+        "output": str(storage),
+        "part": f"{pi}/{pn}",
+        "rows": total,
+        "shards": len(mine),
+        "shards_written": written,
+        "shards_skipped": len(complete),
+        "successes": sc.get("success", 0),
+        "success_rate": (sc.get("success", 0) / total) if total else 0.0,
+        "status_counts": dict(sorted(sc.items())),
+        "reason_counts": dict(sorted(totals["reason_counts"].items())),
+        "duration": duration,
+        "images_per_s": new_ok / duration if duration > 0 else 0.0,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from tessera.cli import add_config_arguments
+
+    parser.add_argument("--input", required=True, help="url list: parquet/csv/tsv/jsonl (optionally .gz) or a folder of them")
+    parser.add_argument("--output", required=True, help="output folder or s3://bucket/prefix")
+    g = parser.add_argument_group("columns")
+    g.add_argument("--url-col", help="column with the image URL (default url)")
+    g.add_argument("--caption-col", help="column with the caption (default caption)")
+    g.add_argument("--keep-cols", help="comma-separated extra columns copied into each sample's json")
+    g = parser.add_argument_group("images and shards")
+    g.add_argument("--image-size", type=int, help="output side in pixels")
+    g.add_argument("--resize", choices=["center_crop", "keep_ratio", "border"])
+    g.add_argument("--output-format", choices=["jpg", "webp"])
+    g.add_argument("--quality", type=int, help="JPEG/WebP quality")
+    g.add_argument("--shard-size", type=int, help="input rows per shard")
+    g.add_argument("--processes", type=int, help="worker processes (default: the config's, 2)")
+    g.add_argument("--threads", type=int, help="concurrent downloads per process")
+    g.add_argument("--part", help="process only part I of N, as I/N (0-based), e.g. 0/4")
+    g.add_argument("--overwrite", action="store_true", help="discard existing shards (of this part) instead of resuming")
+    g = parser.add_argument_group("downloading")
+    g.add_argument("--timeout", type=float, help="per-request timeout in seconds")
+    g.add_argument("--retries", type=int, help="retries of transient failures")
+    g.add_argument("--max-bytes", type=int, help="largest accepted body in bytes")
+    g.add_argument("--max-redirects", type=int)
+    g.add_argument("--allowed-schemes", help="comma-separated URL schemes (default http,https)")
+    g.add_argument("--user-agent")
+    g.add_argument("--ignore-robots-header", action="store_true", help="do not honour X-Robots-Tag noai/noimageai")
+    g.add_argument("--s3-endpoint-url", help="S3 endpoint for s3:// outputs")
+    g = parser.add_argument_group("filters")
+    g.add_argument("--min-image-size", type=int, help="reject images whose shorter side is smaller")
+    g.add_argument("--max-aspect-ratio", type=float, help="reject images with a larger long/short ratio")
+    g.add_argument("--min-caption-chars", type=int)
+    g.add_argument("--max-caption-chars", type=int)
+    g.add_argument("--max-pixels", type=int, help="decompression-bomb guard (checked before decoding)")
+    g.add_argument("--no-dedup", action="store_true", help="keep exact duplicates")
+    g.add_argument("--dedup-near", action="store_true", help="drop near duplicates (perceptual hash)")
+    g.add_argument("--near-dup-bits", type=int)
+    g.add_argument("--similarity-threshold", type=float, help="minimum image-text similarity (LAION: 0.28)")
+    g.add_argument("--similarity-model", help="scorer: CLIP export dir, or module:factory / file.py:factory")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_config_arguments(parser)
+
+
+_FLAG_FIELDS = {
+    "url_col": "url_col",
+    "caption_col": "caption_col",
+    "image_size": "image_size",
+    "resize": "resize",
+    "output_format": "output_format",
+    "quality": "quality",
+    "shard_size": "shard_size",
+    "processes": "processes",
+    "threads": "threads",
+    "timeout": "timeout",
+    "retries": "retries",
+    "max_bytes": "max_bytes",
+    "max_redirects": "max_redirects",
+    "user_agent": "user_agent",
+    "s3_endpoint_url": "s3_endpoint_url",
+}
+_FILTER_FLAGS = ("min_image_size", "max_aspect_ratio", "min_caption_chars", "max_caption_chars", "max_pixels", "near_dup_bits", "similarity_threshold", "similarity_model")
+
+
+def config_from_args(args: argparse.Namespace) -> CrawlConfig:
+    """Defaults < --config preset < key=value overrides < explicit flags."""
+    from tessera import config as C
+    from tessera.root_config import TesseraConfig
+
+    roots = {f.name for f in dataclasses.fields(TesseraConfig)}
+    overrides = [ov if ov.split("=", 1)[0].split(".", 1)[0] in roots else f"crawl.{ov}" for ov in (args.overrides or [])]
+    cfg: CrawlConfig = C.load_root(args.config, overrides).crawl
+    changes = {field: getattr(args, flag) for flag, field in _FLAG_FIELDS.items() if getattr(args, flag) is not None}
+    if args.keep_cols is not None:
+        changes["keep_cols"] = [c.strip() for c in args.keep_cols.split(",") if c.strip()]
+    if args.allowed_schemes is not None:
+        changes["allowed_schemes"] = [c.strip().lower() for c in args.allowed_schemes.split(",") if c.strip()]
+    if args.ignore_robots_header:
+        changes["respect_robots_header"] = False
+    fchanges = {k: getattr(args, k) for k in _FILTER_FLAGS if getattr(args, k) is not None}
+    if args.no_dedup:
+        fchanges["dedup_exact"] = False
+    if args.dedup_near:
+        fchanges["dedup_near"] = True
+    if fchanges:
+        changes["filters"] = dataclasses.replace(cfg.filters, **fchanges)
+    cfg = dataclasses.replace(cfg, **changes)
+    cfg.validate()
+    return cfg
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    stats = crawl(args.input, args.output, cfg, part=args.part, overwrite=args.overwrite, progress=not args.no_progress)
+    sc = stats["status_counts"]
+    print(
+        f"crawl {stats['output']} part {stats['part']}: {stats['rows']} rows, {stats['successes']} images "
+        f"({stats['success_rate']:.1%}), {stats['shards_written']} shards written, {stats['shards_skipped']} already complete, "
+        f"{stats['images_per_s']:.0f} images/s"
+    )
+    if sc:
+        print("  status: " + ", ".join(f"{k}={v}" for k, v in sc.items()))
+    if stats["reason_counts"]:
+        print("  reasons: " + ", ".join(f"{k}={v}" for k, v in stats["reason_counts"].items()))
+    return 0
