@@ -1,0 +1,76 @@
+"""The quick demo end to end (real HTTP server, crawler, tokenizer, dVAE, encoder, transformer,
+export, sampling, detector), checked by its files and figures."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from tessera.demo import demo_prompts, format_report
+
+# Floors for the 2-minute quick run (the full demo's targets are measured by bench/bench_demo.py).
+QUICK_MIN_PSNR = 22.0
+QUICK_MIN_COLOR_ACC = 0.5
+
+
+def test_demo_prompts_cover_every_colour_shape_pair():
+    from dataprep.synthetic import COLORS, SHAPES
+
+    prompts = demo_prompts()
+    assert {(p["color"], p["shape"]) for p in prompts} == {(c, s) for c in COLORS for s in SHAPES}
+    assert prompts == demo_prompts()  # fixed list
+
+
+@pytest.fixture(scope="module")
+def quick_demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "run"
+    env = dict(os.environ, TESSERA_PROGRESS="0")
+    r = subprocess.run([sys.executable, "-m", "tessera.cli", "demo", "--quick", "--output", str(out)], capture_output=True, text=True, env=env, timeout=900)
+    assert r.returncode == 0, r.stderr[-4000:]
+    return out, r
+
+
+def test_quick_demo_report_and_figures(quick_demo):
+    out, r = quick_demo
+    report = json.loads((out / "report.json").read_text())
+    assert report["num_prompts"] == len(demo_prompts())
+    for key in ("color_acc", "shape_acc", "position_acc", "size_acc"):
+        assert 0.0 <= report[key] <= 1.0
+    assert report["dvae_psnr"] >= QUICK_MIN_PSNR, report
+    assert report["color_acc"] >= QUICK_MIN_COLOR_ACC, report
+    assert report["crawl_success"]["train"] > 0
+    assert "color_acc" in r.stdout and "dvae_psnr" in r.stdout  # the printed table
+
+
+def test_quick_demo_files(quick_demo):
+    out, _ = quick_demo
+    assert sorted(p.name for p in (out / "shards" / "train").glob("*.tar"))
+    assert list((out / "shards" / "train").glob("*.parquet")) and list((out / "shards" / "train").glob("*_stats.json"))
+    assert (out / "tokenizer" / "bpe.model").is_file()
+    for run in ("dvae", "transformer"):
+        d = out / run
+        assert (d / "config.toml").is_file()
+        rows = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+        assert len(rows) >= 2 and rows[-1]["step"] > rows[0]["step"]
+        assert list((d / "tb").glob("events.out.tfevents.*"))
+        assert (d / "checkpoints" / "latest.pt").is_file()
+        assert list((d / "samples").glob("*.png"))
+    assert (out / "tokens" / "manifest.json").is_file()
+    assert (out / "export" / "config.json").is_file() and (out / "export" / "model.safetensors").is_file()
+    grid = Image.open(out / "grid.png")
+    n = len(demo_prompts()) * json.loads((out / "report.json").read_text())["samples_per_prompt"]
+    assert len(list((out / "samples").glob("*.png"))) == n
+    assert grid.size[0] > 64 and grid.size[1] > 64
+
+
+def test_format_report_table():
+    report = {
+        "dvae_psnr": 27.1, "color_acc": 1.0, "shape_acc": 0.8, "position_acc": 0.5, "size_acc": 0.7,
+        "heldout_color_acc": 1.0, "heldout_shape_acc": 0.5, "heldout_prompt_images": 8,
+        "num_prompts": 18, "samples_per_prompt": 4, "stage_seconds": {"crawl train": 3.0}, "total_seconds": 9.0,
+    }
+    text = format_report(report)
+    assert "dvae_psnr (dB, held-out)  27.1" in text and "time: total" in text
