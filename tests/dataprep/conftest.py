@@ -49,6 +49,7 @@ class FaultServer:
     """Routes:
     /img/N.jpg        a distinct noisy JPEG per N (GET count recorded)
     /alias/N.jpg      the same bytes as /img/N.jpg (a duplicate under another URL)
+    /delay/N.jpg      the same bytes as /img/N.jpg after `delay_s` seconds
     /404              404
     /flaky/N.jpg      500 on the first request for N, then the image
     /slow             sleeps `slow_s` before answering
@@ -65,6 +66,7 @@ class FaultServer:
     def __init__(self, slow_s: float = 3.0, big_bytes: int = 3_000_000):
         self.slow_s = slow_s
         self.big_bytes = big_bytes
+        self.delay_s = 0.03
         self.hits: dict[str, int] = {}
         self.lock = threading.Lock()
         self._images: dict[int, bytes] = {}
@@ -99,6 +101,9 @@ class FaultServer:
                 if parts and parts[-1].endswith((".jpg", ".png")):
                     stem = parts[-1].rsplit(".", 1)[0]
                     num = int(stem) if stem.isdigit() else None
+                if parts[0] == "delay" and num is not None:
+                    time.sleep(server.delay_s)
+                    return self._send(200, server.image(num))
                 if parts[0] in ("img", "alias") and num is not None:
                     return self._send(200, server.image(num))
                 if parts[0] == "404":
@@ -159,7 +164,7 @@ class FaultServer:
 
 @pytest.fixture(scope="session")
 def fault_server():
-    s = FaultServer()
+    s = FaultServer(slow_s=3.0)
     yield s
     s.close()
 
