@@ -1,0 +1,251 @@
+"""PowerSGD gradient all-reduce: a standalone reducer over a list of gradients, and a DDP comm hook.
+
+PowerSGD (Vogels, Karimireddy and Jaggi 2019, "PowerSGD: Practical Low-Rank Gradient Compression
+for Distributed Optimization", Algorithm 1) replaces the all-reduce of each gradient matrix
+M [m, n] by all-reduces of two thin factors P [m, r] and Q [n, r], found by one step of power
+iteration warm-started from the previous step's Q. Each step, for every worker:
+
+  1. Split the gradients: tensors with 2+ dims are viewed as matrices [shape[0], rest] and
+     compressed when m*n / ((m + n) * r) >= min_compression_rate; the rest (biases, norms, tiny
+     matrices) are flattened into one buffer and all-reduced uncompressed (mean).
+  2. Error feedback: M <- grad + error, where error is what this worker's previous compressed
+     updates failed to transmit (Vogels et al. Sec. 3, "error feedback"; Karimireddy et al. 2019).
+  3. P <- M Q, with Q from the previous step (warm start, Sec. 3) or, the first time, drawn from a
+     seeded normal distribution so every worker starts from the same Q.
+  4. All-reduce P (sum). Linearity makes this (sum_w M_w) Q.
+  5. Orthogonalize P. The paper uses Gram-Schmidt; the DALL-E authors (Ramesh et al. 2021,
+     App. D) found it unstable and used Householder orthogonalization of P plus a small multiple
+     of the identity; that is what `kernels.powersgd.orthogonalize` does (eps = 1e-6).
+  6. Q <- M^T P.
+  7. All-reduce Q and divide by the world size: Q = mean_w(M_w)^T P.
+  8. Decompress and update the error in one pass: out = P Q^T (the estimate of the mean
+     gradient, identical on every worker), error = M - out (this worker's local M).
+  9. Write `out` into the gradients; wait for the uncompressed all-reduce and write it back.
+
+Steps 3, 5, 6 and 8 are batched over matrices of equal shape, and use the Triton kernels of
+`kernels/powersgd.py` on CUDA (backend "auto") or their torch references (the CPU path).
+
+Further DALL-E App. D details (fp16 error buffers with their own format, compression applied per
+parameter shard inside ZeRO) are not reproduced here: the error is kept in fp32, and the reducer
+works on whatever gradient list it is given.
+
+Until `start_iter` steps have passed, gradients are all-reduced uncompressed (as torch's
+powerSGD_hook does: early gradients change fast and the error feedback has nothing to build on).
+"""
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from kernels import powersgd as K
+
+
+@dataclass
+class _GroupState:
+    """Matrices of one shape, batched: their indices in the gradient list, error and Q."""
+
+    indices: list[int]
+    m: int
+    n: int
+    rank: int
+    error: torch.Tensor | None = None  # fp32 [N, m, n]
+    q: torch.Tensor | None = None  # fp32 [N, n, r]
+
+
+@dataclass
+class _ListState:
+    signature: tuple
+    groups: list[_GroupState] = field(default_factory=list)
+    uncompressed: list[int] = field(default_factory=list)
+
+
+class PowerSGDReducer:
+    """Averages a list of gradients across a process group with rank-`rank` PowerSGD compression.
+
+    `reduce(grads, key)` modifies `grads` in place; `key` names the list (a DDP bucket index), so
+    that error buffers and warm-started Qs persist per list between steps.
+    """
+
+    def __init__(
+        self,
+        rank: int = 4,
+        min_compression_rate: float = 2.0,
+        start_iter: int = 0,
+        use_error_feedback: bool = True,
+        warm_start: bool = True,
+        eps: float = K.EPS,
+        seed: int = 0,
+        backend: str = "auto",
+        process_group=None,
+    ):
+        if rank < 1 or rank > K.MAX_RANK:
+            raise ValueError(f"rank must be in 1..{K.MAX_RANK}, got {rank}")
+        if backend not in ("auto", "torch", "triton"):
+            raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
+        self.rank = rank
+        self.min_compression_rate = min_compression_rate
+        self.start_iter = start_iter
+        self.use_error_feedback = use_error_feedback
+        self.warm_start = warm_start
+        self.eps = eps
+        self.seed = seed
+        self.backend = backend
+        self.process_group = process_group
+        self.step = 0
+        self.elements_uncompressed = 0  # what a plain all-reduce would have sent, cumulative
+        self.elements_sent = 0  # what was sent
+        self._states: dict[object, _ListState] = {}
+
+    # -- helpers -------------------------------------------------------------------------------
+    def _world(self) -> int:
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_world_size(self.process_group)
+        return 1
+
+    def _all_reduce(self, t: torch.Tensor, async_op: bool = False):
+        if self._world() > 1:
+            return dist.all_reduce(t, group=self.process_group, async_op=async_op)
+        return None
+
+    def _ops(self, device: torch.device):
+        use_triton = self.backend == "triton" or (self.backend == "auto" and K.HAS_TRITON and device.type == "cuda")
+        if use_triton:
+            return K.project, K.orthogonalize, K.decompress_with_error
+        return K.project_reference, K.orthogonalize_reference, K.decompress_with_error_reference
+
+    @property
+    def compression_ratio(self) -> float:
+        return self.elements_uncompressed / max(self.elements_sent, 1)
+
+    def _plan(self, grads: list[torch.Tensor], key) -> _ListState:
+        signature = tuple((tuple(g.shape), g.dtype, g.device) for g in grads)
+        state = self._states.get(key)
+        if state is not None and state.signature == signature:
+            return state
+        # new (or rebuilt, e.g. DDP's bucket rebuild after step 1) list: fresh error and Q
+        state = _ListState(signature=signature)
+        by_shape: dict[tuple, list[int]] = {}
+        for i, g in enumerate(grads):
+            if g.dim() >= 2:
+                m = g.shape[0]
+                n = g.numel() // max(m, 1)
+                r = min(self.rank, m, n)
+                if m * n >= self.min_compression_rate * (m + n) * r:
+                    by_shape.setdefault((m, n, r), []).append(i)
+                    continue
+            state.uncompressed.append(i)
+        for (m, n, r), idx in sorted(by_shape.items()):
+            state.groups.append(_GroupState(indices=idx, m=m, n=n, rank=r))
+        self._states[key] = state
+        return state
+
+    # -- the algorithm (numbered as in the module docstring) --------------------------------------
+    @torch.no_grad()
+    def reduce(self, grads: list[torch.Tensor], key=0) -> None:
+        world = self._world()
+        grads = [g for g in grads]
+        if not grads:
+            return
+        total = sum(g.numel() for g in grads)
+        self.elements_uncompressed += total
+        if self.step < self.start_iter:
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            self._all_reduce(flat)
+            flat /= world
+            _scatter(flat, grads)
+            self.elements_sent += total
+            self.step += 1
+            return
+
+        # 1. split
+        state = self._plan(grads, key)
+        device = grads[0].device
+        project, orthogonalize, decompress = self._ops(device)
+        work = None
+        if state.uncompressed:
+            flat = torch.cat([grads[i].reshape(-1) for i in state.uncompressed])
+            work = self._all_reduce(flat, async_op=True)  # overlaps with steps 2-3
+            self.elements_sent += flat.numel()
+
+        # 2. M = grad + error
+        mats = []
+        for gs in state.groups:
+            M = torch.stack([grads[i].reshape(gs.m, gs.n).float() for i in gs.indices])
+            if self.use_error_feedback and gs.error is not None:
+                M += gs.error
+            mats.append(M)
+            if gs.q is None or not self.warm_start:
+                gen = torch.Generator().manual_seed(self.seed * 1_000_003 + gs.m * 7919 + gs.n)
+                gs.q = torch.randn(len(gs.indices), gs.n, gs.rank, generator=gen).to(device)
+
+        if state.groups:
+            # 3. P = M Q, 4. all-reduce P
+            ps = [project(M, gs.q) for M, gs in zip(mats, state.groups)]
+            p_flat = torch.cat([p.reshape(-1) for p in ps])
+            self._all_reduce(p_flat)
+            _scatter(p_flat, ps)
+            # 5. orthogonalize P, 6. Q = M^T P, 7. all-reduce Q (mean)
+            qs = []
+            for M, p, gs in zip(mats, ps, state.groups):
+                orthogonalize(p, self.eps)
+                qs.append(project(M, p, transpose=True, out=gs.q))
+            q_flat = torch.cat([q.reshape(-1) for q in qs])
+            self._all_reduce(q_flat)
+            q_flat /= world
+            _scatter(q_flat, qs)
+            self.elements_sent += p_flat.numel() + q_flat.numel()
+            # 8. out = P Q^T, error = M - out (one pass), 9. write back
+            for M, p, gs in zip(mats, ps, state.groups):
+                if self.use_error_feedback:
+                    if gs.error is None:
+                        gs.error = torch.empty_like(M)
+                    decompress(M, p, gs.q, out=M, error=gs.error)
+                else:
+                    decompress(M, p, gs.q, out=M)
+                for j, i in enumerate(gs.indices):
+                    grads[i].copy_(M[j].reshape(grads[i].shape))
+
+        if work is not None:
+            work.wait()
+        if state.uncompressed:
+            flat /= world
+            _scatter(flat, [grads[i] for i in state.uncompressed])
+        self.step += 1
+
+
+def _scatter(flat: torch.Tensor, tensors: list[torch.Tensor]) -> None:
+    offset = 0
+    for t in tensors:
+        n = t.numel()
+        t.copy_(flat[offset: offset + n].view(t.shape))
+        offset += n
+
+
+def ddp_comm_hook(reducer: PowerSGDReducer, bucket) -> torch.futures.Future[torch.Tensor]:
+    """DDP communication hook: `ddp_model.register_comm_hook(reducer, ddp_comm_hook)`.
+
+    The bucket's per-parameter gradients are views into its flat buffer, so reducing them in place
+    reduces the buffer, which is what DDP expects back. Collectives run synchronously here (the
+    uncompressed part overlaps with the compressed part's local compute).
+    """
+    reducer.reduce(bucket.gradients(), key=bucket.index())
+    fut = torch.futures.Future()
+    fut.set_result(bucket.buffer())
+    return fut
+
+
+def compression_floor(m: int, n: int, rank: int, bytes_per_element: int = 4) -> dict:
+    """What one matrix needs per step, the floor a measured time is compared against.
+
+    FLOPs: the two projections and the decompression are 2*m*n*r each; orthogonalization is
+    O(m*r^2). Bytes: M is read by each projection and by the decompression, which also writes the
+    output and the error: 5 passes over m*n elements (P and Q are negligible for small r).
+    """
+    return {
+        "flops": 3 * 2 * m * n * rank + 4 * m * rank * rank,
+        "bytes": 5 * bytes_per_element * m * n,
+        "sent_elements": (m + n) * rank,
+        "dense_elements": m * n,
+    }
