@@ -60,6 +60,7 @@ class FaultServer:
     /redirect/N.jpg   302 to /img/N.jpg
     /big.jpg          a body of `big_bytes` bytes
     /noai/N.jpg       the image with X-Robots-Tag: noai
+    /nolength.jpg     `big_bytes` bytes without Content-Length
     /gone             closes the connection without answering
     """
 
@@ -131,6 +132,14 @@ class FaultServer:
                     return self._send(200, b"\xff" * server.big_bytes)
                 if parts[0] == "noai" and num is not None:
                     return self._send(200, server.image(num), headers={"X-Robots-Tag": "noai"})
+                if parts[0] == "nolength.jpg":  # body delimited by closing the connection
+                    self.send_response(200)
+                    self.send_header("Content-Type", "image/jpeg")
+                    self.send_header("Connection", "close")
+                    self.end_headers()
+                    self.wfile.write(b"\xff" * server.big_bytes)
+                    self.close_connection = True
+                    return
                 if parts[0] == "gone":
                     self.close_connection = True
                     self.connection.shutdown(2)
