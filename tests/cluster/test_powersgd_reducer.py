@@ -81,7 +81,7 @@ WORKER = textwrap.dedent(
         y = torch.tanh(x @ w_true / 4)
         opt = torch.optim.SGD(ddp.parameters(), lr=0.3, momentum=0.9)
         losses = []
-        for step in range(150):
+        for step in range(80):
             opt.zero_grad()
             loss = torch.nn.functional.mse_loss(ddp(x), y)
             loss.backward()
@@ -154,7 +154,7 @@ def test_tiny_model_trains_with_ddp_hook(tmp_path):
     for res in (r0, r1):
         losses = res["losses"]
         assert losses[-1] < 0.05 * losses[0], losses[::10]
-        assert res["steps"] == 150 and res["ratio"] > 1.5
+        assert res["steps"] == 80 and res["ratio"] > 1.5
     # replicas stay identical: every rank applied the same decompressed gradient
     for k in r0["state"]:
         torch.testing.assert_close(r0["state"][k], r1["state"][k], atol=1e-6, rtol=1e-6)
