@@ -83,18 +83,6 @@ def _reset(out: Path) -> None:
             p.unlink()
 
 
-def _captions_of_shards(shard_dir: Path) -> list[str]:
-    import tarfile
-
-    caps = []
-    for tar in sorted(shard_dir.glob("*.tar")):
-        with tarfile.open(tar) as tf:
-            for m in tf:
-                if m.name.endswith(".txt"):
-                    caps.append(tf.extractfile(m).read().decode("utf-8"))
-    return caps
-
-
 def _heldout_psnr(dvae_dir: Path, eval_shards: Path) -> float:
     """PSNR of hard-code reconstructions (argmax codes -> decoder, EMA weights) over the held-out shards."""
     import torch
@@ -122,8 +110,9 @@ def run_demo(cfg: Any, out: Path, samples_per_prompt: int = SAMPLES_PER_PROMPT) 
     from dataprep import detector, synthetic
     from dataprep.crawl import crawl
     from dataprep.encode import encode_shards
-    from dataprep.tokenizer import train_tokenizer
+    from dataprep.tokenizer import read_captions, train_tokenizer
     from tessera.progress import bar
+    from tessera.progress import enabled as progress_enabled
     from trainer.dvae_train import train_dvae
     from trainer.export import export
     from trainer.inference import load as load_inference
@@ -141,11 +130,11 @@ def run_demo(cfg: Any, out: Path, samples_per_prompt: int = SAMPLES_PER_PROMPT) 
         urls = synthetic.write_url_lists(out / "source", base_url, out / "urls")
         crawl_stats = {}
         for split in ("train", "eval"):
-            crawl_stats[split] = st.run(f"crawl {split}", crawl, urls[split], str(out / "shards" / split), cfg.crawl)
+            crawl_stats[split] = st.run(f"crawl {split}", crawl, urls[split], str(out / "shards" / split), cfg.crawl, progress=progress_enabled())
     finally:
         server.stop()
 
-    captions = _captions_of_shards(out / "shards" / "train")
+    captions = list(read_captions(out / "shards" / "train"))
     tok_path = out / "tokenizer" / "bpe.model"
     st.run("tokenizer", train_tokenizer, captions, tok_path, kind=cfg.tokenizer.kind, vocab_size=cfg.tokenizer.vocab_size, lowercase=cfg.tokenizer.lowercase)
 
@@ -194,7 +183,7 @@ def run_demo(cfg: Any, out: Path, samples_per_prompt: int = SAMPLES_PER_PROMPT) 
         "heldout_shape_acc": round(acc_held["shape_acc"], 4) if acc_held else None,
         "num_prompts": len(prompts),
         "samples_per_prompt": samples_per_prompt,
-        "crawl_success": {k: v.get("success", v.get("ok")) for k, v in crawl_stats.items()},
+        "crawl_success": {k: v["successes"] for k, v in crawl_stats.items()},
         "dvae": _small(dvae_summary),
         "transformer": _small(tr_summary),
         "stage_seconds": st.seconds,
