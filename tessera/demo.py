@@ -91,11 +91,11 @@ def _heldout_psnr(dvae_dir: Path, eval_shards: Path) -> float:
     from trainer.dvae import load_dvae
     from trainer.image_metrics import psnr
 
-    model, _ = load_dvae(dvae_dir)
+    model, model_cfg = load_dvae(dvae_dir)
     model.eval()
     vals, n = 0.0, 0
     with torch.no_grad():
-        for x in iter_image_batches(str(eval_shards), batch_size=64):
+        for x, _ in iter_image_batches(str(eval_shards), model_cfg.image_size, batch_size=64):
             rec = model.decode_codes(model.get_codes(x))
             vals += psnr(rec, x).sum().item()
             n += x.shape[0]
