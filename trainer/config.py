@@ -22,14 +22,17 @@ class DVAEModelConfig:
     n_groups: int = param(4, "Groups of resblocks; each group but the last is followed by 2x2 pooling.")
     n_blk_per_group: int = param(2, "Bottleneck resblocks per group.")
     vocab_size: int = param(8192, "Codebook size (image-token vocabulary).")
+    n_init: int = param(128, "Width of the decoder's first 1x1 conv from the vocabulary (128 in the released decoder).")
 
     def validate(self) -> None:
         down = 2 ** (self.n_groups - 1)
         if self.image_size % down:
             raise ConfigError(f"config key 'dvae.model.image_size': expected a multiple of {down} for {self.n_groups} groups, got {self.image_size}")
-        for key in ("n_hid", "n_groups", "n_blk_per_group", "vocab_size"):
+        for key in ("n_hid", "n_groups", "n_blk_per_group", "vocab_size", "n_init"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"config key 'dvae.model.{key}': expected >= 1, got {getattr(self, key)}")
+        if self.n_hid % 4:
+            raise ConfigError(f"config key 'dvae.model.n_hid': expected a multiple of 4 (bottleneck width is out/4), got {self.n_hid}")
 
     @property
     def grid_size(self) -> int:
@@ -66,6 +69,9 @@ class DVAETrainConfig:
     train_data: str = param("", "Training shards: a folder, a brace pattern of tars, or s3://bucket/prefix.")
     eval_data: str = param("", "Held-out shards for evaluation (optional).")
     time_budget_s: float = param(0.0, "Stop after this many seconds of training (0: no limit); the step count still bounds it.")
+    eval_samples: int = param(512, "Held-out images used per evaluation (the first ones of eval_data).")
+    channels_last: bool = param(False, "Use the channels_last memory format for activations and weights.")
+    compile: bool = param(False, "torch.compile the model (GPU runs).")
 
 
 @dataclass
@@ -141,15 +147,40 @@ class TransformerConfig:
 class ClipConfig:
     """A small contrastive image-text model for reranking, the crawl similarity filter and evaluation."""
 
-    d_model: int = param(256, "Embedding width of both towers.")
+    d_model: int = param(256, "Width of the text transformer.")
     n_layers: int = param(4, "Text transformer layers.")
     n_heads: int = param(4, "Text attention heads.")
-    image_width: int = param(64, "Width of the first image conv stage.")
-    text_len: int = param(32, "Caption tokens.")
+    image_width: int = param(64, "Width of the first image conv stage (each further stage doubles it, up to 4x).")
+    image_size: int = param(64, "Side the image tower sees; other sizes are resized to it (a power of two >= 8).")
+    embed_dim: int = param(128, "Width of the shared image-text embedding (both projections).")
+    text_len: int = param(32, "Caption tokens (longer captions are cut).")
     steps: int = param(2000, "Optimizer updates.")
     batch_size: int = param(128, "Batch size.")
     lr: float = param(5e-4, "Peak learning rate.")
+    lr_min: float = param(1e-5, "Final learning rate of the cosine decay.")
+    warmup_steps: int = param(100, "Linear warm-up updates.")
+    weight_decay: float = param(0.1, "AdamW weight decay (weights of linear and conv layers only).")
+    temperature_init: float = param(0.07, "Initial softmax temperature of the contrastive loss (learned, as log 1/T).")
+    bpe_dropout: float = param(0.0, "BPE-dropout probability for training captions.")
+    precision: Literal["auto", "fp32", "bf16"] = param("auto", "auto: bf16 autocast on GPU, fp32 on CPU.")
+    max_train_samples: int = param(100_000, "Training pairs held in memory (the first ones of the shards).")
+    eval_samples: int = param(1000, "Held-out pairs used for retrieval accuracy.")
+    log_every: int = param(50, "Updates between metric lines.")
+    eval_every: int = param(500, "Updates between retrieval evaluations.")
+    ckpt_every: int = param(1000, "Updates between checkpoints.")
+    time_budget_s: float = param(0.0, "Stop after this many seconds of training (0: no limit).")
     checkpoint: Optional[str] = param(None, "Use this local open_clip checkpoint instead of training one.")
+
+    def validate(self) -> None:
+        if self.d_model % self.n_heads:
+            raise ConfigError(f"config key 'clip.d_model': expected a multiple of n_heads={self.n_heads}, got {self.d_model}")
+        if self.image_size < 8 or self.image_size & (self.image_size - 1):
+            raise ConfigError(f"config key 'clip.image_size': expected a power of two >= 8, got {self.image_size}")
+        for key in ("d_model", "n_layers", "image_width", "embed_dim", "text_len", "steps", "batch_size"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"config key 'clip.{key}': expected >= 1, got {getattr(self, key)}")
+        if not 0.0 <= self.bpe_dropout < 1.0:
+            raise ConfigError(f"config key 'clip.bpe_dropout': expected in [0, 1), got {self.bpe_dropout}")
 
 
 @dataclass
