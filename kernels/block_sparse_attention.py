@@ -26,6 +26,7 @@ token see itself, so this only concerns padding.
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -346,11 +347,31 @@ class BlockSparseAttentionFunction(torch.autograd.Function):
         return dq, dk, dv, None, None
 
 
+_INDEX_CACHE: "OrderedDict[tuple, tuple[torch.Tensor, BlockSparseIndex]]" = OrderedDict()
+_INDEX_CACHE_SIZE = 32
+
+
+def _cached_index(mask: torch.Tensor, block: int, device: torch.device) -> BlockSparseIndex:
+    """build_index, remembered per mask tensor (kernels.layouts caches one mask per layer kind, so
+    a model hits this every call). The key holds the tensor itself, so its id cannot be reused
+    while cached, and its version counter, so an in-place edit rebuilds the index."""
+    key = (id(mask), mask._version, block, str(device))
+    hit = _INDEX_CACHE.get(key)
+    if hit is not None and hit[0] is mask:
+        _INDEX_CACHE.move_to_end(key)
+        return hit[1]
+    index = build_index(mask.to(device), block)
+    _INDEX_CACHE[key] = (mask, index)
+    while len(_INDEX_CACHE) > _INDEX_CACHE_SIZE:
+        _INDEX_CACHE.popitem(last=False)
+    return index
+
+
 def block_sparse_attention(q, k, v, mask, block: int = 64, sm_scale: float | None = None):
     """Masked softmax attention over [B, H, S, D] tensors with the Triton block-sparse kernels.
 
-    `mask` is a bool [S, S] token mask (True = may attend) or a prebuilt `BlockSparseIndex`
-    (build it once per layer kind with `build_index(mask, block)` to avoid re-indexing per call).
+    `mask` is a bool [S, S] token mask (True = may attend; its block index is cached per tensor)
+    or a prebuilt `BlockSparseIndex` from `build_index(mask, block)`.
     Differentiable in q, k and v.
     """
     if isinstance(mask, BlockSparseIndex):
@@ -358,7 +379,7 @@ def block_sparse_attention(q, k, v, mask, block: int = 64, sm_scale: float | Non
         if index.block != block:
             raise ValueError(f"index was built for block={index.block}, called with block={block}")
     else:
-        index = build_index(mask.to(q.device), block)
+        index = _cached_index(mask, block, q.device)
     if index.row_ptr.device != q.device:
         index = index.to(q.device)
     scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)

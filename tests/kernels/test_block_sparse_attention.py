@@ -241,3 +241,18 @@ def test_kernels_compile_for_hopper(dtype, block, head_dim):
         compiled = compile_sm90(kernel, base, consts, A._launch_opts(block, head_dim, backward))
         assert compiled.asm["cubin"]
         assert compiled.metadata.shared <= 227 * 1024  # H100: 227 KiB of shared memory per block
+
+
+def test_index_cache_follows_the_mask_tensor(device):
+    from kernels.block_sparse_attention import _cached_index
+
+    mask = _random_mask(40, seed=2)
+    a = _cached_index(mask, 16, device)
+    assert _cached_index(mask, 16, device) is a  # same tensor, same index
+    assert _cached_index(mask, 32, device) is not a  # other block size
+    mask[30:, :16] = False  # in-place edit: version counter moves, index is rebuilt
+    b = _cached_index(mask, 16, device)
+    assert b is not a and b.allowed_pairs == int(mask.sum())
+    q, k, v = _qkv(1, 1, 40, 16, torch.float32, device, seed=4)
+    torch.testing.assert_close(block_sparse_attention(q, k, v, mask, block=16),
+                               block_sparse_attention_reference(q, k, v, mask), atol=1e-5, rtol=1e-5)
