@@ -90,6 +90,9 @@ class Attrs:
         return {k: getattr(self, k) for k in ATTRIBUTES}
 
 
+_CAPTION_INDEX: dict[str, "Attrs"] = {}
+
+
 def _as_attrs(attrs: Attrs | dict[str, str]) -> Attrs:
     if isinstance(attrs, Attrs):
         return attrs
@@ -143,6 +146,12 @@ def caption(attrs: Attrs | dict[str, str]) -> str:
     a = _as_attrs(attrs)
     where = "in the center" if a.position == "center" else f"at the {a.position}"
     return f"a {a.size} {a.color} {a.shape} {where} on a {a.background} background"
+
+
+def parse_caption(text: str) -> Attrs | None:
+    """The attributes of a caption written by `caption` (case and spacing ignored), else None."""
+    words = " ".join(str(text).lower().split())
+    return _CAPTION_INDEX.get(words)
 
 
 # --------------------------------------------------------------------------------------------
@@ -362,8 +371,11 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+_CAPTION_INDEX.update({caption(a): a for a in all_combinations()})
+
 __all__ = [
     "SHAPES",
+    "parse_caption",
     "COLORS",
     "BACKGROUNDS",
     "SIZES",
