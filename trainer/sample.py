@@ -1,0 +1,167 @@
+"""Sampling image codes from the transformer, and the `tessera sample` command.
+
+`sample_codes(model, text, cfg)` decodes the grid**2 image tokens of a batch of captions, either
+incrementally with the KV cache (`cfg.use_kv_cache`, the default; each layer attends only to the
+keys its sparse mask allows) or by a full forward pass per token (the reference, O(N) slower).
+Per token: classifier-free guidance (logits_u + s * (logits_c - logits_u), the unconditional
+branch fed the empty caption, i.e. all padding tokens), temperature, top-k, top-p.
+
+`tessera sample --model EXPORT_DIR (--prompt TEXT | --prompts FILE) -n N --output DIR` writes one PNG
+per image and grid.png; with a CLIP in the export, each kept image is the best of
+`sample.candidates` by CLIP score.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from tessera.errors import InputError
+from trainer.config import SampleConfig
+from trainer.transformer import DALLE, empty_text
+
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Set logits outside the top-k and outside the top-p nucleus to -inf. logits: (B, V)."""
+    if top_k and 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        probs = sorted_logits.softmax(dim=-1)
+        # drop a token when the mass before it already reaches top_p (the most likely one always stays)
+        drop_sorted = probs.cumsum(dim=-1) - probs >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def next_token(logits: torch.Tensor, cfg: SampleConfig, generator: torch.Generator | None) -> torch.Tensor:
+    """One sampled id per row from (B, V) logits after temperature, top-k and top-p."""
+    logits = filter_logits(logits.float() / cfg.temperature, cfg.top_k, cfg.top_p)
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _guided(logits: torch.Tensor, b: int, scale: float) -> torch.Tensor:
+    """Rows [0, b) conditional, [b, 2b) unconditional -> guided logits (b, V)."""
+    cond, uncond = logits[:b].float(), logits[b:].float()
+    return uncond + scale * (cond - uncond)
+
+
+@torch.no_grad()
+def sample_codes(
+    model: DALLE,
+    text: torch.Tensor,
+    cfg: SampleConfig,
+    generator: torch.Generator | None = None,
+    use_cache: bool | None = None,
+) -> torch.Tensor:
+    """Image codes long[B, grid**2] for captions `text` long[B, text_len] (padded with `pad_text`)."""
+    was_training = model.training
+    model.eval()
+    mcfg = model.cfg
+    b = text.shape[0]
+    guide = cfg.guidance_scale != 1.0
+    inp = torch.cat([text, empty_text(b, mcfg.text_len, mcfg.text_vocab, text.device)]) if guide else text
+    use_cache = cfg.use_kv_cache if use_cache is None else use_cache
+    n = model.n_image
+    codes = torch.zeros(b, n, dtype=torch.long, device=text.device)
+
+    def pick(logits: torch.Tensor) -> torch.Tensor:
+        if guide:
+            logits = _guided(logits, b, cfg.guidance_scale)
+        return next_token(logits, cfg, generator)
+
+    try:
+        if use_cache:
+            cache = model.new_cache(inp.shape[0])
+            logits = model.prefill(inp, cache)
+            for j in range(n):
+                codes[:, j] = pick(logits)
+                if j + 1 < n:
+                    nxt = codes[:, j : j + 1]
+                    logits = model.decode_next(torch.cat([nxt, nxt]) if guide else nxt, cache)
+        else:
+            for j in range(n):
+                prefix = codes[:, :j]
+                logits = model.image_logits_full(inp, torch.cat([prefix, prefix]) if guide else prefix)
+                codes[:, j] = pick(logits)
+    finally:
+        model.train(was_training)
+    return codes
+
+
+@torch.no_grad()
+def sample_codes_batched(model: DALLE, text: torch.Tensor, cfg: SampleConfig, generator: torch.Generator | None = None) -> torch.Tensor:
+    """`sample_codes` in chunks of cfg.batch_size sequences."""
+    out = [sample_codes(model, text[i : i + cfg.batch_size], cfg, generator) for i in range(0, text.shape[0], max(cfg.batch_size, 1))]
+    return torch.cat(out)
+
+
+# ------------------------------------------------------------------------------------------------
+# The command
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """Non-empty lines of a prompts file (lines starting with '#' are comments)."""
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"prompts file '{p}' does not exist")
+    try:
+        lines = p.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"prompts file '{p}' is unreadable ({type(e).__name__})") from None
+    prompts = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+    if not prompts:
+        raise InputError(f"prompts file '{p}' holds no prompts")
+    return prompts
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from tessera.cli import add_config_arguments
+
+    parser.add_argument("--model", required=True, help="an export directory (tessera export RUN --output DIR)")
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="one caption")
+    src.add_argument("--prompts", help="a text file with one caption per line (e.g. configs/prompts/paper_eval.txt)")
+    parser.add_argument("-n", type=int, default=4, help="images per prompt (default 4)")
+    parser.add_argument("--output", required=True, help="folder for the PNGs and grid.png")
+    parser.add_argument("--seed", type=int, default=0, help="random seed")
+    add_config_arguments(parser, default=None)
+
+
+def run(args: argparse.Namespace) -> int:
+    from tessera import config as C
+    from trainer.inference import load
+    from trainer.rundir import atomic_write_bytes, save_image_grid
+
+    if args.n < 1:
+        raise InputError(f"-n: expected >= 1 images per prompt, got {args.n}")
+    root = C.load_root(args.config, args.overrides)
+    prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts)
+    pipe = load(args.model)
+    torch.manual_seed(args.seed)
+    images = pipe.generate(prompts, args.n, root.sample, generator=torch.Generator().manual_seed(args.seed))
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    for i, img in enumerate(images):
+        p, k = divmod(i, args.n)
+        arr = (img.clamp(0, 1).permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, format="PNG")
+        atomic_write_bytes(out / f"{p:03d}_{k:02d}.png", buf.getvalue())
+    save_image_grid(images, out / "grid.png", nrow=args.n)
+    atomic_write_bytes(out / "prompts.txt", "\n".join(prompts).encode() + b"\n")
+    print(f"wrote {len(images)} images for {len(prompts)} prompts to {out}")
+    return 0
+
+
+__all__ = ["filter_logits", "next_token", "sample_codes", "sample_codes_batched", "read_prompts"]

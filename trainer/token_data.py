@@ -1,0 +1,166 @@
+"""Token shards (CONTRACTS.md item 4) for transformer training: manifest, records, resumable batches.
+
+A token-shard folder holds `{shard:05d}.tar` files with `{key}.codes.npy` (uint16 [G, G]),
+`{key}.ids.npy` (int32 BPE ids of the lower-cased caption), `{key}.txt` (caption), and a
+`manifest.json` ({"grid", "image_vocab", "text_vocab", "tokenizer", "dvae", "count", "shards"}).
+
+Listing, rank/worker splitting, deterministic shuffling and exact resume come from
+`trainer.data` (shared with the dVAE's image stream); this module decodes token records and
+builds (text, image) batches, with BPE-dropout (re-encoding the caption) when a tokenizer is given.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from tessera.errors import InputError
+from trainer.data import consumer_stream, iter_samples, list_shards
+from trainer.transformer import pad_text
+
+MANIFEST_KEYS = ("grid", "image_vocab", "text_vocab")
+
+
+@dataclass
+class TokenManifest:
+    grid: int
+    image_vocab: int
+    text_vocab: int
+    tokenizer: str | None
+    dvae: str | None
+    count: int
+    shards: list[str]
+    folder: Path
+
+    def resolve(self, p: str | None) -> str | None:
+        """A path named in the manifest: absolute as is, relative to the manifest's folder otherwise."""
+        if not p:
+            return None
+        q = Path(p)
+        if not q.is_absolute() and not q.exists():
+            q = self.folder / q
+        return str(q)
+
+
+def manifest_folder(spec: str) -> Path:
+    """The folder whose manifest.json describes `spec` (a folder, or the folder of its first tar)."""
+    first = str(spec).split(",")[0].strip()
+    if first.startswith("s3://"):
+        raise InputError(f"token shards '{spec}': reading the manifest from S3 is not supported; copy manifest.json locally")
+    p = Path(first)
+    return p if p.is_dir() else p.parent
+
+
+def read_manifest(spec: str | Path) -> TokenManifest:
+    folder = manifest_folder(str(spec))
+    path = folder / "manifest.json"
+    if not path.exists():
+        raise InputError(f"token shards '{spec}': no manifest.json in '{folder}' (expected the output of 'tessera prep encode')")
+    try:
+        m = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise InputError(f"token manifest '{path}' is unreadable ({type(e).__name__})") from None
+    missing = [k for k in MANIFEST_KEYS if not isinstance(m.get(k), int)]
+    if missing:
+        raise InputError(f"token manifest '{path}': missing or non-integer keys {', '.join(missing)}")
+    return TokenManifest(
+        grid=int(m["grid"]), image_vocab=int(m["image_vocab"]), text_vocab=int(m["text_vocab"]),
+        tokenizer=m.get("tokenizer"), dvae=m.get("dvae"), count=int(m.get("count", 0)),
+        shards=list(m.get("shards", [])), folder=folder,
+    )
+
+
+def decode_record(rec: dict[str, Any], grid: int) -> tuple[np.ndarray, np.ndarray, str]:
+    """(ids int64[n], codes int64[grid*grid], caption) of one raw token record."""
+    where = f"shard '{rec.get('__shard__')}': sample '{rec.get('__key__')}'"
+    try:
+        codes = np.load(io.BytesIO(rec["codes.npy"]), allow_pickle=False)
+        ids = np.load(io.BytesIO(rec["ids.npy"]), allow_pickle=False)
+    except KeyError as e:
+        raise InputError(f"{where} lacks {e.args[0]}") from None
+    except Exception as e:
+        raise InputError(f"{where} has an unreadable .npy ({type(e).__name__})") from None
+    if codes.shape != (grid, grid):
+        raise InputError(f"{where}: codes have shape {codes.shape}, the manifest says grid {grid}")
+    caption = rec["txt"].decode("utf-8", errors="replace") if "txt" in rec else ""
+    return ids.astype(np.int64).reshape(-1), codes.astype(np.int64).reshape(-1), caption
+
+
+class TokenBatches:
+    """An endless, resumable iterator of (text long[B, T], image long[B, N]) batches for one rank.
+
+    `caption_dropout`: probability of replacing a caption with the empty one (all padding).
+    `tokenizer` + `bpe_dropout`: re-encode the caption with BPE-dropout (paper section 2.2);
+    otherwise the stored ids are used. Randomness of batch b comes from (seed, rank, b), and the
+    stream position is part of `state()`, so a resumed run sees exactly the same batches.
+    """
+
+    def __init__(self, spec: str, *, text_len: int, text_vocab: int, grid: int, batch_size: int, seed: int = 0,
+                 rank: int = 0, world: int = 1, shuffle_buffer: int = 1000, caption_dropout: float = 0.0,
+                 tokenizer: Any = None, bpe_dropout: float = 0.0, state: dict | None = None):
+        self.shards = list_shards(spec)
+        self.text_len, self.text_vocab, self.grid = text_len, text_vocab, grid
+        self.batch_size, self.seed, self.rank = batch_size, seed, rank
+        self.caption_dropout, self.tokenizer, self.bpe_dropout = caption_dropout, tokenizer, bpe_dropout
+        state = state or {}
+        self.position: tuple[int, int] = tuple(state.get("position", (0, 0)))  # type: ignore[assignment]
+        self.batches = int(state.get("batches", 0))
+        self._stream = consumer_stream(self.shards, seed=seed, rank=rank, world=world, shuffle_buffer=shuffle_buffer, start=self.position)
+
+    def __iter__(self):
+        return self
+
+    def _text(self, ids: np.ndarray, caption: str, rng: np.random.Generator) -> list[int]:
+        if self.caption_dropout > 0 and rng.random() < self.caption_dropout:
+            return pad_text([], self.text_len, self.text_vocab)
+        if self.tokenizer is not None and self.bpe_dropout > 0 and caption:
+            ids = self.tokenizer.encode(caption.lower(), dropout=self.bpe_dropout)
+        ids = [i for i in ids if 0 <= i < self.text_vocab]
+        return pad_text(ids, self.text_len, self.text_vocab)
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        rng = np.random.default_rng([self.seed, self.rank, self.batches])
+        texts, images = [], []
+        for rec, pos in self._stream:
+            ids, codes, caption = decode_record(rec, self.grid)
+            texts.append(self._text(ids, caption, rng))
+            images.append(codes)
+            self.position = pos
+            if len(images) == self.batch_size:
+                break
+        self.batches += 1
+        return torch.tensor(texts, dtype=torch.long), torch.from_numpy(np.stack(images))
+
+    def state(self) -> dict:
+        return {"position": list(self.position), "batches": self.batches}
+
+
+def load_token_set(spec: str, text_len: int, text_vocab: int, grid: int, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """One ordered pass over shards (evaluation): (text long[n, T], image long[n, N], captions)."""
+    texts, images, caps = [], [], []
+    for url in list_shards(spec):
+        for rec in iter_samples(url):
+            if limit is not None and len(caps) >= limit:
+                break
+            ids, codes, caption = decode_record(rec, grid)
+            texts.append(pad_text([i for i in ids.tolist() if 0 <= i < text_vocab], text_len, text_vocab))
+            images.append(codes)
+            caps.append(caption)
+    if not caps:
+        raise InputError(f"token shards '{spec}': no samples")
+    return torch.tensor(texts, dtype=torch.long), torch.from_numpy(np.stack(images)), caps
+
+
+def iter_token_records(spec: str, grid: int) -> Iterator[tuple[np.ndarray, np.ndarray, str]]:
+    for url in list_shards(spec):
+        for rec in iter_samples(url):
+            yield decode_record(rec, grid)
+
+
+__all__ = ["TokenManifest", "read_manifest", "decode_record", "TokenBatches", "load_token_set", "iter_token_records"]

@@ -1,0 +1,347 @@
+"""Training the DALL-E transformer on token shards (`tessera train transformer`).
+
+    tessera train transformer --config demo --data TOKEN_SHARDS --output RUN_DIR [key=value ...]
+
+The loop (paper App. B.2, scaled down): AdamW with decoupled weight decay on matrices only,
+linear warm-up then cosine (or plateau) decay, gradient-norm clipping, parameter EMA, caption
+dropout (empty captions teach the unconditional model used by classifier-free guidance),
+BPE-dropout when the tokenizer is available. Checkpoints hold model, optimizer, EMA, schedule,
+data position and RNG states, so a resumed run continues exactly (tests check bit equality).
+
+Time budget: with `time_budget_s > 0` the cosine horizon is fixed once, after the first
+`_HORIZON_PROBE` updates, to min(steps, updates that fit in the budget at the measured speed), and
+saved in the checkpoint; the decay then ends when the budget does instead of being cut midway.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tessera import config as C
+from tessera.errors import CheckpointError, ConfigError, InputError
+from tessera.progress import bar
+from trainer.config import TransformerModelConfig
+from trainer.ema import EMA
+from trainer.rundir import RunDir, load_checkpoint, save_image_grid
+from trainer.schedules import Plateau, warmup_cosine
+from trainer.token_data import TokenBatches, TokenManifest, load_token_set, read_manifest
+from trainer.transformer import DALLE, pad_text
+
+KIND = "transformer"
+_HORIZON_PROBE = 20
+
+
+def model_config_from_dict(d: dict) -> TransformerModelConfig:
+    return C.from_dict(TransformerModelConfig, d, prefix="transformer.model")
+
+
+def resolve_model_config(mcfg: TransformerModelConfig, manifest: TokenManifest) -> TransformerModelConfig:
+    """Vocabulary sizes and grid come from the token shards' manifest (dVAE and tokenizer)."""
+    return dataclasses.replace(mcfg, text_vocab=manifest.text_vocab, image_vocab=manifest.image_vocab, image_grid=manifest.grid)
+
+
+def autocast_context(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16/fp16 autocast, or nothing. 'auto': bf16 on GPU, fp32 on CPU."""
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def make_optimizer(model: torch.nn.Module, tcfg: Any) -> torch.optim.Optimizer:
+    """AdamW; weight decay on matrices (linear weights) only, not on biases, norms or embeddings."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.dim() >= 2 and "emb" not in name else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": tcfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=tcfg.lr, betas=(tcfg.beta1, tcfg.beta2), eps=tcfg.eps)
+
+
+def load_tokenizer_or_none(manifest: TokenManifest, bpe_dropout: float):
+    """The manifest's tokenizer for BPE-dropout, or None (no dropout wanted, or no tokenizer available)."""
+    path = manifest.resolve(manifest.tokenizer)
+    if bpe_dropout <= 0 or not path or not Path(path).exists():
+        return None
+    try:
+        from dataprep.tokenizer import load_tokenizer
+    except ImportError:
+        return None
+    return load_tokenizer(path)
+
+
+def fixed_sample_captions(data: str, mcfg: TransformerModelConfig, n: int) -> tuple[torch.Tensor, list[str]]:
+    """The first n distinct captions of the shards: the prompts of the periodic sample grids."""
+    text, _, caps = load_token_set(data, mcfg.text_len, mcfg.text_vocab, mcfg.image_grid, limit=max(4 * n, n))
+    seen, rows, out = set(), [], []
+    for i, c in enumerate(caps):
+        if c not in seen:
+            seen.add(c)
+            rows.append(i)
+            out.append(c)
+        if len(rows) == n:
+            break
+    return text[rows], out
+
+
+@torch.no_grad()
+def eval_loss(model: DALLE, text: torch.Tensor, image: torch.Tensor, tcfg: Any, device: torch.device, batch: int = 64) -> dict[str, float]:
+    was = model.training
+    model.eval()
+    sums = {"loss": 0.0, "text_ce": 0.0, "image_ce": 0.0}
+    n = 0
+    for i in range(0, text.shape[0], batch):
+        t, im = text[i : i + batch].to(device), image[i : i + batch].to(device)
+        with autocast_context(tcfg.precision, device):
+            out = model.loss(t, im, tcfg.image_loss_weight)
+        for k in sums:
+            sums[k] += float(out[k]) * t.shape[0]
+        n += t.shape[0]
+    model.train(was)
+    return {f"eval_{k}": v / n for k, v in sums.items()}
+
+
+class _Sampler:
+    """Periodic sample grids decoded with the manifest's dVAE (skipped when it names none)."""
+
+    def __init__(self, manifest: TokenManifest, data: str, mcfg: TransformerModelConfig, sample_cfg: Any, device: torch.device, n: int = 8):
+        self.dvae = None
+        path = manifest.resolve(manifest.dvae)
+        if path and Path(path).exists():
+            from trainer.dvae import load_dvae
+
+            self.dvae, _ = load_dvae(path)
+            self.dvae.to(device)
+        self.text, self.captions = fixed_sample_captions(data, mcfg, n)
+        self.cfg, self.device = sample_cfg, device
+
+    def __call__(self, model: DALLE, run: RunDir, step: int) -> Path | None:
+        if self.dvae is None:
+            return None
+        from trainer.sample import sample_codes
+
+        g = torch.Generator(device=self.device).manual_seed(step)
+        codes = sample_codes(model, self.text.to(self.device), self.cfg, generator=g)
+        grid = model.cfg.image_grid
+        images = self.dvae.decode_codes(codes.view(-1, grid, grid))
+        path = run.sample_path(step)
+        save_image_grid(images, path, nrow=len(self.captions))
+        run.metrics.image("samples", step, torch.cat(list(images), dim=2))
+        return path
+
+
+def train_transformer(cfg_root: Any, data: str | None, output: str | Path, dist: Any = None) -> dict[str, Any]:
+    """Train (or resume) a transformer run in `output` on token shards `data`; returns a summary dict."""
+    from cluster.dist import init
+
+    dist = init(dist)
+    tcfg = cfg_root.transformer.train
+    data = data or tcfg.train_data
+    if not data:
+        raise ConfigError("transformer training: no token shards given (--data or transformer.train.train_data)")
+    manifest = read_manifest(data)
+    mcfg = resolve_model_config(cfg_root.transformer.model, manifest)
+    cfg_root = dataclasses.replace(cfg_root, transformer=dataclasses.replace(cfg_root.transformer, model=mcfg))
+    device = dist.device
+    if tcfg.batch_size % dist.world_size:
+        raise ConfigError(f"config key 'transformer.train.batch_size': expected a multiple of the world size {dist.world_size}, got {tcfg.batch_size}")
+    local_batch = tcfg.batch_size // dist.world_size
+
+    run = RunDir(output, cfg_root, rank=dist.rank)
+    seed = cfg_root.seed + 1000  # each stage derives its own seed
+    torch.manual_seed(seed + dist.rank)
+
+    model = DALLE(mcfg).to(device)
+    opt = make_optimizer(model, tcfg)
+    ema = EMA(model, tcfg.ema_decay) if tcfg.ema_decay > 0 else None
+    plateau = Plateau(tcfg.lr) if tcfg.decay == "plateau" else None
+    step, horizon, data_state, elapsed_before = 0, 0, None, 0.0
+
+    latest = run.latest_checkpoint()
+    if latest is not None:
+        ck = load_checkpoint(latest, KIND)
+        try:
+            saved_cfg = model_config_from_dict(ck["model_cfg"])
+        except (KeyError, ConfigError) as e:
+            raise CheckpointError(f"checkpoint '{latest}' has no usable model_cfg ({e})") from None
+        if saved_cfg != mcfg:
+            raise CheckpointError(f"checkpoint '{latest}' was trained with another transformer.model config; use a new --output")
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        if ema is not None and ck.get("ema") is not None:
+            ema.load_state_dict(ck["ema"])
+        if plateau is not None and ck.get("plateau"):
+            plateau.load_state_dict(ck["plateau"])
+        step, horizon = int(ck["step"]), int(ck.get("horizon", 0))
+        data_state = ck.get("data", {}).get(str(dist.rank))
+        elapsed_before = float(ck.get("elapsed_s", 0.0))
+        torch.set_rng_state(ck["rng"]["torch"])
+
+    tokenizer = load_tokenizer_or_none(manifest, tcfg.bpe_dropout)
+    batches = TokenBatches(
+        data, text_len=mcfg.text_len, text_vocab=mcfg.text_vocab, grid=mcfg.image_grid, batch_size=local_batch,
+        seed=seed, rank=dist.rank, world=dist.world_size, shuffle_buffer=tcfg.shuffle_buffer,
+        caption_dropout=tcfg.caption_dropout, tokenizer=tokenizer, bpe_dropout=tcfg.bpe_dropout, state=data_state,
+    )
+    eval_set = None
+    if tcfg.eval_data:
+        eval_set = load_token_set(tcfg.eval_data, mcfg.text_len, mcfg.text_vocab, mcfg.image_grid, limit=512)
+    sampler = _Sampler(manifest, data, mcfg, cfg_root.sample, device) if dist.is_main and tcfg.sample_every > 0 else None
+
+    wrapped = model
+    if dist.world_size > 1:
+        wrapped = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    def lr_at(s: int) -> float:
+        if s < tcfg.warmup_steps:
+            return tcfg.lr * (s + 1) / tcfg.warmup_steps
+        if plateau is not None:
+            return plateau.lr
+        return warmup_cosine(s, tcfg.lr, tcfg.lr_min, tcfg.warmup_steps, horizon or tcfg.steps)
+
+    def checkpoint(s: int) -> Path | None:
+        states = [None] * dist.world_size
+        if dist.initialized and dist.world_size > 1:
+            torch.distributed.all_gather_object(states, batches.state())
+        else:
+            states = [batches.state()]
+        state = {
+            "model": model.state_dict(), "optimizer": opt.state_dict(), "ema": ema.state_dict() if ema else None,
+            "plateau": plateau.state_dict() if plateau else None, "step": s, "horizon": horizon,
+            "data": {str(r): st for r, st in enumerate(states)}, "model_cfg": dataclasses.asdict(mcfg),
+            "rng": {"torch": torch.get_rng_state()}, "elapsed_s": elapsed_before + (time.time() - t_start),
+        }
+        return run.save_checkpoint(KIND, s, state)
+
+    def eval_model() -> DALLE:
+        if ema is None:
+            return model
+        m = DALLE(mcfg).to(device)
+        m.load_state_dict(model.state_dict())
+        ema.copy_to(m)
+        return m
+
+    n_tokens = local_batch * model.seq_len
+    t_start = time.time()
+    t_log, tok_since = time.time(), 0
+    last: dict[str, float] = {}
+    model.train()
+    pbar = bar(total=tcfg.steps, desc="transformer", unit="step", initial=step) if dist.is_main else None
+    stop_reason = "steps"
+    while step < tcfg.steps:
+        if tcfg.time_budget_s > 0 and elapsed_before + (time.time() - t_start) >= tcfg.time_budget_s:
+            stop_reason = "time_budget"
+            break
+        text, image = next(batches)
+        text, image = text.to(device, non_blocking=True), image.to(device, non_blocking=True)
+        lr = lr_at(step)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        with autocast_context(tcfg.precision, device):
+            out = model.loss(text, image, tcfg.image_loss_weight) if wrapped is model else _ddp_loss(wrapped, text, image, tcfg.image_loss_weight)
+        opt.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip if tcfg.grad_clip > 0 else math.inf)
+        if not torch.isfinite(out["loss"]):
+            raise RuntimeError(f"transformer training diverged at step {step} (loss {float(out['loss'])}); lower transformer.train.lr")
+        opt.step()
+        if ema is not None:
+            ema.update(model)
+        step += 1
+        tok_since += n_tokens
+        if horizon == 0 and tcfg.time_budget_s > 0 and step == _HORIZON_PROBE:
+            per_step = (time.time() - t_start) / max(step - 0, 1)
+            fit = int((tcfg.time_budget_s - elapsed_before) / per_step) + step
+            horizon = max(min(tcfg.steps, fit), tcfg.warmup_steps + 1)
+        if pbar is not None:
+            pbar.update(1)
+        if step % tcfg.log_every == 0 or step == tcfg.steps:
+            last = {k: float(v) for k, v in out.items()}
+            dt = time.time() - t_log
+            row = {**last, "lr": lr, "grad_norm": float(gnorm), "tokens_per_s": tok_since * dist.world_size / max(dt, 1e-9),
+                   "elapsed_s": elapsed_before + time.time() - t_start}
+            if plateau is not None and step >= tcfg.warmup_steps:
+                plateau.step(last["loss"])
+            if eval_set is not None and dist.is_main:
+                row.update(eval_loss(eval_model(), eval_set[0], eval_set[1], tcfg, device))
+            run.metrics.log(step, **row)
+            if pbar is not None:
+                pbar.set_postfix(loss=f"{last['loss']:.3f}", img=f"{last['image_ce']:.3f}")
+            t_log, tok_since = time.time(), 0
+        if sampler is not None and step % tcfg.sample_every == 0:
+            sampler(eval_model(), run, step)
+        if tcfg.ckpt_every > 0 and step % tcfg.ckpt_every == 0:
+            checkpoint(step)
+    if pbar is not None:
+        pbar.close()
+    path = checkpoint(step)
+    if sampler is not None and step > 0 and step % tcfg.sample_every != 0:
+        sampler(eval_model(), run, step)
+    total_time = elapsed_before + time.time() - t_start
+    summary = {
+        "run_dir": str(run.path), "steps": step, "stop_reason": stop_reason, "horizon": horizon or tcfg.steps,
+        "time_s": round(total_time, 2), "checkpoint": str(path) if path else None,
+        "parameters": model.num_parameters(), **{f"final_{k}": v for k, v in last.items()},
+    }
+    if eval_set is not None and dist.is_main:
+        summary.update(eval_loss(eval_model(), eval_set[0], eval_set[1], tcfg, device))
+    run.close()
+    return summary
+
+
+def _ddp_loss(wrapped: torch.nn.Module, text: torch.Tensor, image: torch.Tensor, w: float) -> dict[str, torch.Tensor]:
+    """The paper loss through the DDP wrapper's forward (so gradients are all-reduced)."""
+    import torch.nn.functional as F
+
+    text_logits, image_logits = wrapped(text, image)
+    text_ce = F.cross_entropy(text_logits.float().flatten(0, 1), text[:, 1:].flatten())
+    image_ce = F.cross_entropy(image_logits.float().flatten(0, 1), image.flatten())
+    return {"loss": (text_ce + w * image_ce) / (1 + w), "text_ce": text_ce.detach(), "image_ce": image_ce.detach()}
+
+
+def load_transformer(path: str | Path, use_ema: bool = True) -> tuple[DALLE, TransformerModelConfig, dict]:
+    """A trained transformer (EMA weights when present) from a run dir or checkpoint, with its checkpoint dict."""
+    ck = load_checkpoint(path, KIND)
+    try:
+        mcfg = model_config_from_dict(ck["model_cfg"])
+        weights = ck["ema"] if (use_ema and ck.get("ema")) else ck["model"]
+    except (KeyError, ConfigError) as e:
+        raise CheckpointError(f"checkpoint '{path}' lacks model_cfg or weights ({e})") from None
+    model = DALLE(mcfg)
+    sd = model.state_dict()
+    try:
+        model.load_state_dict({k: v.to(sd[k].dtype) for k, v in weights.items()})
+    except (RuntimeError, KeyError) as e:
+        raise CheckpointError(f"checkpoint '{path}': weights do not match its model_cfg ({str(e).splitlines()[0][:120]})") from None
+    return model.eval(), mcfg, ck
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from tessera.cli import add_config_arguments
+
+    parser.add_argument("--data", default=None, help="token shards (a folder with manifest.json from 'tessera prep encode')")
+    parser.add_argument("--output", required=True, help="run directory (resumed when it holds a checkpoint)")
+    add_config_arguments(parser, default="demo")
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+
+    cfg = C.load_root(args.config, args.overrides)
+    summary = train_transformer(cfg, args.data, args.output)
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+__all__ = ["train_transformer", "load_transformer", "autocast_context", "make_optimizer", "resolve_model_config"]
