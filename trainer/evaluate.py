@@ -1,0 +1,344 @@
+"""`tessera eval`: FID, Inception Score, CLIP score, attribute accuracy and PSNR/SSIM of images.
+
+    tessera eval --images DIR_OR_GLOB --reference SHARDS_OR_DIR [--clip PATH] [--inception PATH]
+                 [--paired] --output report.json
+
+Feature space. FID and IS are defined on Inception-v3 (Heusel et al. 2017; Salimans et al. 2016).
+Inception weights are used only from a local file given with `--inception` (torchvision's
+inception_v3 state dict; nothing is downloaded). Without one, both are computed with the
+project's CLIP and labelled as such: `fid_clip` is the Frechet distance between Gaussians fitted to
+unit-norm CLIP image embeddings (as FID_CLIP in Kynkaenniemi et al. 2023), and `is_clip` is
+exp(E_x KL(p(y|x) || p(y))) with p(y|x) the CLIP's softmax over the distinct reference captions as
+classes. Values in the two spaces are not comparable with each other or with published FIDs.
+
+CLIP score: mean cosine similarity of each image with its caption (`clip_score`), beside the same
+figure for the reference images with theirs (`clip_score_reference`) for scale.
+
+Attributes: when captions are synthetic-dataset captions, `dataprep.detector` scores colour,
+shape, size and position agreement (`attributes`).
+
+PSNR / SSIM (`--paired`): image i against reference i (e.g. dVAE reconstructions of held-out
+images), with `trainer.image_metrics`.
+
+Where captions come from: an images folder written by `tessera sample` (`NNN_KK.png` +
+`prompts.txt`), per-image `{stem}.txt` files, or webdataset shards (`{key}.txt`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import io
+import json
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from tessera.errors import InputError
+
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp"}
+SKIP_NAMES = {"grid.png"}
+
+
+# --------------------------------------------------------------------------------------------
+# Loading images (and captions when known)
+
+
+def _load_image(path: Path) -> np.ndarray:
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except Exception:
+        raise InputError(f"image '{path}' cannot be decoded") from None
+
+
+def _to_batch(arrays: list[np.ndarray], size: int | None) -> torch.Tensor:
+    """uint8 (N, 3, S, S); images of another size are center-cropped and resized to `size` (default: the first's)."""
+    if not arrays:
+        return torch.zeros(0, 3, size or 1, size or 1, dtype=torch.uint8)
+    size = size or min(arrays[0].shape[:2])
+    out = []
+    for a in arrays:
+        h, w = a.shape[:2]
+        if (h, w) != (size, size):
+            s = min(h, w)
+            im = Image.fromarray(a).crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s)).resize((size, size), Image.Resampling.BICUBIC)
+            a = np.asarray(im)
+        out.append(a.transpose(2, 0, 1))
+    return torch.from_numpy(np.stack(out))
+
+
+def load_images(spec: str | Path, size: int | None = None, limit: int | None = None) -> tuple[torch.Tensor, list[str | None]]:
+    """(uint8 images (N, 3, S, S), captions or None each) from a folder, a glob, or webdataset shards."""
+    spec = str(spec)
+    p = Path(spec)
+    tars = sorted(p.glob("*.tar")) if p.is_dir() else []
+    if (p.is_file() and p.suffix == ".tar") or tars or (not p.exists() and spec.endswith(".tar")):
+        from trainer.clip_train import read_pairs
+
+        imgs, caps = read_pairs(spec, size or 64, limit) if size else _read_pairs_native(spec, limit)
+        return imgs, list(caps)
+    if p.is_dir():
+        files = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_EXTS and f.name not in SKIP_NAMES)
+        if not files:
+            raise InputError(f"image folder '{p}' holds no images ({', '.join(sorted(IMAGE_EXTS))}) or *.tar shards")
+    else:
+        files = sorted(Path(f) for f in glob.glob(spec) if Path(f).suffix.lower() in IMAGE_EXTS and Path(f).name not in SKIP_NAMES)
+        if not files:
+            raise InputError(f"images '{spec}' match no image file")
+    if limit:
+        files = files[:limit]
+    prompts_cache: dict[Path, list[str] | None] = {}
+    captions: list[str | None] = []
+    for f in files:
+        side = f.with_suffix(".txt")
+        if side.is_file():
+            captions.append(side.read_text(encoding="utf-8", errors="replace").strip())
+            continue
+        if f.parent not in prompts_cache:
+            pf = f.parent / "prompts.txt"
+            prompts_cache[f.parent] = [ln.strip() for ln in pf.read_text(encoding="utf-8").splitlines() if ln.strip()] if pf.is_file() else None
+        prompts = prompts_cache[f.parent]
+        m = re.fullmatch(r"(\d+)_(\d+)", f.stem)
+        captions.append(prompts[int(m.group(1))] if prompts and m and int(m.group(1)) < len(prompts) else None)
+    return _to_batch([_load_image(f) for f in files], size), captions
+
+
+def _read_pairs_native(spec: str, limit: int | None) -> tuple[torch.Tensor, list[str]]:
+    """Shards at their own image size (the first image's side)."""
+    from trainer.clip_train import read_pairs
+    from dataprep.tokenizer import input_files
+
+    first = input_files(spec)[0]
+    import tarfile
+
+    size = None
+    with tarfile.open(first) as tf:
+        for m in tf:
+            if m.isfile() and Path(m.name).suffix.lower() in IMAGE_EXTS:
+                with Image.open(io.BytesIO(tf.extractfile(m).read())) as im:
+                    size = min(im.size)
+                break
+    if size is None:
+        raise InputError(f"shard '{first}' holds no images")
+    return read_pairs(spec, size, limit)
+
+
+# --------------------------------------------------------------------------------------------
+# Metrics on features
+
+
+def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Frechet distance between Gaussians fitted to feature sets a (N, D) and b (M, D), in float64.
+
+    ||mu_a - mu_b||^2 + Tr(S_a) + Tr(S_b) - 2 Tr((S_a^1/2 S_b S_a^1/2)^1/2), the matrix square
+    roots from symmetric eigendecompositions (negative eigenvalues from rounding clipped to 0).
+    """
+    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[1]:
+        raise InputError(f"frechet_distance: expected (N, D) and (M, D) features, got {tuple(a.shape)} and {tuple(b.shape)}")
+    if len(a) < 2 or len(b) < 2:
+        raise InputError(f"frechet_distance: need >= 2 samples on each side, got {len(a)} and {len(b)}")
+    a, b = a.double(), b.double()
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    s_a, s_b = torch.cov(a.t()), torch.cov(b.t())
+    if s_a.dim() == 0:
+        s_a, s_b = s_a.view(1, 1), s_b.view(1, 1)
+    ev, vec = torch.linalg.eigh(s_a)
+    root_a = (vec * ev.clamp_min(0).sqrt()) @ vec.t()
+    mid = root_a @ s_b @ root_a
+    tr_covmean = torch.linalg.eigvalsh((mid + mid.t()) / 2).clamp_min(0).sqrt().sum()
+    fd = (mu_a - mu_b).pow(2).sum() + s_a.trace() + s_b.trace() - 2 * tr_covmean
+    return max(float(fd), 0.0)
+
+
+def inception_score(probs: torch.Tensor, splits: int = 1) -> tuple[float, float]:
+    """exp(E_x KL(p(y|x) || p(y))) from class probabilities (N, K): mean and std over `splits` folds."""
+    if probs.dim() != 2 or len(probs) == 0:
+        raise InputError(f"inception_score: expected (N, K) probabilities, got {tuple(probs.shape)}")
+    p = probs.double().clamp_min(1e-12)
+    scores = []
+    for part in torch.chunk(p, max(1, min(splits, len(p)))):
+        py = part.mean(0, keepdim=True)
+        kl = (part * (part.log() - py.log())).sum(1).mean()
+        scores.append(math.exp(float(kl)))
+    return float(np.mean(scores)), float(np.std(scores))
+
+
+# --------------------------------------------------------------------------------------------
+# Inception (local weights only)
+
+
+class InceptionFeatures:
+    """torchvision's inception_v3 with weights from a local state-dict file: pool features and class probabilities."""
+
+    def __init__(self, path: str | Path, device: str | torch.device = "cpu"):
+        try:
+            from torchvision.models import inception_v3
+        except ImportError:
+            raise InputError(f"--inception '{path}': torchvision is not installed (pip install torchvision), needed for Inception-v3") from None
+        p = Path(path)
+        if not p.is_file():
+            raise InputError(f"Inception weights '{p}' do not exist")
+        try:
+            sd = torch.load(p, map_location="cpu", weights_only=True)
+            if p.suffix == ".safetensors":  # pragma: no cover
+                from safetensors.torch import load_file
+
+                sd = load_file(p)
+            net = inception_v3(weights=None, aux_logits=True, init_weights=False)
+            net.load_state_dict(sd, strict=False)
+        except Exception as e:
+            raise InputError(f"Inception weights '{p}' cannot be loaded into torchvision inception_v3 ({type(e).__name__})") from None
+        self.net = net.eval().to(device)
+        self.device = torch.device(device)
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+        feats, probs = [], []
+        pool: list[torch.Tensor] = []
+        hook = self.net.avgpool.register_forward_hook(lambda m, i, o: pool.append(o.flatten(1)))
+        try:
+            for i in range(0, len(images), batch_size):
+                x = images[i : i + batch_size].to(self.device).float()
+                x = torch.nn.functional.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+                mean = torch.tensor([0.485, 0.456, 0.406], device=x.device).view(1, 3, 1, 1)
+                std = torch.tensor([0.229, 0.224, 0.225], device=x.device).view(1, 3, 1, 1)
+                logits = self.net((x - mean) / std)
+                logits = logits.logits if hasattr(logits, "logits") else logits
+                probs.append(logits.softmax(-1).cpu())
+                feats.append(pool.pop().cpu())
+        finally:
+            hook.remove()
+        return torch.cat(feats), torch.cat(probs)
+
+
+# --------------------------------------------------------------------------------------------
+# The evaluation
+
+
+def _float(x: torch.Tensor) -> torch.Tensor:
+    return x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+
+
+def evaluate(
+    images: torch.Tensor,
+    captions: Sequence[str | None],
+    reference: torch.Tensor,
+    reference_captions: Sequence[str | None],
+    *,
+    clip: Any = None,
+    inception: Any = None,
+    paired: bool = False,
+    is_splits: int = 1,
+) -> dict[str, Any]:
+    """All metrics that the inputs allow. images/reference: (N, 3, H, W) uint8 or float in [0, 1].
+
+    clip: a ClipScorer or None; inception: an InceptionFeatures or None.
+    """
+    from dataprep import detector
+    from dataprep.synthetic import parse_caption
+
+    if len(images) == 0 or len(reference) == 0:
+        raise InputError(f"eval: need images on both sides, got {len(images)} generated and {len(reference)} reference")
+    x, r = _float(images), _float(reference)
+    report: dict[str, Any] = {"n_images": len(x), "n_reference": len(r)}
+    if inception is not None:
+        fx, px = inception(x)
+        fr, _ = inception(r)
+        report["feature_space"] = "inception"
+        report["fid"] = frechet_distance(fx, fr)
+        report["is"], report["is_std"] = inception_score(px, is_splits)
+    if clip is not None:
+        ex, er = clip.image_embeddings(x), clip.image_embeddings(r)
+        report.setdefault("feature_space", "clip")
+        report["fid_clip"] = frechet_distance(ex, er)
+        classes = sorted({c for c in reference_captions if c})
+        if classes:
+            t = clip.text_embeddings(classes)
+            scale = float(clip.model.logit_scale.detach().clamp(max=math.log(100.0)).exp())
+            report["is_clip"], report["is_clip_std"] = inception_score((scale * ex @ t.t()).softmax(-1), is_splits)
+            report["is_clip_classes"] = len(classes)
+        have = [i for i, c in enumerate(captions) if c]
+        if have:
+            report["clip_score"] = float(clip.score(x[have], [captions[i] for i in have]).mean())
+        have_r = [i for i, c in enumerate(reference_captions) if c]
+        if have_r:
+            report["clip_score_reference"] = float(clip.score(r[have_r], [reference_captions[i] for i in have_r]).mean())
+    parsed = [(i, parse_caption(c)) for i, c in enumerate(captions) if c]
+    parsed = [(i, a) for i, a in parsed if a is not None]
+    if parsed:
+        acc = detector.score(x[[i for i, _ in parsed]], [a for _, a in parsed])
+        report["attributes"] = {k: round(v, 4) if isinstance(v, float) else v for k, v in acc.items()}
+    if paired:
+        from trainer.image_metrics import psnr, ssim
+
+        if x.shape != r.shape:
+            raise InputError(f"eval --paired: generated images {tuple(x.shape)} and reference {tuple(r.shape)} differ in count or size")
+        report["psnr"] = float(psnr(x, r).mean())
+        report["ssim"] = float(ssim(x, r).mean())
+    return report
+
+
+def format_table(report: dict[str, Any]) -> str:
+    rows = []
+    for k, v in report.items():
+        if isinstance(v, dict):
+            for kk, vv in v.items():
+                rows.append((f"{k}.{kk}", vv))
+        else:
+            rows.append((k, v))
+    width = max(len(k) for k, _ in rows)
+    lines = [f"{'metric':<{width}}  value", f"{'-' * width}  -----"]
+    for k, v in rows:
+        lines.append(f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--images", required=True, help="generated (or reconstructed) images: a folder, a glob, or shards")
+    parser.add_argument("--reference", required=True, help="reference images: webdataset shards (folder of *.tar) or an image folder")
+    parser.add_argument("--clip", default=None, help="a `tessera train clip` run directory or checkpoint (CLIP score, fid_clip, is_clip)")
+    parser.add_argument("--inception", default=None, help="local torchvision inception_v3 state dict for FID and IS (never downloaded)")
+    parser.add_argument("--paired", action="store_true", help="also PSNR/SSIM of image i against reference i")
+    parser.add_argument("--size", type=int, default=None, help="side both sets are resized to (default: the generated images' side)")
+    parser.add_argument("--limit", type=int, default=None, help="use at most this many images from each side")
+    parser.add_argument("--is-splits", type=int, default=1, help="folds for the IS mean and std (the usual 10 needs >= 5000 images)")
+    parser.add_argument("--output", required=True, help="report JSON file")
+
+
+def run(args: argparse.Namespace) -> int:
+    from trainer.rundir import atomic_write_bytes
+
+    images, caps = load_images(args.images, args.size, args.limit)
+    size = images.shape[-1]
+    reference, ref_caps = load_images(args.reference, size, args.limit)
+    clip = None
+    if args.clip:
+        from trainer.clip import load_clip
+
+        clip = load_clip(args.clip, "cuda" if torch.cuda.is_available() else "cpu")
+    inception = InceptionFeatures(args.inception, "cuda" if torch.cuda.is_available() else "cpu") if args.inception else None
+    report = evaluate(images, caps, reference, ref_caps, clip=clip, inception=inception, paired=args.paired, is_splits=args.is_splits)
+    report["images"] = str(args.images)
+    report["reference"] = str(args.reference)
+    if clip is not None:
+        report["clip"] = str(args.clip)
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out, (json.dumps(report, indent=2) + "\n").encode())
+    print(format_table({k: v for k, v in report.items() if k not in ("images", "reference", "clip")}))
+    print(f"wrote {out}")
+    return 0
+
+
+__all__ = ["evaluate", "frechet_distance", "inception_score", "load_images", "InceptionFeatures", "format_table"]
