@@ -18,7 +18,8 @@ P + eps * I[m, r] (eps = 1e-6), with signs fixed so that diag(R) > 0 (then it eq
 Gram-Schmidt result whenever P has full rank, and stays finite when it does not).
 
 P and Q are kept in fp32; M may be fp16/bf16/fp32. The Triton versions accept CUDA tensors, or CPU
-tensors under TRITON_INTERPRET=1 (tests); `reference=True`-style dispatch lives in the reducer.
+tensors under TRITON_INTERPRET=1 (tests); cluster/powersgd.py picks the Triton versions on CUDA
+and the references on CPU.
 """
 
 from __future__ import annotations
