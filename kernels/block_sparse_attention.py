@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.layouts import block_layout, block_partial
+from kernels.layouts import Layout, block_layout, block_partial
 
 try:  # triton is a GPU (and test) dependency; the reference works without it
     import triton
@@ -370,10 +370,14 @@ def _cached_index(mask: torch.Tensor, block: int, device: torch.device) -> Block
 def block_sparse_attention(q, k, v, mask, block: int = 64, sm_scale: float | None = None):
     """Masked softmax attention over [B, H, S, D] tensors with the Triton block-sparse kernels.
 
-    `mask` is a bool [S, S] token mask (True = may attend; its block index is cached per tensor)
-    or a prebuilt `BlockSparseIndex` from `build_index(mask, block)`.
+    `mask` is a `kernels.layouts.Layout`, a bool [S, S] token mask (True = may attend; its block
+    index is cached per tensor) or a prebuilt `BlockSparseIndex` from `build_index(mask, block)`.
+    Queries and keys cover the same S positions (training); the KV-cache case of sampling, with
+    fewer queries than keys, stays on `kernels.attention.attention`.
     Differentiable in q, k and v.
     """
+    if isinstance(mask, Layout):
+        mask = mask.mask()  # kernels.layouts caches it: the same tensor every call, so the index cache hits
     if isinstance(mask, BlockSparseIndex):
         index = mask
         if index.block != block:
@@ -392,6 +396,8 @@ def block_sparse_attention_reference(q, k, v, mask, block: int = 64, sm_scale: f
     `block` is accepted for signature parity and does not change the result. Rows with no
     allowed key give 0.
     """
+    if isinstance(mask, Layout):
+        mask = mask.mask()
     if isinstance(mask, BlockSparseIndex):
         mask = mask.mask_i8[: mask.seq_len, : mask.seq_len].bool()
     mask = mask.to(q.device)

@@ -262,3 +262,29 @@ for dtype, block, head_dim in (("fp16", 64, 64), ("bf16", 64, 128)):
     for _, size, _, shared in lines:
         assert int(size) > 0
         assert int(shared) <= 227 * 1024  # H100: 227 KiB of shared memory per block
+
+
+def test_same_result_as_dense_cpu_path_with_a_layout(device):
+    """Drop-in for kernels.attention.attention (SDPA with the bool mask), given the same Layout."""
+    from kernels.attention import attention
+
+    lay = layouts.Layout("column", 6, 6, transposed=True)  # S = 42
+    q, k, v = _qkv(2, 1, lay.seq_len, 16, torch.float32, device, seed=31)
+    got = block_sparse_attention(q, k, v, lay, block=16)
+    torch.testing.assert_close(got, attention(q, k, v, lay), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(block_sparse_attention_reference(q, k, v, lay), attention(q, k, v, lay), atol=1e-5, rtol=1e-5)
+
+
+def test_index_cache_follows_the_mask_tensor(device):
+    from kernels.block_sparse_attention import _cached_index
+
+    mask = _random_mask(40, seed=2)
+    a = _cached_index(mask, 16, device)
+    assert _cached_index(mask, 16, device) is a  # same tensor, same index
+    assert _cached_index(mask, 32, device) is not a  # other block size
+    mask[30:, :16] = False  # in-place edit: version counter moves, index is rebuilt
+    b = _cached_index(mask, 16, device)
+    assert b is not a and b.allowed_pairs == int(mask.sum())
+    q, k, v = _qkv(1, 1, 40, 16, torch.float32, device, seed=4)
+    torch.testing.assert_close(block_sparse_attention(q, k, v, mask, block=16),
+                               block_sparse_attention_reference(q, k, v, mask), atol=1e-5, rtol=1e-5)
