@@ -16,6 +16,11 @@ How a crawl runs
    writes the shard's files, stats last (dataprep.writer). So a crawl killed at any moment and
    re-run gives exactly the samples of an uninterrupted run.
 
+Partitioned runs and dedup: a part drops duplicates of every lower shard that is complete when it
+finalises a shard. Parts run one after another in part order (or re-run) therefore give exactly
+the single run's samples; parts running at the same time catch the cross-part duplicates whose
+first copy was already finished, and may keep a few whose first copy was still being crawled.
+
 Every input row ends in exactly one status: success, failed_to_download, failed_to_decode or
 filtered, with a reason code and a message, in the shard's parquet.
 """
