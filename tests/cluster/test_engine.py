@@ -1,0 +1,229 @@
+"""cluster.engine: plain, DDP (+PowerSGD) and DeepSpeed ZeRO-2/3 on two real gloo ranks.
+
+One pair of worker processes (this file run as a script) trains the same tiny regression model in
+every mode in turn (DeepSpeed is imported once per process, which is most of the cost), writes
+losses, each rank's full weights, and checkpoints; the tests below read what they wrote.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+MODES = {
+    "zero2": dict(zero_stage=2),
+    "zero3": dict(zero_stage=3),
+    "ddp": dict(zero_stage=0),
+    "ddp_powersgd": dict(zero_stage=0, powersgd_rank=2, powersgd_start_iter=2),
+}
+STEPS = 25
+
+
+def make_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.GELU(), torch.nn.Linear(32, 32), torch.nn.GELU(), torch.nn.Linear(32, 4))
+
+
+def batch(rank: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank-specific inputs of a fixed smooth target, so the ranks' gradients differ."""
+    g = torch.Generator().manual_seed(1000 * step + rank)
+    x = torch.randn(16, 8, generator=g)
+    w = torch.linspace(-1, 1, 32).view(8, 4)
+    return x, torch.tanh(x @ w)
+
+
+def worker(out: Path) -> None:
+    from cluster.config import DistConfig
+    from cluster.dist import discover, init, shutdown
+    from cluster.engine import build_engine
+
+    dist = init(discover(), backend="gloo")
+    for mode, kw in MODES.items():
+        d = out / mode
+        cfg = DistConfig(**kw)
+        model = make_model()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+        eng = build_engine(model, opt, dist, cfg, grad_clip=1.0, micro_batch_size=16)
+        losses = []
+        for step in range(STEPS):
+            x, y = batch(dist.rank, step)
+            loss = torch.nn.functional.mse_loss(eng(x), y)
+            eng.backward(loss)
+            eng.step()
+            t = loss.detach().clone()
+            dist.all_reduce_mean(t)
+            losses.append(t.item())
+        eng.save_checkpoint(d / "ckpt", STEPS, {"note": mode})
+        full = eng.full_state_dict()
+        torch.save(full, d / f"rank{dist.rank}.pt")
+        # a fresh engine resumes from the checkpoint: same weights, same step, the client state back
+        model2 = make_model()
+        with torch.no_grad():
+            for p in model2.parameters():
+                p.add_(1.0)
+        eng2 = build_engine(model2, torch.optim.AdamW(model2.parameters(), lr=1e-2), dist, cfg, grad_clip=1.0, micro_batch_size=16)
+        step, client = eng2.load_checkpoint(d / "ckpt")
+        resumed = eng2.full_state_dict()
+        same = all(torch.equal(resumed[k], full[k]) for k in full)
+        # and one more step trains on from there identically in both engines
+        x, y = batch(dist.rank, STEPS)
+        outs = []
+        for e in (eng, eng2):
+            loss = torch.nn.functional.mse_loss(e(x), y)
+            e.backward(loss)
+            e.step()
+            outs.append(e.full_state_dict())
+        cont_same = all(torch.allclose(outs[0][k], outs[1][k], atol=1e-6) for k in outs[0])
+        if dist.rank == 0:
+            (d / "result.json").write_text(json.dumps({"losses": losses, "kind": eng.kind, "resume_step": step, "client": client, "resume_same": same, "continue_same": cont_same}))
+        dist.barrier()
+    shutdown(dist)
+
+
+@pytest.fixture(scope="module")
+def two_rank_run(tmp_path_factory):
+    from cluster.dist import free_port
+
+    out = tmp_path_factory.mktemp("engine")
+    for m in MODES:
+        (out / m).mkdir()
+    port = free_port()
+    procs = []
+    for rank in range(2):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                   DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+        procs.append(subprocess.Popen([sys.executable, __file__, str(out)], env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    logs = []
+    for p in procs:
+        try:
+            logs.append(p.communicate(timeout=240)[0])
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            pytest.fail("engine workers timed out")
+    assert [p.returncode for p in procs] == [0, 0], logs[0][-3000:] + "\n----\n" + logs[1][-3000:]
+    return out
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_two_ranks_train_and_agree(two_rank_run, mode):
+    d = two_rank_run / mode
+    res = json.loads((d / "result.json").read_text())
+    assert res["kind"] == ("deepspeed" if MODES[mode]["zero_stage"] else "ddp")
+    losses = res["losses"]
+    assert sum(losses[-5:]) / 5 < 0.3 * sum(losses[:3]) / 3, losses
+    w0, w1 = torch.load(d / "rank0.pt", weights_only=True), torch.load(d / "rank1.pt", weights_only=True)
+    assert set(w0) == set(make_model().state_dict())
+    for k in w0:
+        assert torch.equal(w0[k], w1[k]), k
+    # the weights moved away from the common initialisation
+    assert not torch.allclose(w0["0.weight"], make_model().state_dict()["0.weight"])
+    assert res["resume_step"] == STEPS and res["client"] == {"note": mode}
+    assert res["resume_same"]
+    # PowerSGD's per-rank error buffers are not checkpointed, so only exact modes continue identically
+    assert res["continue_same"] == ("powersgd_rank" not in MODES[mode])
+
+
+@pytest.mark.parametrize("mode", ["zero2", "zero3"])
+def test_consolidated_zero_checkpoint_loads_into_fresh_model(two_rank_run, mode):
+    from cluster.engine import consolidate_zero_checkpoint
+
+    d = two_rank_run / mode
+    ck = d / "ckpt"
+    assert (ck / "latest").read_text().strip() == f"step_{STEPS:08d}"
+    shards = sorted(p.name for p in (ck / f"step_{STEPS:08d}").iterdir() if "optim_states" in p.name)
+    assert len(shards) == 2, shards  # one optimizer shard per rank
+    sd = consolidate_zero_checkpoint(ck)
+    trained = torch.load(d / "rank0.pt", weights_only=True)
+    fresh = make_model()
+    fresh.load_state_dict(sd)
+    ref = make_model()
+    ref.load_state_dict(trained)
+    x = torch.randn(5, 8)
+    assert torch.allclose(fresh(x), ref(x), atol=1e-6)
+    assert not torch.allclose(fresh(x), make_model()(x), atol=1e-3)
+
+
+def test_ddp_checkpoint_is_a_rundir_checkpoint(two_rank_run):
+    from trainer.rundir import load_checkpoint
+
+    ck = load_checkpoint(two_rank_run / "ddp" / "ckpt" / "latest.pt", "engine")
+    assert ck["step"] == STEPS
+    fresh = make_model()
+    fresh.load_state_dict(ck["model"])
+    ref = make_model()
+    ref.load_state_dict(torch.load(two_rank_run / "ddp" / "rank0.pt", weights_only=True))
+    x = torch.randn(5, 8)
+    assert torch.allclose(fresh(x), ref(x))
+    assert (two_rank_run / "ddp" / "ckpt" / f"step_{STEPS:08d}.pt").exists()
+
+
+def test_plain_engine_single_process(tmp_path):
+    from cluster.dist import DistState
+    from cluster.engine import PlainEngine, build_engine
+
+    model = make_model()
+    eng = build_engine(model, torch.optim.AdamW(model.parameters(), lr=1e-2), DistState())
+    assert isinstance(eng, PlainEngine) and eng.module is model
+    first = None
+    for step in range(STEPS):
+        x, y = batch(0, step)
+        loss = torch.nn.functional.mse_loss(eng(x), y)
+        first = first or loss.item()
+        eng.backward(loss)
+        eng.step()
+    assert loss.item() < 0.3 * first
+    eng.set_lr(0.5)
+    assert eng.optimizer.param_groups[0]["lr"] == 0.5
+    eng.save_checkpoint(tmp_path, 7, {"data": [1, 2]})
+    m2 = make_model()
+    e2 = build_engine(m2, torch.optim.AdamW(m2.parameters()), DistState())
+    assert e2.load_checkpoint(tmp_path) == (7, {"data": [1, 2]})
+    assert e2.optimizer.param_groups[0]["lr"] == 0.5
+    assert all(torch.equal(a, b) for a, b in zip(m2.state_dict().values(), model.state_dict().values()))
+    # an empty directory is a fresh start; a ZeRO directory is refused by name
+    assert e2.load_checkpoint(tmp_path / "none") == (0, {})
+
+
+def test_deepspeed_config_and_validation():
+    from cluster.config import DistConfig
+    from cluster.engine import deepspeed_config
+    from tessera.errors import ConfigError
+
+    c = deepspeed_config(DistConfig(zero_stage=3, precision="bf16", bucket_mb=1), world_size=4, micro_batch_size=8, grad_clip=1.0)
+    assert c["zero_optimization"]["stage"] == 3 and c["train_batch_size"] == 32
+    assert c["bf16"] == {"enabled": True} and c["gradient_clipping"] == 1.0
+    assert c["zero_optimization"]["reduce_bucket_size"] == 2**18
+    assert "optimizer" not in c
+    for bad, key in ((dict(zero_stage=4), "zero_stage"), (dict(zero_stage=2, powersgd_rank=4), "powersgd_rank"), (dict(precision="bf16"), "precision")):
+        with pytest.raises(ConfigError, match=key):
+            DistConfig(**bad).validate()
+
+
+def _fp16_supported() -> bool:
+    return bool(getattr(torch.ops.mkldnn, "_is_mkldnn_fp16_supported", lambda: False)())
+
+
+@pytest.mark.skipif(_fp16_supported() or torch.cuda.is_available(), reason="this machine supports fp16, so it is not refused")
+def test_fp16_refused_where_cpu_lacks_it():
+    from cluster.config import DistConfig
+    from cluster.dist import DistState
+    from cluster.engine import build_engine
+    from tessera.errors import ConfigError
+
+    model = make_model()
+    with pytest.raises(ConfigError, match="fp16"):
+        build_engine(model, torch.optim.AdamW(model.parameters()), DistState(), DistConfig(zero_stage=2, precision="fp16"))
+
+
+if __name__ == "__main__":
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    sys.path.insert(0, str(REPO))
+    worker(Path(sys.argv[1]))
