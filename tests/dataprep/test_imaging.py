@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import noisy_jpeg, png_header_bomb
+from crawl_helpers import noisy_jpeg, png_header_bomb
 from dataprep.imaging import ImageReject, ImageSpec, dhash, process_image
 
 
