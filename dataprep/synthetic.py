@@ -250,8 +250,10 @@ def generate(out_dir: str | Path, cfg: SyntheticConfig | None = None, seed: int 
             lists[split].append({"url": rel, "caption": caption(a), **a.as_dict()})
     n_proc = processes if processes is not None else min(os.cpu_count() or 1, 8)
     with bar(len(jobs), "synthetic images", "img") as pb:
-        if n_proc > 1 and len(jobs) >= 200:
-            import multiprocessing as mp
+        import multiprocessing as mp
+
+        # a daemonic process (e.g. a pool worker) may not start children: render serially there
+        if n_proc > 1 and len(jobs) >= 200 and not mp.current_process().daemon:
 
             with mp.get_context("fork" if hasattr(os, "fork") else "spawn").Pool(n_proc) as pool:
                 for _ in pool.imap_unordered(_render_job, jobs, chunksize=64):

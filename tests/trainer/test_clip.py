@@ -72,14 +72,15 @@ def test_model_shapes_and_padding():
 
 def test_training_reaches_retrieval_accuracy_far_above_chance(tmp_path, tok):
     train_combos, held = S.split_combinations(0.1, seed=0)
-    pairs = _pairs(train_combos, 1500, seed=1)
-    cfg = ClipConfig(**{**SMALL, "steps": 200})
+    pairs = _pairs(train_combos, 1200, seed=1)
+    cfg = ClipConfig(**{**SMALL, "steps": 150})
     m = train_clip(cfg, None, tok, tmp_path / "run", pairs=pairs)
-    assert m["step"] == 200
+    assert m["step"] == 150
     # chance is 1 / (distinct captions) ~ 0.003
     assert m["chance"] < 0.01
-    assert m["i2t_top1"] > 0.3, m
-    assert m["t2i_top1"] > 0.3, m
+    print("clip retrieval after 150 steps:", m)
+    assert m["i2t_top1"] > 0.5, m
+    assert m["t2i_top1"] > 0.5, m
     scorer = load_clip(tmp_path / "run")
     # unseen renders of training combinations: own caption beats a caption with one attribute changed
     imgs, caps = _pairs(train_combos, 100, seed=2)
