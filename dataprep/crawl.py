@@ -156,6 +156,8 @@ def _process_row(shard: int, idx: int, row: tuple, progress: _Progress) -> tuple
             rec.update(status="failed_to_download", reason=e.reason, error_message=e.message)
         except ImageReject as e:
             rec.update(status=e.status, reason=e.reason, error_message=e.message)
+        except Exception as e:  # a URL or response nobody foresaw must cost one row, not the crawl
+            rec.update(status="failed_to_download", reason="unexpected_error", error_message=f"{type(e).__name__}: {str(e)[:200]}")
         else:
             rec.update(width=img.width, height=img.height, original_width=img.original_width, original_height=img.original_height, sha256=img.sha256)
             sample = {"key": rec["key"], "image": img.data, "caption": caption, "phash": img.phash}

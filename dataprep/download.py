@@ -119,6 +119,11 @@ class Downloader:
             raise DownloadError("scheme_not_allowed", f"URL scheme '{scheme}' is not supported by the HTTP client")
         if not host:
             raise DownloadError("invalid_url", "invalid URL: no host")
+        if not host.isascii():
+            try:
+                host = host.encode("idna").decode("ascii")
+            except UnicodeError as e:
+                raise DownloadError("invalid_url", f"invalid host name: {e}") from None
         path = parts.path or "/"
         if parts.query:
             path += "?" + parts.query
@@ -170,7 +175,10 @@ class Downloader:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise DownloadError("timeout", f"timed out after {self.timeout:g}s")
-            conn, reused = self._conn(scheme, host, port, remaining)
+            try:
+                conn, reused = self._conn(scheme, host, port, remaining)
+            except (ValueError, http.client.HTTPException) as e:  # InvalidURL: spaces or control characters in the host
+                raise DownloadError("invalid_url", f"invalid URL: {_short(e)}") from None
             try:
                 if conn.sock is not None:
                     conn.sock.settimeout(remaining)

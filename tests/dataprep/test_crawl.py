@@ -69,13 +69,14 @@ FAULTS = {
     "/noai/103.jpg": ("failed_to_download", "robots_noai"),
     "/gone": ("failed_to_download", "connection_error"),
     "/redirect/104.jpg": ("success", None),
+    "/img/10 7.jpg": ("failed_to_download", "http_error"),  # quoted to /img/10%207.jpg: no such route
 }
 
 
 def test_faults_each_row_one_status(tmp_path, fault_server):
     s = fault_server
-    urls = [s.url("/img/102.jpg")] + [s.url(p) for p in FAULTS] + ["ftp://127.0.0.1/x.jpg", "", s.url("/img/105.jpg"), s.url("/img/106.jpg")]
-    caps = ["dup source"] + [f"fault {p}" for p in FAULTS] + ["ftp", "empty url", "", b"caf\xe9 latin-1"]
+    urls = [s.url("/img/102.jpg")] + [s.url(p) for p in FAULTS] + ["ftp://127.0.0.1/x.jpg", "", s.url("/img/105.jpg"), s.url("/img/106.jpg"), "http://exa mple/x.jpg"]
+    caps = ["dup source"] + [f"fault {p}" for p in FAULTS] + ["ftp", "empty url", "", b"caf\xe9 latin-1", "bad host"]
     inp = tmp_path / "faults.csv"
     # A CSV written by hand so that one caption is really not UTF-8.
     with open(inp, "wb") as f:
@@ -100,6 +101,7 @@ def test_faults_each_row_one_status(tmp_path, fault_server):
     assert by_url[""][0]["reason"] == "invalid_url"
     assert by_url[s.url("/img/105.jpg")][0]["reason"] == "caption_empty"
     assert by_url[s.url("/img/106.jpg")][0]["reason"] == "caption_not_utf8"
+    assert by_url["http://exa mple/x.jpg"][0]["reason"] == "invalid_url"
     assert s.hits["/flaky/101.jpg"] >= 2  # failed once with 500, then succeeded on retry
     assert s.hits.get("/img/105.jpg", 0) == 0  # rejected captions are not downloaded
     # the stats files agree with the parquet files

@@ -73,3 +73,10 @@ def test_robots_header_parsing():
 
 def test_robots_can_be_ignored(fault_server):
     assert dl(respect_robots_header=False).fetch(fault_server.url("/noai/2.jpg")).body == fault_server.image(2)
+
+
+@pytest.mark.parametrize("url", ["http://exa mple.com/x.jpg", "http://127.0.0.1:99999/x.jpg", "http://[::1/x.jpg", "http:///x.jpg", "not a url"])
+def test_malformed_urls_are_one_failure_each(url):
+    with pytest.raises(DownloadError) as e:
+        dl().fetch(url)
+    assert e.value.reason in ("invalid_url", "scheme_not_allowed")
