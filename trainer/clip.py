@@ -205,18 +205,43 @@ class ClipScorer:
         self.device = torch.device(device)
         self.cfg = model.cfg
 
+    def as_batch(self, images: Any) -> torch.Tensor:
+        """A float (B, 3, H, W) batch in [0, 1] from a tensor (uint8 or float), or a list of PIL images / HxWx3 uint8 arrays
+        (center-cropped and resized to the model's side; the crawler's similarity filter passes PIL images)."""
+        if isinstance(images, torch.Tensor):
+            return images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
+        import numpy as np
+        from PIL import Image
+
+        s = self.cfg.image_size
+        out = []
+        for im in images:
+            if not isinstance(im, Image.Image):
+                im = Image.fromarray(np.asarray(im, dtype=np.uint8))
+            im = im.convert("RGB")
+            w, h = im.size
+            if (w, h) != (s, s):
+                side = min(w, h)
+                im = im.crop(((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side)).resize((s, s), Image.Resampling.BICUBIC)
+            out.append(torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1))
+        if not out:
+            return torch.zeros(0, 3, s, s)
+        return torch.stack(out).float() / 255.0
+
     def tokenize(self, captions: Sequence[str]) -> torch.Tensor:
         return pad_ids(self.tokenizer.encode_batch(list(captions)), self.cfg.text_len)
 
     @torch.no_grad()
-    def image_embeddings(self, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-        """(B, 3, H, W) in [0, 1] -> unit-norm (B, E) on the CPU."""
+    def image_embeddings(self, images: Any, batch_size: int = 256) -> torch.Tensor:
+        """(B, 3, H, W) in [0, 1] (or see `as_batch`) -> unit-norm (B, E) on the CPU."""
+        images = self.as_batch(images)
         out = [self.model.encode_image(images[i : i + batch_size].to(self.device).float()).cpu() for i in range(0, len(images), batch_size)]
         return torch.cat(out) if out else torch.zeros(0, self.cfg.embed_dim)
 
     @torch.no_grad()
-    def image_features(self, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-        """Pre-projection image features (B, C*16) on the CPU: the richer space used for FID."""
+    def image_features(self, images: Any, batch_size: int = 256) -> torch.Tensor:
+        """Pre-projection image features (B, C*16) on the CPU."""
+        images = self.as_batch(images)
         out = []
         for i in range(0, len(images), batch_size):
             x = self.model._check_images(images[i : i + batch_size].to(self.device).float())
@@ -229,19 +254,19 @@ class ClipScorer:
         return torch.cat(out) if out else torch.zeros(0, self.cfg.embed_dim)
 
     @torch.no_grad()
-    def score(self, images: torch.Tensor, captions: Sequence[str]) -> torch.Tensor:
-        """Cosine similarity of image i with caption i: (B,) in [-1, 1]."""
+    def score(self, images: Any, captions: Sequence[str]) -> torch.Tensor:
+        """Cosine similarity of image i with caption i: (B,) in [-1, 1]. Images: see `as_batch`."""
         if len(images) != len(captions):
             raise InputError(f"ClipScorer.score: {len(images)} images but {len(captions)} captions")
         return (self.image_embeddings(images) * self.text_embeddings(list(captions))).sum(-1)
 
     @torch.no_grad()
-    def similarity(self, images: torch.Tensor, captions: Sequence[str]) -> torch.Tensor:
+    def similarity(self, images: Any, captions: Sequence[str]) -> torch.Tensor:
         """Every image against every caption: (n_images, n_captions) cosine similarities."""
         return self.image_embeddings(images) @ self.text_embeddings(list(captions)).t()
 
     @torch.no_grad()
-    def rerank(self, images: torch.Tensor, caption: str, top: int = 1) -> torch.Tensor:
+    def rerank(self, images: Any, caption: str, top: int = 1) -> torch.Tensor:
         """Indices of the `top` images most similar to `caption`, best first."""
         s = self.score(images, [caption] * len(images))
         return s.argsort(descending=True)[:top]
@@ -267,19 +292,51 @@ def model_from_state(state: dict[str, Any], where: str | Path = "<state>") -> CL
         cfg = from_dict(ClipConfig, state["config"], prefix="clip")
         model = CLIP(cfg, int(state["vocab_size"]))
         model.load_state_dict(state["model"])
-    except (KeyError, RuntimeError) as e:
+    except (KeyError, RuntimeError, TypeError, AttributeError) as e:
         raise CheckpointError(f"CLIP checkpoint '{where}' does not match the model ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
     return model
 
 
 def load_clip(path: str | Path, device: str | torch.device = "cpu") -> ClipScorer:
-    """A ClipScorer from a `tessera train clip` run directory or one of its checkpoint files."""
+    """A ClipScorer from a `tessera train clip` run directory, one of its checkpoint files, or an
+    export directory holding a CLIP (config.json "clip" entry, `clip.*` tensors, clip_tokenizer.model)."""
     from trainer.rundir import load_checkpoint
 
     path = Path(path)
+    if path.is_dir() and (path / "config.json").is_file() and not (path / "checkpoints").is_dir():
+        return _load_from_export(path, device)
     state = load_checkpoint(path, "clip")
     model = model_from_state(state, path)
     return ClipScorer(model, _tokenizer_from_state(state, path), device)
 
 
-__all__ = ["CLIP", "ClipScorer", "ImageTower", "TextTower", "load_clip", "pad_ids", "checkpoint_state", "model_from_state", "PAD_ID"]
+def _load_from_export(path: Path, device: str | torch.device) -> ClipScorer:
+    from dataprep.tokenizer import load_tokenizer
+
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except json.JSONDecodeError:
+        raise CheckpointError(f"export '{path}': config.json is not valid JSON") from None
+    cm = config.get("clip") if isinstance(config, dict) else None
+    if not cm:
+        raise CheckpointError(f"export '{path}' holds no CLIP (config.json has no 'clip' entry; export with --clip)")
+    weights = path / "model.safetensors"
+    if not weights.is_file():
+        raise CheckpointError(f"export '{path}' is missing model.safetensors")
+    from safetensors import safe_open
+
+    sd = {}
+    with safe_open(str(weights), framework="pt") as f:
+        for k in f.keys():
+            if k.startswith("clip."):
+                sd[k[len("clip.") :]] = f.get_tensor(k).float()
+    model = model_from_state({"config": cm.get("config"), "vocab_size": cm.get("vocab_size"), "model": sd}, path)
+    return ClipScorer(model, load_tokenizer(path / cm.get("tokenizer", "clip_tokenizer.model")), device)
+
+
+def load_scorer(path: str | Path) -> ClipScorer:
+    """The crawler's similarity-filter hook (dataprep.filters): `score(images, captions)` with PIL images."""
+    return load_clip(path, "cuda" if torch.cuda.is_available() else "cpu")
+
+
+__all__ = ["CLIP", "ClipScorer", "ImageTower", "TextTower", "load_clip", "load_scorer", "pad_ids", "checkpoint_state", "model_from_state", "PAD_ID"]

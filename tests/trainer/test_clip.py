@@ -10,7 +10,9 @@ from dataprep import synthetic as S
 from dataprep.tokenizer import train_tokenizer
 from tessera.cli import main
 from tessera.errors import CheckpointError, InputError
-from trainer.clip import CLIP, load_clip, pad_ids
+from safetensors.torch import save_file
+
+from trainer.clip import CLIP, load_clip, load_scorer, pad_ids
 from trainer.clip_train import read_pairs, retrieval_accuracy, train_clip
 from trainer.config import ClipConfig
 from trainer.rundir import load_checkpoint, save_checkpoint
@@ -93,6 +95,24 @@ def test_training_reaches_retrieval_accuracy_far_above_chance(tmp_path, tok):
     assert r["i2t_top1"] > 0.3
     best = scorer.rerank(x[:10], caps[0], top=3)
     assert best[0].item() in [i for i in range(10) if caps[i] == caps[0]] or caps.count(caps[0]) == 1
+    # PIL images (the crawler's similarity filter) give the same scores as the tensor batch
+    from PIL import Image
+
+    pil = [Image.fromarray(im.permute(1, 2, 0).numpy()) for im in imgs[:8]]
+    crawler_scorer = load_scorer(tmp_path / "run")
+    assert torch.allclose(torch.as_tensor(crawler_scorer.score(pil, caps[:8])), good[:8], atol=1e-5)
+    # an export directory (config.json "clip" entry + clip.* tensors + clip_tokenizer.model) loads the same model
+    exp = tmp_path / "export"
+    exp.mkdir()
+    state = load_checkpoint(tmp_path / "run", "clip")
+    save_file({f"clip.{k}": v.half() for k, v in state["model"].items()}, str(exp / "model.safetensors"))
+    (exp / "clip_tokenizer.model").write_bytes(state["tokenizer_bytes"].numpy().tobytes())
+    (exp / "clip_tokenizer.model.json").write_text(json.dumps(state["tokenizer_meta"]))
+    (exp / "config.json").write_text(json.dumps({"clip": {"config": state["config"], "vocab_size": state["vocab_size"], "tokenizer": "clip_tokenizer.model"}}))
+    assert torch.allclose(load_clip(exp).score(x[:8], caps[:8]), good[:8], atol=2e-2)  # fp16 weights
+    (exp / "config.json").write_text(json.dumps({"clip": None}))
+    with pytest.raises(CheckpointError, match="holds no CLIP"):
+        load_clip(exp)
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     losses = [row["loss"] for row in metrics if "loss" in row]
     assert losses[-1] < losses[0] * 0.5
