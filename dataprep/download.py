@@ -187,7 +187,10 @@ class Downloader:
                 conn.request("GET", path, headers=self.headers)
                 return conn.getresponse()
             except (socket.timeout, TimeoutError):
+                connecting = conn.sock is None
                 self._drop(scheme, host, port)
+                if connecting:  # the host did not accept a connection in time: transient, retried
+                    raise _Transient("connection_error", f"connect timed out after {self.timeout:g}s") from None
                 raise DownloadError("timeout", f"timed out after {self.timeout:g}s") from None
             except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError, http.client.BadStatusLine) as e:
                 self._drop(scheme, host, port)
