@@ -45,7 +45,7 @@ class TokenManifest:
         q = Path(p)
         if not q.is_absolute() and not q.exists():
             q = self.folder / q
-        return str(q)
+        return str(q.absolute())
 
 
 def manifest_folder(spec: str) -> Path:

@@ -221,6 +221,7 @@ def train_transformer(cfg_root: Any, data: str | None, output: str | Path, dist:
             "plateau": plateau.state_dict() if plateau else None, "step": s, "horizon": horizon,
             "data": {str(r): st for r, st in enumerate(states)}, "model_cfg": dataclasses.asdict(mcfg),
             "rng": {"torch": torch.get_rng_state()}, "elapsed_s": elapsed_before + (time.time() - t_start),
+            "train_data": str(data), "dvae": manifest.resolve(manifest.dvae), "tokenizer": manifest.resolve(manifest.tokenizer),
         }
         return run.save_checkpoint(KIND, s, state)
 
@@ -267,7 +268,7 @@ def train_transformer(cfg_root: Any, data: str | None, output: str | Path, dist:
         if pbar is not None:
             pbar.update(1)
         if step % tcfg.log_every == 0 or step == tcfg.steps:
-            last = {k: float(v) for k, v in out.items()}
+            last = {k: float(v.detach()) for k, v in out.items()}
             dt = time.time() - t_log
             row = {**last, "lr": lr, "grad_norm": float(gnorm), "tokens_per_s": tok_since * dist.world_size / max(dt, 1e-9),
                    "elapsed_s": elapsed_before + time.time() - t_start}

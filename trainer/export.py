@@ -1,0 +1,195 @@
+"""`tessera export RUN_DIR --output DIR`: a self-contained inference directory (CONTRACTS.md item 7).
+
+    DIR/config.json             {"format", "version", "name", "dtype", "transformer": model config,
+                                 "dvae": dVAE model config, "tokenizer": {...}, "clip": {...} | null,
+                                 "sample": default sampling config, "source": {run, step}}
+    DIR/model.safetensors       transformer.* (EMA weights when the run kept an EMA), dvae_decoder.*,
+                                clip.* (with --clip); fp32 or fp16 (--dtype)
+    DIR/tokenizer.model(.json)  the caption tokenizer and its sidecar
+    DIR/clip_tokenizer.model(.json)  the CLIP's tokenizer (with --clip)
+
+The transformer comes from the run's latest checkpoint, or, when the run holds a DeepSpeed ZeRO
+checkpoint directory (a folder with a `latest` file), from DeepSpeed's zero_to_fp32 consolidation.
+The dVAE and tokenizer are those named by the token manifest the run trained on (recorded in the
+checkpoint), unless --dvae / --tokenizer say otherwise. Every file is written to a temporary name
+and renamed; config.json is written last, so a directory with a config.json is complete.
+`trainer.inference.load(DIR)` reads it with model definitions and safetensors only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tessera import __version__
+from tessera import config as C
+from tessera.errors import CheckpointError, InputError
+from trainer.rundir import atomic_write_bytes, load_checkpoint
+
+EXPORT_FORMAT = "tessera-export-1"
+
+
+def find_zero_checkpoint(run_dir: Path) -> Path | None:
+    """A DeepSpeed checkpoint folder (holding a `latest` file and global_step* folders) inside the run, if any."""
+    if not run_dir.is_dir():
+        return None
+    for cand in [run_dir, *sorted(p for p in run_dir.rglob("*") if p.is_dir())]:
+        if len(cand.relative_to(run_dir).parts) > 3:
+            continue
+        if (cand / "latest").is_file() and any(cand.glob("global_step*")):
+            return cand
+    return None
+
+
+def _transformer_from_zero(run_dir: Path, zero_dir: Path) -> tuple[dict[str, torch.Tensor], dict, dict]:
+    """Consolidate ZeRO shards into one fp32 state dict (deepspeed.utils.zero_to_fp32)."""
+    try:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    except ImportError:
+        raise InputError(f"run '{run_dir}' holds a DeepSpeed ZeRO checkpoint ({zero_dir}) but deepspeed is not installed") from None
+    try:
+        sd = get_fp32_state_dict_from_zero_checkpoint(str(zero_dir))
+    except Exception as e:
+        raise CheckpointError(f"ZeRO checkpoint '{zero_dir}' cannot be consolidated ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})") from None
+    sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
+    cfg_path = run_dir / "config.toml"
+    if not cfg_path.exists():
+        raise InputError(f"run '{run_dir}': config.toml is missing (needed for the model config of a ZeRO checkpoint)")
+    root = C.from_run_dict(C.load_toml(cfg_path))
+    meta_path = zero_dir / "tessera_meta.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    return sd, dataclasses.asdict(root.transformer.model), meta
+
+
+def _transformer_state(run_dir: Path, use_ema: bool) -> tuple[dict[str, torch.Tensor], dict, dict]:
+    """(weights, model config dict, checkpoint metadata) of a run dir or checkpoint file."""
+    zero = find_zero_checkpoint(run_dir) if run_dir.is_dir() else None
+    if zero is not None and not (run_dir / "checkpoints" / "latest.pt").exists():
+        return _transformer_from_zero(run_dir, zero)
+    ck = load_checkpoint(run_dir, "transformer")
+    if "model_cfg" not in ck or "model" not in ck:
+        raise CheckpointError(f"checkpoint '{run_dir}' lacks model_cfg or model weights")
+    weights = ck["ema"] if (use_ema and ck.get("ema")) else ck["model"]
+    meta = {k: ck.get(k) for k in ("step", "train_data", "dvae", "tokenizer")}
+    meta["weights"] = "ema" if weights is ck.get("ema") else "model"
+    return weights, ck["model_cfg"], meta
+
+
+def _tensor_bytes(tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> bytes:
+    from safetensors.torch import save
+
+    out = {}
+    for k, v in tensors.items():
+        v = v.detach().cpu()
+        if v.is_floating_point():
+            v = v.to(dtype)
+        out[k] = v.contiguous()
+    return save(out, metadata={"format": EXPORT_FORMAT})
+
+
+def export(run_dir: str | Path, output: str | Path, *, clip: str | Path | None = None, dtype: str = "fp32",
+           dvae: str | Path | None = None, tokenizer: str | Path | None = None, use_ema: bool = True) -> dict[str, Any]:
+    """Write the inference directory; returns a summary (paths, tensor counts, bytes)."""
+    from dataprep.tokenizer import load_tokenizer, sidecar_path
+    from trainer.dvae import load_dvae
+    from trainer.transformer import DALLE
+    from trainer.transformer_train import model_config_from_dict
+
+    run_dir, out = Path(run_dir), Path(output)
+    if not run_dir.exists():
+        raise InputError(f"run '{run_dir}' does not exist")
+    if dtype not in ("fp32", "fp16"):
+        raise InputError(f"--dtype: expected fp32 or fp16, got {dtype!r}")
+    weights, model_cfg, meta = _transformer_state(run_dir, use_ema)
+    mcfg = model_config_from_dict(model_cfg)
+    # check the weights against the architecture before writing anything
+    model = DALLE(mcfg)
+    missing, unexpected = model.load_state_dict({k: v.float() for k, v in weights.items()}, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"run '{run_dir}': transformer weights do not match its config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+
+    dvae_path = dvae or meta.get("dvae")
+    if not dvae_path:
+        raise InputError(f"run '{run_dir}': its token manifest names no dVAE; pass --dvae PATH")
+    dvae_model, dvae_cfg = load_dvae(dvae_path)
+    if dvae_cfg.vocab_size != mcfg.image_vocab or dvae_cfg.grid_size != mcfg.image_grid:
+        raise InputError(f"dVAE '{dvae_path}': vocabulary {dvae_cfg.vocab_size} / grid {dvae_cfg.grid_size} do not match the transformer's {mcfg.image_vocab} / {mcfg.image_grid}")
+    tok_path = tokenizer or meta.get("tokenizer")
+    if not tok_path:
+        raise InputError(f"run '{run_dir}': its token manifest names no tokenizer; pass --tokenizer PATH")
+    tok = load_tokenizer(tok_path)  # validates model file and sidecar
+    if tok.vocab_size > mcfg.text_vocab:
+        raise InputError(f"tokenizer '{tok_path}' has {tok.vocab_size} tokens, more than the transformer's text_vocab {mcfg.text_vocab}")
+
+    tensors = {f"transformer.{k}": v for k, v in model.state_dict().items()}
+    tensors.update({f"dvae_decoder.{k}": v for k, v in dvae_model.decoder.state_dict().items()})
+    clip_meta = None
+    if clip is not None:
+        state = load_checkpoint(clip, "clip")
+        try:
+            tensors.update({f"clip.{k}": v for k, v in state["model"].items()})
+            clip_meta = {"config": state["config"], "vocab_size": int(state["vocab_size"]), "tokenizer": "clip_tokenizer.model"}
+            clip_tok_bytes = state["tokenizer_bytes"].numpy().tobytes()
+            clip_tok_meta = state["tokenizer_meta"]
+        except KeyError as e:
+            raise CheckpointError(f"CLIP checkpoint '{clip}' lacks {e.args[0]!r}") from None
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").unlink(missing_ok=True)  # the directory is incomplete until config.json is back
+    atomic_write_bytes(out / "model.safetensors", _tensor_bytes(tensors, torch.float16 if dtype == "fp16" else torch.float32))
+    atomic_write_bytes(out / "tokenizer.model", Path(tok_path).read_bytes())
+    atomic_write_bytes(out / "tokenizer.model.json", sidecar_path(tok_path).read_bytes())
+    if clip_meta is not None:
+        atomic_write_bytes(out / "clip_tokenizer.model", clip_tok_bytes)
+        atomic_write_bytes(out / "clip_tokenizer.model.json", json.dumps(clip_tok_meta).encode())
+    else:
+        for name in ("clip_tokenizer.model", "clip_tokenizer.model.json"):
+            (out / name).unlink(missing_ok=True)
+    root_sample = {}
+    cfg_path = run_dir / "config.toml" if run_dir.is_dir() else run_dir.parent.parent / "config.toml"
+    name = run_dir.name
+    if cfg_path.exists():
+        try:
+            root = C.from_run_dict(C.load_toml(cfg_path))
+            root_sample, name = dataclasses.asdict(root.sample), root.name
+        except Exception:  # an older or foreign config.toml: the defaults still apply
+            root_sample = {}
+    config = {
+        "format": EXPORT_FORMAT,
+        "version": __version__,
+        "name": name,
+        "dtype": dtype,
+        "transformer": dataclasses.asdict(mcfg),
+        "dvae": dataclasses.asdict(dvae_cfg),
+        "tokenizer": {"file": "tokenizer.model", "vocab_size": tok.vocab_size, "kind": tok.kind, "lowercase": tok.lowercase},
+        "clip": clip_meta,
+        "sample": root_sample,
+        "source": {"run": str(run_dir.absolute()), "step": meta.get("step"), "weights": meta.get("weights", "model")},
+    }
+    atomic_write_bytes(out / "config.json", json.dumps(config, indent=1).encode())
+    size = (out / "model.safetensors").stat().st_size
+    return {"output": str(out), "tensors": len(tensors), "bytes": size, "clip": clip_meta is not None, "dtype": dtype, "step": meta.get("step")}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", help="a transformer run directory (or one of its checkpoint files)")
+    parser.add_argument("--output", required=True, help="the inference directory to write")
+    parser.add_argument("--clip", default=None, help="a CLIP run directory or checkpoint to include (enables reranking)")
+    parser.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32", help="storage precision of the weights (default fp32)")
+    parser.add_argument("--dvae", default=None, help="dVAE run/checkpoint/export (default: the one named by the run's token manifest)")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer model file (default: the one named by the run's token manifest)")
+    parser.add_argument("--no-ema", action="store_true", help="export the raw weights even when the run kept an EMA")
+
+
+def run(args: argparse.Namespace) -> int:
+    summary = export(args.run_dir, args.output, clip=args.clip, dtype=args.dtype, dvae=args.dvae, tokenizer=args.tokenizer, use_ema=not args.no_ema)
+    print(json.dumps(summary))
+    return 0
+
+
+__all__ = ["export", "find_zero_checkpoint", "EXPORT_FORMAT"]

@@ -1,0 +1,170 @@
+"""Loading an export directory and generating images: model definitions + safetensors only.
+
+No training code, no DeepSpeed, no pickle: this module imports the model definitions
+(`trainer.transformer`, `trainer.dvae`, `trainer.clip`), the tokenizer loader and the sampler.
+
+    pipe = load("exports/demo")
+    images = pipe.generate(["a small red circle at the top left on a gray background"], n=4, sample_cfg=SampleConfig())
+    # float[4, 3, H, W] in [0, 1]
+
+With a CLIP in the export and `sample_cfg.candidates > 1`, each prompt gets n * candidates
+samples and the n with the highest CLIP score are kept, best first (paper section 2.5).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from tessera.errors import CheckpointError, InputError
+from trainer.config import SampleConfig, TransformerModelConfig
+from trainer.sample import sample_codes
+from trainer.transformer import DALLE, pad_text
+
+REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.model", "tokenizer.model.json")
+
+
+def _from_dict(cls: type, d: dict, prefix: str) -> Any:
+    from tessera.config import from_dict
+
+    return from_dict(cls, d, prefix=prefix)
+
+
+def _sub(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v.float() for k, v in tensors.items() if k.startswith(prefix)}
+
+
+@dataclass
+class Pipeline:
+    """Transformer + dVAE decoder + tokenizer (+ CLIP scorer): prompts in, images out."""
+
+    transformer: DALLE
+    dvae: Any
+    tokenizer: Any
+    clip: Any | None
+    config: dict
+    device: torch.device
+
+    @property
+    def default_sample_config(self) -> SampleConfig:
+        d = {k: v for k, v in (self.config.get("sample") or {}).items() if k in SampleConfig.__dataclass_fields__}
+        return _from_dict(SampleConfig, d, "sample")
+
+    def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
+        """long[len(prompts), text_len]: BPE ids (no dropout), truncated, padded with the per-position tokens."""
+        cfg = self.transformer.cfg
+        rows = []
+        for p in prompts:
+            ids = [i for i in self.tokenizer.encode(p) if 0 <= i < cfg.text_vocab]
+            rows.append(pad_text(ids, cfg.text_len, cfg.text_vocab))
+        return torch.tensor(rows, dtype=torch.long, device=self.device)
+
+    @torch.no_grad()
+    def generate_codes(self, prompts: Sequence[str], n: int, sample_cfg: SampleConfig | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+        """long[len(prompts) * n, grid, grid]; prompt i's samples are rows i*n .. i*n + n - 1."""
+        scfg = sample_cfg or self.default_sample_config
+        text = self.encode_prompts(prompts).repeat_interleave(n, dim=0)
+        out = [sample_codes(self.transformer, text[i : i + scfg.batch_size], scfg, generator) for i in range(0, len(text), max(1, scfg.batch_size))]
+        g = self.transformer.cfg.image_grid
+        return torch.cat(out).view(-1, g, g)
+
+    @torch.no_grad()
+    def decode(self, codes: torch.Tensor, batch: int = 64) -> torch.Tensor:
+        return torch.cat([self.dvae.decode_codes(codes[i : i + batch]).float().cpu() for i in range(0, len(codes), batch)])
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[str], n: int = 1, sample_cfg: SampleConfig | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+        """float[len(prompts) * n, 3, H, W] in [0, 1]; reranked by CLIP when the export has one."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if not prompts or n < 1:
+            raise InputError(f"generate: expected at least one prompt and n >= 1, got {len(prompts)} prompts, n={n}")
+        scfg = sample_cfg or self.default_sample_config
+        cands = max(1, scfg.candidates) if self.clip is not None else 1
+        images = self.decode(self.generate_codes(prompts, n * cands, scfg, generator))
+        if cands == 1:
+            return images
+        kept = []
+        for i, p in enumerate(prompts):
+            group = images[i * n * cands : (i + 1) * n * cands]
+            scores = self.clip.score(group, [p] * len(group))
+            kept.append(group[scores.argsort(descending=True)[:n]])
+        return torch.cat(kept)
+
+
+def _check_dir(path: Path) -> dict:
+    if not path.is_dir():
+        raise InputError(f"export '{path}' is not a directory (expected the output of 'tessera export')")
+    for name in REQUIRED_FILES:
+        if not (path / name).is_file():
+            raise InputError(f"export '{path}' is missing {name}")
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"export '{path}': config.json is unreadable ({type(e).__name__})") from None
+    for key in ("transformer", "dvae", "tokenizer"):
+        if not isinstance(config.get(key), dict):
+            raise CheckpointError(f"export '{path}': config.json has no '{key}' section")
+    return config
+
+
+def load(path: str | Path, device: str | torch.device = "cpu") -> Pipeline:
+    """The inference pipeline of an export directory (see module docstring)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from dataprep.tokenizer import load_tokenizer
+    from trainer.config import DVAEModelConfig
+    from trainer.dvae import DVAE
+
+    path = Path(path)
+    config = _check_dir(path)
+    device = torch.device(device)
+    try:
+        tensors = load_file(str(path / "model.safetensors"))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"export '{path}': model.safetensors is truncated or corrupt ({type(e).__name__})") from None
+
+    mcfg = _from_dict(TransformerModelConfig, config["transformer"], "transformer.model")
+    transformer = DALLE(mcfg)
+    try:
+        transformer.load_state_dict(_sub(tensors, "transformer."))
+    except RuntimeError as e:
+        raise CheckpointError(f"export '{path}': transformer tensors do not match config.json ({str(e).splitlines()[0][:120]})") from None
+
+    known = set(DVAEModelConfig.__dataclass_fields__)
+    dcfg = _from_dict(DVAEModelConfig, {k: v for k, v in config["dvae"].items() if k in known}, "dvae.model")
+    dvae = DVAE(dcfg)
+    try:
+        dvae.decoder.load_state_dict(_sub(tensors, "dvae_decoder."))
+    except RuntimeError as e:
+        raise CheckpointError(f"export '{path}': dVAE decoder tensors do not match config.json ({str(e).splitlines()[0][:120]})") from None
+    dvae.encoder = None  # not exported: only decoding is needed here
+
+    tokenizer = load_tokenizer(path / config["tokenizer"].get("file", "tokenizer.model"))
+
+    clip = None
+    if config.get("clip"):
+        from trainer.clip import CLIP, ClipScorer
+        from trainer.config import ClipConfig
+
+        cm = config["clip"]
+        tok_file = path / cm.get("tokenizer", "clip_tokenizer.model")
+        if not tok_file.is_file():
+            raise InputError(f"export '{path}' is missing {tok_file.name}")
+        ccfg = _from_dict(ClipConfig, cm["config"], "clip")
+        clip_model = CLIP(ccfg, int(cm["vocab_size"]))
+        try:
+            clip_model.load_state_dict(_sub(tensors, "clip."))
+        except RuntimeError as e:
+            raise CheckpointError(f"export '{path}': CLIP tensors do not match config.json ({str(e).splitlines()[0][:120]})") from None
+        clip = ClipScorer(clip_model, load_tokenizer(tok_file), device)
+
+    return Pipeline(transformer.to(device).eval(), dvae.to(device).eval(), tokenizer, clip, config, device)
+
+
+__all__ = ["Pipeline", "load", "REQUIRED_FILES"]
