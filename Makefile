@@ -5,14 +5,14 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 DEMO_OUT ?= runs/demo
-APT_PACKAGES := openmpi-bin libopenmpi-dev nginx
+APT_PACKAGES := openmpi-bin libopenmpi-dev nginx slurmctld slurmd slurm-client munge
 PYTEST_ARGS ?=
 
 .PHONY: setup demo demo-quick test bench clean
 
 setup: $(VENV)/.tessera-installed
 
-# Debian packages: MPI for mpi4py, nginx for the crawl benchmark (SLURM is installed by the cluster tests' own fixture).
+# Debian packages: MPI for mpi4py, nginx for the crawl benchmark, SLURM + munge for the cluster tests (their fixture starts the daemons).
 $(VENV)/.apt-done:
 	@if ! dpkg -s $(APT_PACKAGES) >/dev/null 2>&1; then \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES); \

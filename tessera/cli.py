@@ -28,12 +28,15 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("sample",): ("trainer.sample", "sample images from an exported model"),
     ("eval",): ("trainer.evaluate", "FID, IS, CLIP score, PSNR/SSIM of generated or reconstructed images"),
     ("demo",): ("tessera.demo", "run the whole pipeline end to end on the embedded dataset"),
+    ("cluster", "submit-train"): ("cluster.cli", "render and submit a requeueable SLURM training job"),
+    ("cluster", "submit-array"): ("cluster.cli", "render and submit a SLURM array job of prep crawl/encode parts"),
     ("config",): ("tessera.config_cli", "print a resolved config, or every key with its type and documentation"),
 }
 
 GROUP_HELP = {
     "prep": "data preparation: crawl, tokenizer, encode, synthetic",
     "train": "training: dvae, transformer, clip",
+    "cluster": "SLURM jobs: submit-train, submit-array",
 }
 
 

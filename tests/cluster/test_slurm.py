@@ -1,0 +1,185 @@
+"""cluster.slurm: rendered scripts (no cluster), then real jobs on a one-node SLURM cluster (conftest)."""
+
+import json
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from cluster import slurm
+from cluster.config import SlurmConfig
+
+REPO = Path(__file__).resolve().parents[2]
+PY = sys.executable
+
+
+def sbatch_lines(script: str) -> list[str]:
+    return [line[len("#SBATCH "):] for line in script.splitlines() if line.startswith("#SBATCH ")]
+
+
+# ---------------------------------------------------------------- rendering (no cluster needed)
+
+
+def test_render_train_srun():
+    cfg = SlurmConfig(job_name="t", nodes=4, gpus_per_node=8, cpus_per_task=10, time="12:00:00", partition="gpu", mem="500G", signal_before_s=300)
+    s = slurm.render_train_script(cfg, ["tessera", "train", "transformer", "--output", "runs/a b"])
+    lines = sbatch_lines(s)
+    for want in ("--nodes=4", "--ntasks-per-node=8", "--gpus-per-node=8", "--cpus-per-task=10", "--time=12:00:00",
+                 "--partition=gpu", "--mem=500G", "--requeue", "--open-mode=append", "--signal=USR1@300", "--job-name=t"):
+        assert want in lines, (want, lines)
+    assert s.startswith("#!/bin/bash\n")
+    assert f"srun --kill-on-bad-exit=1 {PY} -m tessera.cli train transformer --output 'runs/a b'" in s
+    assert "MASTER_ADDR" in s and "torchrun" not in s
+
+
+def test_render_train_torchrun_and_no_requeue():
+    cfg = SlurmConfig(nodes=2, gpus_per_node=4, launcher="torchrun", requeue=False, signal_before_s=60)
+    s = slurm.render_train_script(cfg, ["--", "tessera", "train", "dvae"])
+    lines = sbatch_lines(s)
+    assert "--ntasks-per-node=1" in lines and "--signal=B:USR1@60" in lines
+    assert "--requeue" not in lines
+    assert "--nproc-per-node=4" in s and "--no-python" in s and "TESSERA_STOP_FILE" in s
+
+
+def test_render_array():
+    s = slurm.render_array_script(SlurmConfig(cpus_per_task=4), 8, ["tessera", "prep", "encode", "--input", "img"], max_parallel=3)
+    lines = sbatch_lines(s)
+    assert "--array=0-7%3" in lines and "--cpus-per-task=4" in lines
+    assert any(line.startswith("--output=") and "%a" in line for line in lines)
+    assert f'exec {PY} -m tessera.cli prep encode --input img --part "${{SLURM_ARRAY_TASK_ID}}/8"' in s
+    with pytest.raises(slurm.SlurmError, match="--part"):
+        slurm.render_array_script(SlurmConfig(), 2, ["tessera", "prep", "crawl", "--part", "0/2"])
+    with pytest.raises(slurm.SlurmError, match="parts"):
+        slurm.render_array_script(SlurmConfig(), 0, ["x"])
+
+
+def test_cli_dry_run_and_errors():
+    r = subprocess.run([PY, "-m", "tessera.cli", "cluster", "submit-train", "--config", "demo", "--tasks-per-node", "2", "--time", "5",
+                        "--dry-run", "--", "tessera", "train", "dvae"], capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 0, r.stderr
+    assert "#SBATCH --ntasks-per-node=2" in r.stdout and "#SBATCH --time=5" in r.stdout
+    assert "train dvae --config demo" in r.stdout
+    r = subprocess.run([PY, "-m", "tessera.cli", "cluster", "submit-array", "--parts", "2", "--dry-run"], capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 2 and "tessera: error:" in r.stderr and "--" in r.stderr
+    r = subprocess.run([PY, "-m", "tessera.cli", "cluster", "submit-train", "--time", "soon", "--dry-run", "--", "x"], capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 2 and "time" in r.stderr
+
+
+# ---------------------------------------------------------------- a real cluster
+
+
+def wait_for(path: Path, timeout: float, cluster, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: {path} never appeared\n" + cluster.run("squeue", check=False).stdout + cluster.logs())
+        time.sleep(0.3)
+
+
+def test_array_job_parts(slurm_cluster, tmp_path):
+    worker = tmp_path / "part.py"
+    worker.write_text(textwrap.dedent("""
+        import json, os, sys
+        out, part = sys.argv[1], sys.argv[sys.argv.index("--part") + 1]
+        i, n = map(int, part.split("/"))
+        json.dump({"part": [i, n], "task": os.environ["SLURM_ARRAY_TASK_ID"], "job": os.environ["SLURM_ARRAY_JOB_ID"]},
+                  open(os.path.join(out, f"part{i}.json"), "w"))
+    """))
+    cfg = SlurmConfig(job_name="arr", time="00:05:00", output=str(tmp_path / "arr-%A_%a.out"))
+    job = slurm.submit(slurm.render_array_script(cfg, 2, [PY, str(worker), str(tmp_path)]), workdir=tmp_path)
+    assert job.isdigit()
+    for i in range(2):
+        assert slurm.wait(f"{job}_{i}", timeout_s=60, poll_s=0.5) == "COMPLETED", slurm_cluster.logs()
+    got = [json.loads((tmp_path / f"part{i}.json").read_text()) for i in range(2)]
+    assert got == [{"part": [0, 2], "task": "0", "job": job}, {"part": [1, 2], "task": "1", "job": job}]
+    assert slurm.array_states(job) == {0: "COMPLETED", 1: "COMPLETED"}
+
+
+def test_training_job_sees_two_ranks(slurm_cluster, tmp_path):
+    worker = tmp_path / "rank.py"
+    worker.write_text(textwrap.dedent(f"""
+        import json, os, sys
+        sys.path.insert(0, {str(REPO)!r})
+        import torch
+        from cluster.dist import discover, init, shutdown
+        s = discover()
+        d = dict(rank=s.rank, world=s.world_size, local=s.local_rank, source=s.source, procid=os.environ["SLURM_PROCID"])
+        s = init(s, backend="gloo", timeout_s=60)
+        t = torch.tensor([float(s.rank + 1)])
+        s.all_reduce_mean(t)
+        d["mean"] = t.item()
+        shutdown(s)
+        json.dump(d, open(os.path.join(sys.argv[1], f"rank{{d['rank']}}.json"), "w"))
+    """))
+    cfg = SlurmConfig(job_name="ranks", tasks_per_node=2, time="00:05:00", signal_before_s=0, output=str(tmp_path / "ranks-%j.out"))
+    script = slurm.render_train_script(cfg, [PY, str(worker), str(tmp_path)])
+    job = slurm.submit(script, workdir=tmp_path)
+    state = slurm.wait(job, timeout_s=90, poll_s=0.5)
+    log = "".join(p.read_text() for p in tmp_path.glob("ranks-*.out"))
+    assert state == "COMPLETED", log + slurm_cluster.logs()
+    got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert got == [dict(rank=r, world=2, local=r, source="slurm", procid=str(r), mean=1.5) for r in range(2)]
+    assert f"tessera: job {job} restart 0" in log
+
+
+def test_preemption_checkpoint_requeue_resume(slurm_cluster, tmp_path):
+    """USR1 -> checkpoint the counter -> requeue itself -> the second run resumes and finishes."""
+    worker = tmp_path / "loop.py"
+    worker.write_text(textwrap.dedent(f"""
+        import json, os, sys, time
+        sys.path.insert(0, {str(REPO)!r})
+        from cluster.slurm import PreemptionHandler
+        out = sys.argv[1]
+        ck = os.path.join(out, "counter.json")
+        h = PreemptionHandler().install()
+        state = json.load(open(ck)) if os.path.exists(ck) else {{"count": 0, "runs": []}}
+        state["runs"].append({{"restart": h.restart_count(), "start": state["count"]}})
+        def save(name, obj):
+            tmp = os.path.join(out, name + ".tmp")
+            json.dump(obj, open(tmp, "w"))
+            os.replace(tmp, os.path.join(out, name))
+        while state["count"] < 30:
+            time.sleep(0.1)
+            state["count"] += 1
+            save("progress.json", {{"count": state["count"], "restart": h.restart_count()}})
+            if h.should_stop:
+                state["runs"][-1]["stopped_at"] = state["count"]
+                save("counter.json", state)
+                h.requeue()
+                time.sleep(30)  # SLURM ends this run
+                sys.exit(1)
+        save("final.json", state)
+    """))
+    cfg = SlurmConfig(job_name="preempt", tasks_per_node=1, time="00:05:00", output=str(tmp_path / "preempt-%j.out"))
+    job = slurm.submit(slurm.render_train_script(cfg, [PY, str(worker), str(tmp_path)]), workdir=tmp_path)
+    progress = tmp_path / "progress.json"
+    wait_for(progress, 60, slurm_cluster, "first run")
+    deadline = time.monotonic() + 30
+    while json.loads(progress.read_text())["count"] < 5 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    r = slurm_cluster.run("scancel", "--signal=USR1", job, check=False)
+    assert r.returncode == 0, r.stderr
+    # slurmctld holds a requeued batch job back (Reason=BeginTime, a delay that lets the old
+    # run's clean-up finish, about two minutes); the test moves its start to now instead of waiting.
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        r = slurm_cluster.run("squeue", "-h", "-j", job, "-o", "%T %r", check=False)
+        if r.stdout.split()[:1] == ["PENDING"]:
+            break
+        time.sleep(0.3)
+    assert r.stdout.split() == ["PENDING", "BeginTime"], r.stdout
+    assert json.loads((tmp_path / "counter.json").read_text())["runs"][0]["stopped_at"] >= 5
+    slurm_cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now")
+    wait_for(tmp_path / "final.json", 60, slurm_cluster, "requeued run")
+    final = json.loads((tmp_path / "final.json").read_text())
+    assert final["count"] == 30
+    runs = final["runs"]
+    assert len(runs) == 2, runs
+    assert runs[0]["restart"] == 0 and runs[0]["start"] == 0 and 5 <= runs[0]["stopped_at"] < 30
+    assert runs[1] == {"restart": 1, "start": runs[0]["stopped_at"]}
+    assert slurm.wait(job, timeout_s=30, poll_s=0.5) == "COMPLETED"
+    log = "".join(p.read_text() for p in tmp_path.glob("preempt-*.out"))
+    assert f"tessera: job {job} restart 0" in log and f"tessera: job {job} restart 1" in log  # --open-mode=append
