@@ -83,6 +83,8 @@ def init(state: DistState | None = None, backend: str | None = None, timeout_s: 
         state.initialized = torch.distributed.is_initialized()
         return state
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    if state.source == "mpi" and "MASTER_ADDR" not in os.environ:
+        _mpi_rendezvous()
     os.environ.setdefault("MASTER_ADDR", os.environ.get("SLURM_LAUNCH_NODE_IPADDR", "127.0.0.1"))
     os.environ.setdefault("MASTER_PORT", "29500")
     torch.distributed.init_process_group(
@@ -91,6 +93,23 @@ def init(state: DistState | None = None, backend: str | None = None, timeout_s: 
     state.backend = backend
     state.initialized = True
     return state
+
+
+def _mpi_rendezvous() -> None:
+    """Under mpirun without MASTER_ADDR: rank 0's address and a free port, broadcast with mpi4py."""
+    try:
+        from mpi4py import MPI
+    except ImportError:
+        return
+    comm = MPI.COMM_WORLD
+    addr = None
+    if comm.Get_rank() == 0:
+        try:
+            addr = (socket.gethostbyname(socket.gethostname()), free_port())
+        except OSError:
+            addr = ("127.0.0.1", free_port())
+    addr = comm.bcast(addr, root=0)
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = addr[0], str(addr[1])
 
 
 def shutdown(state: DistState) -> None:
