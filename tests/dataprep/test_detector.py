@@ -51,6 +51,15 @@ def test_other_sizes_and_input_layouts():
     assert detect(batch[0]) == detect(imgs[0]) == detect(np.asarray(imgs[0]))
 
 
+def test_grainy_and_blurred_images_keep_high_agreement():
+    imgs, attrs = _sample(150, seed=15)
+    rng = np.random.default_rng(0)
+    noisy = [np.clip(np.asarray(im).astype(float) + rng.normal(0, 10, (64, 64, 3)), 0, 255).astype(np.uint8) for im in imgs]
+    assert score(noisy, attrs)["all_acc"] >= 0.95
+    blurred = [im.filter(ImageFilter.GaussianBlur(1.5)) for im in imgs]
+    assert score(blurred, attrs)["all_acc"] >= 0.95
+
+
 def test_a_known_image():
     img = crawl_like(S.render(S.Attrs("triangle", "orange", "small", "bottom left", "black"), 128, np.random.default_rng(0)))
     assert detect(img) == {"color": "orange", "shape": "triangle", "size": "small", "position": "bottom left", "background": "black"}
