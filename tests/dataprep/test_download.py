@@ -80,3 +80,53 @@ def test_malformed_urls_are_one_failure_each(url):
     with pytest.raises(DownloadError) as e:
         dl().fetch(url)
     assert e.value.reason in ("invalid_url", "scheme_not_allowed")
+
+
+@pytest.fixture(scope="module")
+def https_server(tmp_path_factory):
+    """The image server behind TLS with a self-signed certificate for 127.0.0.1."""
+    import shutil
+    import ssl
+    import subprocess
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    d = tmp_path_factory.mktemp("tls")
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(d / "key.pem"), "-out", str(d / "cert.pem")],
+        check=True, capture_output=True,
+    )
+    body = b"\xff\xd8tls-body"
+
+    class H(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *a):
+            pass
+
+        def do_GET(self):  # noqa: N802
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), H)
+    srv.handle_error = lambda *a: None
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(d / "cert.pem", d / "key.pem")
+    srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield f"https://127.0.0.1:{srv.server_address[1]}", d / "cert.pem", body
+    srv.shutdown()
+
+
+def test_https_verifies_certificates(https_server, monkeypatch):
+    url, cert, body = https_server
+    with pytest.raises(DownloadError) as e:
+        dl().fetch(url + "/x.jpg")  # self-signed: refused, not retried
+    assert e.value.reason == "connection_error" and "TLS" in e.value.message
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # trusted through the standard variable
+    assert dl().fetch(url + "/x.jpg").body == body
