@@ -273,8 +273,6 @@ def test_cli_config_overrides_and_flags(tmp_path, fault_server):
     ],
 )
 def test_cli_bad_input_one_line_exit_2(tmp_path, case, message):
-    from tessera.cli import main
-
     inp = tmp_path / "list.csv"
     if case == "nocol":
         inp.write_text("link,caption\nhttp://x/a.jpg,a\n")
@@ -287,4 +285,3 @@ def test_cli_bad_input_one_line_exit_2(tmp_path, case, message):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("tessera: error:") and message in lines[0], r.stderr
     assert not out.exists()  # nothing half-written
-    assert main is not None
