@@ -98,6 +98,49 @@ def test_array_job_parts(slurm_cluster, tmp_path):
     assert slurm.array_states(job) == {0: "COMPLETED", 1: "COMPLETED"}
 
 
+def test_array_job_runs_real_crawl_parts(slurm_cluster, tmp_path):
+    """`tessera cluster submit-array --parts 2 -- tessera prep crawl ...` over images served on 127.0.0.1."""
+    import csv
+    import tarfile
+
+    from dataprep import synthetic
+
+    (tmp_path / "img").mkdir()
+    rows = []
+    for i, attrs in enumerate(synthetic.all_combinations()[:8]):
+        synthetic.render(attrs, size=48).save(tmp_path / "img" / f"{i}.jpg")
+        rows.append((f"img/{i}.jpg", synthetic.caption(attrs)))
+    server, base = synthetic.serve(tmp_path)
+    try:
+        with open(tmp_path / "urls.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["url", "caption"])
+            w.writerows((base.rstrip("/") + "/" + p, c) for p, c in rows)
+        r = subprocess.run(
+            [PY, "-m", "tessera.cli", "cluster", "submit-array", "--parts", "2", "--time", "00:05:00", "--job-name", "crawl",
+             "--output-log", str(tmp_path / "crawl-%A_%a.out"), "--",
+             "tessera", "prep", "crawl", "--input", "urls.csv", "--output", "shards", "--shard-size", "2", "--processes", "1",
+             "--threads", "2", "--image-size", "32", "--min-image-size", "16", "--no-progress"],
+            cwd=tmp_path, capture_output=True, text=True, timeout=60,
+        )
+        assert r.returncode == 0, r.stderr
+        job = r.stdout.strip()
+        assert job.isdigit(), r.stdout
+        states = [slurm.wait(f"{job}_{i}", timeout_s=90, poll_s=0.5) for i in range(2)]
+    finally:
+        server.stop()
+    logs = {i: (tmp_path / f"crawl-{job}_{i}.out").read_text() for i in range(2)}
+    assert states == ["COMPLETED", "COMPLETED"], logs
+    assert "part 0/2" in logs[0] and "part 1/2" in logs[1]
+    tars = sorted((tmp_path / "shards").glob("*.tar"))
+    assert [t.name for t in tars] == [f"{i:05d}.tar" for i in range(4)]
+    stats = [json.loads((tmp_path / "shards" / f"{i:05d}_stats.json").read_text()) for i in range(4)]
+    assert sum(s["successes"] for s in stats) == 8
+    for t in tars:
+        with tarfile.open(t) as tf:
+            assert len([n for n in tf.getnames() if n.endswith(".jpg")]) == 2
+
+
 def test_training_job_sees_two_ranks(slurm_cluster, tmp_path):
     worker = tmp_path / "rank.py"
     worker.write_text(textwrap.dedent(f"""
