@@ -49,6 +49,26 @@ def empty_text(batch: int, text_len: int, text_vocab: int, device: torch.device 
 # Blocks
 
 
+def _block_sparse_kernel():
+    """The Triton block-sparse kernel on GPU hosts that have it, else None (CPU: dense SDPA with the mask)."""
+    try:
+        from kernels.block_sparse_attention import HAS_TRITON, block_sparse_attention
+    except ImportError:
+        return None
+    return block_sparse_attention if HAS_TRITON else None
+
+
+def full_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, kind: str, dropout_p: float) -> torch.Tensor:
+    """Whole-sequence attention under a layer mask: the fast path for the device, same result."""
+    if kind == "causal":
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+    if q.is_cuda and dropout_p == 0.0:
+        kernel = _block_sparse_kernel()
+        if kernel is not None:
+            return kernel(q, k, v, mask)
+    return attention(q, k, v, mask, dropout_p=dropout_p)
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head attention under one layer's layout (a mask kind, maybe on transposed image states)."""
 
@@ -86,7 +106,9 @@ class CausalSelfAttention(nn.Module):
         if self.layout.transposed and s == self.layout.seq_len:
             # paper App. B.1: transpose the image states so the column mask becomes contiguous runs
             q, k, v = q[:, :, self.perm], k[:, :, self.perm], v[:, :, self.perm]
-            y = attention(q, k, v, self.mask, dropout_p=p)[:, :, self.inv_perm]
+            y = full_attention(q, k, v, self.mask, "column", p)[:, :, self.inv_perm]
+        elif s == self.layout.seq_len:
+            y = full_attention(q, k, v, self.mask, self.layout.kind, p)
         else:
             y = attention(q, k, v, self.raster_mask[:s, :s], dropout_p=p)
         return self._merge(y)
