@@ -146,6 +146,10 @@ def train_clip(
     from trainer.schedules import warmup_cosine
 
     cfg.validate()
+    if cfg.checkpoint:
+        from tessera.errors import ConfigError
+
+        raise ConfigError(f"config key 'clip.checkpoint' is set ({cfg.checkpoint}): loading open_clip checkpoints is not implemented; unset it to train the small CLIP")
     dev = _device(device)
     tok = load_tokenizer(tokenizer)
     images, captions = pairs if pairs is not None else read_pairs(data, cfg.image_size, cfg.max_train_samples)

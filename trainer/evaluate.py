@@ -186,13 +186,16 @@ class InceptionFeatures:
         if not p.is_file():
             raise InputError(f"Inception weights '{p}' do not exist")
         try:
-            sd = torch.load(p, map_location="cpu", weights_only=True)
-            if p.suffix == ".safetensors":  # pragma: no cover
+            if p.suffix == ".safetensors":
                 from safetensors.torch import load_file
 
                 sd = load_file(p)
+            else:
+                sd = torch.load(p, map_location="cpu", weights_only=True)
             net = inception_v3(weights=None, aux_logits=True, init_weights=False)
-            net.load_state_dict(sd, strict=False)
+            missing, _ = net.load_state_dict(sd, strict=False)
+            if [k for k in missing if not k.startswith("AuxLogits")]:
+                raise RuntimeError("missing tensors")
         except Exception as e:
             raise InputError(f"Inception weights '{p}' cannot be loaded into torchvision inception_v3 ({type(e).__name__})") from None
         self.net = net.eval().to(device)

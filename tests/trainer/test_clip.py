@@ -140,7 +140,11 @@ def test_cli_shards_checkpoint_and_resume(tmp_path, tok):
     assert max(r["step"] for r in rows) == 9
 
 
-def test_bad_checkpoints_and_inputs(tmp_path):
+def test_bad_checkpoints_and_inputs(tmp_path, tok):
+    from tessera.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="clip.checkpoint"):
+        train_clip(ClipConfig(**SMALL, checkpoint="ViT-B-32.pt"), None, tok, tmp_path / "r", pairs=_pairs(S.all_combinations(), 4, seed=0))
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="bad.pt"):
