@@ -96,7 +96,7 @@ def render_train_script(cfg: SlurmConfig, command: Sequence[str]) -> str:
             'export TESSERA_STOP_FILE="$SLURM_SUBMIT_DIR/.tessera-stop-$SLURM_JOB_ID"',
             'rm -f "$TESSERA_STOP_FILE"',
             "trap 'touch \"$TESSERA_STOP_FILE\"' USR1",
-            f"srun --kill-on-bad-exit=1 torchrun --nnodes=$SLURM_NNODES --nproc-per-node={cfg.ranks_per_node} "
+            f"srun --kill-on-bad-exit=1 {shlex.quote(sys.executable)} -m torch.distributed.run --nnodes=$SLURM_NNODES --nproc-per-node={cfg.ranks_per_node} "
             f'--rdzv-id=$SLURM_JOB_ID --rdzv-backend=c10d --rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT" --no-python {cmd} &',
             "pid=$!",
             "# wait returns early when the trap runs; keep waiting until srun is gone",

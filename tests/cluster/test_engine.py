@@ -16,6 +16,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[2]
 MODES = {
+    "zero1": dict(zero_stage=1),
     "zero2": dict(zero_stage=2),
     "zero3": dict(zero_stage=3),
     "ddp": dict(zero_stage=0),
@@ -129,7 +130,7 @@ def test_two_ranks_train_and_agree(two_rank_run, mode):
     assert res["continue_same"] == ("powersgd_rank" not in MODES[mode])
 
 
-@pytest.mark.parametrize("mode", ["zero2", "zero3"])
+@pytest.mark.parametrize("mode", ["zero1", "zero2", "zero3"])
 def test_consolidated_zero_checkpoint_loads_into_fresh_model(two_rank_run, mode):
     from cluster.engine import consolidate_zero_checkpoint
 

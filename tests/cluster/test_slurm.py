@@ -32,7 +32,7 @@ def test_render_train_srun():
         assert want in lines, (want, lines)
     assert s.startswith("#!/bin/bash\n")
     assert f"srun --kill-on-bad-exit=1 {PY} -m tessera.cli train transformer --output 'runs/a b'" in s
-    assert "MASTER_ADDR" in s and "torchrun" not in s
+    assert "MASTER_ADDR" in s and "torch.distributed.run" not in s
 
 
 def test_render_train_torchrun_and_no_requeue():
@@ -42,6 +42,7 @@ def test_render_train_torchrun_and_no_requeue():
     assert "--ntasks-per-node=1" in lines and "--signal=B:USR1@60" in lines
     assert "--requeue" not in lines
     assert "--nproc-per-node=4" in s and "--no-python" in s and "TESSERA_STOP_FILE" in s
+    assert f"{PY} -m torch.distributed.run --nnodes=$SLURM_NNODES" in s
 
 
 def test_render_array():
@@ -66,6 +67,35 @@ def test_cli_dry_run_and_errors():
     assert r.returncode == 2 and "tessera: error:" in r.stderr and "--" in r.stderr
     r = subprocess.run([PY, "-m", "tessera.cli", "cluster", "submit-train", "--time", "soon", "--dry-run", "--", "x"], capture_output=True, text=True, cwd=REPO)
     assert r.returncode == 2 and "time" in r.stderr
+
+
+def test_preemption_handler_signals_and_stop_file(tmp_path, monkeypatch):
+    import os
+    import signal
+
+    before = signal.getsignal(signal.SIGUSR1)
+    stop = tmp_path / "stop"
+    with slurm.PreemptionHandler(stop_file=stop) as h:
+        assert not h.should_stop
+        os.kill(os.getpid(), signal.SIGUSR1)
+        time.sleep(0.05)
+        assert h.should_stop and h.received == signal.SIGUSR1
+    assert signal.getsignal(signal.SIGUSR1) is before
+    h2 = slurm.PreemptionHandler(stop_file=stop).install()
+    try:
+        assert not h2.should_stop
+        stop.touch()
+        assert h2.should_stop and h2.received is None
+    finally:
+        h2.uninstall()
+    for k in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_RESTART_COUNT"):
+        monkeypatch.delenv(k, raising=False)
+    assert h2.requeue() is False and h2.restart_count() == 0  # outside SLURM
+    monkeypatch.setenv("SLURM_JOB_ID", "17")
+    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "12")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "2")
+    assert h2.job_id() == "12_3" and h2.restart_count() == 2
 
 
 # ---------------------------------------------------------------- a real cluster
@@ -226,3 +256,42 @@ def test_preemption_checkpoint_requeue_resume(slurm_cluster, tmp_path):
     assert slurm.wait(job, timeout_s=30, poll_s=0.5) == "COMPLETED"
     log = "".join(p.read_text() for p in tmp_path.glob("preempt-*.out"))
     assert f"tessera: job {job} restart 0" in log and f"tessera: job {job} restart 1" in log  # --open-mode=append
+
+
+def test_torchrun_job_stops_on_batch_signal(slurm_cluster, tmp_path):
+    """torchrun launcher: USR1 to the batch shell -> stop file -> every rank agrees to stop and exits cleanly."""
+    worker = tmp_path / "tr.py"
+    worker.write_text(textwrap.dedent(f"""
+        import json, os, sys, time
+        sys.path.insert(0, {str(REPO)!r})
+        from cluster.dist import discover, init, shutdown
+        from cluster.slurm import PreemptionHandler
+        out = sys.argv[1]
+        s = init(discover(), backend="gloo", timeout_s=60)
+        h = PreemptionHandler().install()
+        step = 0
+        while not h.should_stop_all(s):
+            step += 1
+            time.sleep(0.1)
+            if s.rank == 0:
+                open(os.path.join(out, "running"), "w").write(str(step))
+            if step > 600:
+                sys.exit(3)
+        json.dump(dict(rank=s.rank, world=s.world_size, source=s.source, step=step, stop_file=str(h.stop_file)),
+                  open(os.path.join(out, f"stopped{{s.rank}}.json"), "w"))
+        shutdown(s)
+    """))
+    cfg = SlurmConfig(job_name="tr", launcher="torchrun", tasks_per_node=2, cpus_per_task=2, time="00:05:00", output=str(tmp_path / "tr-%j.out"))
+    script = slurm.render_train_script(cfg, [PY, str(worker), str(tmp_path)])
+    job = slurm.submit(script, workdir=tmp_path)
+    wait_for(tmp_path / "running", 90, slurm_cluster, "torchrun workers")
+    r = slurm_cluster.run("scancel", "--batch", "--signal=USR1", job, check=False)
+    assert r.returncode == 0, r.stderr
+    state = slurm.wait(job, timeout_s=60, poll_s=0.5)
+    log = "".join(p.read_text() for p in tmp_path.glob("tr-*.out"))
+    assert state == "COMPLETED", log
+    got = [json.loads((tmp_path / f"stopped{r}.json").read_text()) for r in range(2)]
+    assert [(g["rank"], g["world"], g["source"]) for g in got] == [(0, 2, "torchrun"), (1, 2, "torchrun")]
+    assert got[0]["step"] == got[1]["step"]  # they agreed on the same step
+    assert got[0]["stop_file"] == str(tmp_path / f".tessera-stop-{job}")
+    assert not (tmp_path / f".tessera-stop-{job}").exists()  # removed by the script at the end
