@@ -89,7 +89,8 @@ class Engine:
         return {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}
 
     # -- checkpoints: our run-dir format, written by rank 0, read by every rank
-    def save_checkpoint(self, directory: str | Path, step: int, client_state: dict[str, Any] | None = None) -> Path:
+    def save_checkpoint(self, directory: str | Path, step: int, client_state: dict[str, Any] | None = None, keep_last: int = 2) -> Path:
+        """Every rank calls it; rank 0 writes step_XXXXXXXX.pt and latest.pt and keeps the last `keep_last` steps (0 = all)."""
         from trainer.rundir import save_checkpoint
 
         directory = Path(directory)
@@ -99,6 +100,7 @@ class Engine:
             state.update(self._extra_state())
             save_checkpoint(path, CHECKPOINT_KIND, state)
             save_checkpoint(directory / "latest.pt", CHECKPOINT_KIND, state)
+            _prune(sorted(directory.glob("step_*.pt")), keep_last)
         self.dist.barrier()
         return path
 
@@ -197,13 +199,17 @@ class DeepSpeedEngine(Engine):
                 return {k: v.detach().float().cpu().clone() if v.is_floating_point() else v.detach().cpu().clone() for k, v in self.module.state_dict().items()}
         return {k: v.detach().float().cpu().clone() if v.is_floating_point() else v.detach().cpu().clone() for k, v in self.module.state_dict().items()}
 
-    def save_checkpoint(self, directory: str | Path, step: int, client_state: dict[str, Any] | None = None) -> Path:
+    def save_checkpoint(self, directory: str | Path, step: int, client_state: dict[str, Any] | None = None, keep_last: int = 2) -> Path:
+        """Every rank writes its shard under `directory/step_XXXXXXXX/`; `directory/latest` names it."""
         directory = Path(directory)
         if self.dist.is_main:
             directory.mkdir(parents=True, exist_ok=True)
         self.dist.barrier()
         state = {"step": int(step), "client": client_state or {}}
-        self.ds.save_checkpoint(str(directory), tag=_tag(step), client_state=state)
+        self.ds.save_checkpoint(str(directory), tag=_tag(step), client_state=state)  # ends with a barrier
+        if self.dist.is_main:
+            _prune(sorted(p for p in directory.glob("step_*") if p.is_dir()), keep_last)
+        self.dist.barrier()
         return directory / _tag(step)
 
     def load_checkpoint(self, directory: str | Path) -> tuple[int, dict[str, Any]]:
@@ -216,6 +222,17 @@ class DeepSpeedEngine(Engine):
         if path is None:
             raise CheckpointError(f"DeepSpeed checkpoint in '{directory}' could not be loaded (tag in {directory / 'latest'})")
         return int(state.get("step", 0)), dict(state.get("client") or {})
+
+
+def _prune(paths: list[Path], keep_last: int) -> None:
+    """Delete all but the last `keep_last` of `paths` (sorted oldest first); 0 keeps everything."""
+    import shutil
+
+    for old in paths[:-keep_last] if keep_last > 0 else []:
+        if old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink(missing_ok=True)
 
 
 def _backend(cfg: DistConfig) -> str:

@@ -86,6 +86,37 @@ def worker(out: Path) -> None:
     shutdown(dist)
 
 
+def single_worker(out: Path) -> None:
+    """DeepSpeed in one process (no launcher): a one-rank group; checkpoints pruned to the last two."""
+    from cluster.config import DistConfig
+    from cluster.dist import discover
+    from cluster.engine import build_engine
+    from tessera.errors import CheckpointError
+
+    dist = discover()
+    assert dist.world_size == 1
+    model = make_model()
+    eng = build_engine(model, torch.optim.AdamW(model.parameters(), lr=1e-2), dist, DistConfig(zero_stage=2), micro_batch_size=16)
+    losses = []
+    for step in range(1, STEPS + 1):
+        x, y = batch(0, step)
+        loss = torch.nn.functional.mse_loss(eng(x), y)
+        eng.backward(loss)
+        eng.step()
+        losses.append(loss.item())
+        if step % 10 == 0 or step == STEPS:
+            eng.save_checkpoint(out / "ckpt", step, keep_last=2)
+    torch.save(eng.full_state_dict(), out / "final.pt")
+    (out / "ddp").mkdir()
+    (out / "ddp" / "latest.pt").write_bytes(b"")
+    try:
+        eng.load_checkpoint(out / "ddp")
+        refused = ""
+    except CheckpointError as e:
+        refused = str(e)
+    (out / "result.json").write_text(json.dumps({"kind": eng.kind, "world": dist.world_size, "losses": losses, "refused": refused}))
+
+
 @pytest.fixture(scope="module")
 def two_rank_run(tmp_path_factory):
     from cluster.dist import free_port
@@ -222,9 +253,32 @@ def test_fp16_refused_where_cpu_lacks_it():
         build_engine(model, torch.optim.AdamW(model.parameters()), DistState(), DistConfig(zero_stage=2, precision="fp16"))
 
 
+def test_deepspeed_single_process(tmp_path):
+    from cluster.engine import consolidate_zero_checkpoint
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT") and not k.startswith(("SLURM_", "OMPI_", "PMI_"))}
+    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    r = subprocess.run([sys.executable, __file__, str(tmp_path), "single"], env=env, cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    res = json.loads((tmp_path / "result.json").read_text())
+    assert res["kind"] == "deepspeed" and res["world"] == 1
+    assert sum(res["losses"][-5:]) / 5 < 0.3 * sum(res["losses"][:3]) / 3
+    assert "DDP/plain checkpoint" in res["refused"]
+    ck = tmp_path / "ckpt"
+    assert sorted(p.name for p in ck.iterdir() if p.is_dir()) == ["step_00000020", f"step_{STEPS:08d}"]  # step 10 pruned
+    sd = consolidate_zero_checkpoint(ck)
+    final = torch.load(tmp_path / "final.pt", weights_only=True)
+    assert all(torch.equal(sd[k], final[k]) for k in final)
+    older = consolidate_zero_checkpoint(ck, tag="step_00000020")
+    assert not torch.equal(older["0.weight"], final["0.weight"])
+
+
 if __name__ == "__main__":
     import warnings
 
     warnings.filterwarnings("ignore", category=FutureWarning)
     sys.path.insert(0, str(REPO))
-    worker(Path(sys.argv[1]))
+    if sys.argv[2:] == ["single"]:
+        single_worker(Path(sys.argv[1]))
+    else:
+        worker(Path(sys.argv[1]))
