@@ -240,7 +240,8 @@ def train_dvae(cfg_root: Any, data: str | None = None, eval_data: str | None = N
         do_ckpt(step)
     summary: dict[str, Any] = {"run_dir": str(output), "steps": step, "resumed_from": start_step, "train_time_s": round(train_time, 2),
                                "images_per_s": round((step - start_step) * tc.batch_size / max(train_time, 1e-9), 2),
-                               "precision": str(dtype or "fp32").replace("torch.", ""), "world_size": dist.world_size}
+                               "precision": str(dtype or "fp32").replace("torch.", ""), "world_size": dist.world_size,
+                               "weights_sha256": weights_digest(model)}
     if dist.is_main:
         if last_eval_step != step:
             last_eval = do_eval(step)
@@ -250,6 +251,17 @@ def train_dvae(cfg_root: Any, data: str | None = None, eval_data: str | None = N
     run.close()
     dist.barrier()
     return summary
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """sha256 of the parameters' bytes: equal across ranks when data parallelism kept them in sync."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 def _grid_tensor(grid: torch.Tensor) -> torch.Tensor:
