@@ -49,8 +49,9 @@ def _to_hwc_uint8(image: Any) -> np.ndarray:
     if hasattr(image, "convert") and hasattr(image, "size"):  # PIL
         arr = np.asarray(image.convert("RGB"))
     else:
-        if hasattr(image, "detach"):  # torch
-            image = image.detach().float().cpu().numpy()
+        if hasattr(image, "detach"):  # torch: uint8 stays uint8 (0..255), floats are in [0, 1]
+            t = image.detach().cpu()
+            image = t.float().numpy() if t.is_floating_point() else t.numpy()
         arr = np.asarray(image)
     if arr.ndim == 3 and arr.shape[0] == 3 and arr.shape[-1] != 3:
         arr = arr.transpose(1, 2, 0)

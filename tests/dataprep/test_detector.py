@@ -49,6 +49,9 @@ def test_other_sizes_and_input_layouts():
     batch = torch.stack([torch.from_numpy(np.array(im)).permute(2, 0, 1).float() / 255 for im in imgs])
     assert score(batch, attrs)["all_acc"] == score(imgs, attrs)["all_acc"] >= 0.9
     assert detect(batch[0]) == detect(imgs[0]) == detect(np.asarray(imgs[0]))
+    # uint8 tensors (B, 3, H, W) are 0..255, not [0, 1]
+    as_uint8 = (batch * 255).round().to(torch.uint8)
+    assert score(as_uint8, attrs)["all_acc"] == score(imgs, attrs)["all_acc"]
 
 
 def test_grainy_and_blurred_images_keep_high_agreement():
