@@ -39,6 +39,7 @@ from cluster.dist import DistState, free_port, init
 from tessera.errors import CheckpointError, ConfigError
 
 CHECKPOINT_KIND = "engine"
+_RESERVED = ("kind", "format", "step", "model", "optimizer", "powersgd_step")
 
 
 def _tag(step: int) -> str:
@@ -57,6 +58,7 @@ class Engine:
         self.grad_clip = grad_clip
         self.wrapped: torch.nn.Module = module
         self.last_grad_norm: float | None = None
+        self.checkpoint_kind = CHECKPOINT_KIND
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.wrapped(*args, **kwargs)
@@ -90,16 +92,23 @@ class Engine:
 
     # -- checkpoints: our run-dir format, written by rank 0, read by every rank
     def save_checkpoint(self, directory: str | Path, step: int, client_state: dict[str, Any] | None = None, keep_last: int = 2) -> Path:
-        """Every rank calls it; rank 0 writes step_XXXXXXXX.pt and latest.pt and keeps the last `keep_last` steps (0 = all)."""
+        """Every rank calls it; rank 0 writes step_XXXXXXXX.pt and latest.pt and keeps the last `keep_last` steps (0 = all).
+
+        The file is a run-dir checkpoint of kind `self.checkpoint_kind`: `client_state`'s entries
+        at the top level beside "step", "model" and "optimizer" (the trainers' own layout).
+        """
         from trainer.rundir import save_checkpoint
 
         directory = Path(directory)
         path = directory / f"{_tag(step)}.pt"
         if self.dist.is_main:
-            state = {"step": int(step), "model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(), "client": client_state or {}}
+            clash = sorted(set(client_state or {}) & set(_RESERVED))
+            if clash:
+                raise ValueError(f"client_state keys {clash} are reserved by the engine checkpoint")
+            state = {**(client_state or {}), "step": int(step), "model": self.module.state_dict(), "optimizer": self.optimizer.state_dict()}
             state.update(self._extra_state())
-            save_checkpoint(path, CHECKPOINT_KIND, state)
-            save_checkpoint(directory / "latest.pt", CHECKPOINT_KIND, state)
+            save_checkpoint(path, self.checkpoint_kind, state)
+            save_checkpoint(directory / "latest.pt", self.checkpoint_kind, state)
             _prune(sorted(directory.glob("step_*.pt")), keep_last)
         self.dist.barrier()
         return path
@@ -112,11 +121,11 @@ class Engine:
             if (Path(directory) / "latest").exists():
                 raise CheckpointError(f"checkpoint directory '{directory}' holds a DeepSpeed ZeRO checkpoint; set cluster.zero_stage to load it or consolidate it")
             return 0, {}
-        ck = load_checkpoint(path, CHECKPOINT_KIND, map_location=str(self.dist.device) if self.dist.device.type != "cpu" else "cpu")
+        ck = load_checkpoint(path, self.checkpoint_kind, map_location=str(self.dist.device) if self.dist.device.type != "cpu" else "cpu")
         self.module.load_state_dict(ck["model"])
         self.optimizer.load_state_dict(ck["optimizer"])
         self._load_extra_state(ck)
-        return int(ck["step"]), dict(ck.get("client") or {})
+        return int(ck["step"]), {k: v for k, v in ck.items() if k not in _RESERVED}
 
     def _extra_state(self) -> dict[str, Any]:
         return {}
@@ -294,12 +303,14 @@ def build_engine(
     *,
     grad_clip: float = 0.0,
     micro_batch_size: int = 1,
+    checkpoint_kind: str = CHECKPOINT_KIND,
 ) -> Engine:
     """Wrap `model` (already on `dist.device`) and `optimizer` as `cfg` asks; initialises the process group if needed.
 
     zero_stage 0: DDP when the world is larger than one process, else plain. zero_stage 1-3:
     DeepSpeed, even in a single process (a one-rank gloo/nccl group is created for it).
-    `micro_batch_size` is the per-rank batch (DeepSpeed's bookkeeping only).
+    `micro_batch_size` is the per-rank batch (DeepSpeed's bookkeeping only). `checkpoint_kind`
+    is the run-dir kind of plain/DDP checkpoints (e.g. "transformer", so export reads them).
     """
     cfg = cfg or DistConfig()
     cfg.validate()
@@ -307,9 +318,9 @@ def build_engine(
     backend = _backend(cfg)
     if cfg.zero_stage == 0:
         dist = init(dist, backend=backend, timeout_s=cfg.timeout_s)
-        if dist.world_size > 1:
-            return DDPEngine(model, optimizer, dist, cfg, grad_clip)
-        return PlainEngine(model, optimizer, dist, grad_clip)
+        eng: Engine = DDPEngine(model, optimizer, dist, cfg, grad_clip) if dist.world_size > 1 else PlainEngine(model, optimizer, dist, grad_clip)
+        eng.checkpoint_kind = checkpoint_kind
+        return eng
 
     if cfg.precision == "fp16" and not torch.cuda.is_available():
         if not (hasattr(torch.ops.mkldnn, "_is_mkldnn_fp16_supported") and torch.ops.mkldnn._is_mkldnn_fp16_supported()):
@@ -345,3 +356,23 @@ def consolidate_zero_checkpoint(directory: str | Path, tag: str | None = None) -
     except (FileNotFoundError, ValueError) as e:
         raise CheckpointError(f"DeepSpeed checkpoint in '{directory}' is incomplete ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
     return {k: v.detach().clone() for k, v in sd.items()}
+
+
+def zero_checkpoint_client_state(directory: str | Path, tag: str | None = None) -> tuple[int, dict[str, Any]]:
+    """(step, client_state) saved with a DeepSpeed checkpoint by `DeepSpeedEngine.save_checkpoint`, without DeepSpeed."""
+    directory = Path(directory)
+    if tag is None:
+        latest = directory / "latest"
+        if not latest.exists():
+            raise CheckpointError(f"'{directory}' is not a DeepSpeed checkpoint directory (no 'latest' file)")
+        tag = latest.read_text().strip()
+    # ZeRO 1/2 write one mp_rank_00_model_states.pt; ZeRO 3 one per rank (rank 0's holds the same client state)
+    cands = [directory / tag / n for n in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")]
+    path = next((c for c in cands if c.exists()), None)
+    if path is None:
+        raise CheckpointError(f"DeepSpeed checkpoint '{directory / tag}' has no model-states file (expected {cands[0].name})")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"checkpoint '{path}' is truncated or corrupt ({type(e).__name__})") from None
+    return int(obj.get("step", 0)), dict(obj.get("client") or {})

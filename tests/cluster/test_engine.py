@@ -163,9 +163,10 @@ def test_two_ranks_train_and_agree(two_rank_run, mode):
 
 @pytest.mark.parametrize("mode", ["zero1", "zero2", "zero3"])
 def test_consolidated_zero_checkpoint_loads_into_fresh_model(two_rank_run, mode):
-    from cluster.engine import consolidate_zero_checkpoint
+    from cluster.engine import consolidate_zero_checkpoint, zero_checkpoint_client_state
 
     d = two_rank_run / mode
+    assert zero_checkpoint_client_state(d / "ckpt") == (STEPS, {"note": mode})
     ck = d / "ckpt"
     assert (ck / "latest").read_text().strip() == f"step_{STEPS:08d}"
     shards = sorted(p.name for p in (ck / f"step_{STEPS:08d}").iterdir() if "optim_states" in p.name)
@@ -185,7 +186,7 @@ def test_ddp_checkpoint_is_a_rundir_checkpoint(two_rank_run):
     from trainer.rundir import load_checkpoint
 
     ck = load_checkpoint(two_rank_run / "ddp" / "ckpt" / "latest.pt", "engine")
-    assert ck["step"] == STEPS
+    assert ck["step"] == STEPS and ck["note"] == "ddp"  # client state at the top level, as the trainers write it
     fresh = make_model()
     fresh.load_state_dict(ck["model"])
     ref = make_model()
@@ -198,6 +199,7 @@ def test_ddp_checkpoint_is_a_rundir_checkpoint(two_rank_run):
 def test_plain_engine_single_process(tmp_path):
     from cluster.dist import DistState
     from cluster.engine import PlainEngine, build_engine
+    from tessera.errors import CheckpointError
 
     model = make_model()
     eng = build_engine(model, torch.optim.AdamW(model.parameters(), lr=1e-2), DistState())
@@ -213,8 +215,12 @@ def test_plain_engine_single_process(tmp_path):
     eng.set_lr(0.5)
     assert eng.optimizer.param_groups[0]["lr"] == 0.5
     eng.save_checkpoint(tmp_path, 7, {"data": [1, 2]})
+    with pytest.raises(ValueError, match="reserved"):
+        eng.save_checkpoint(tmp_path, 8, {"model": 1})
     m2 = make_model()
     e2 = build_engine(m2, torch.optim.AdamW(m2.parameters()), DistState())
+    with pytest.raises(CheckpointError, match="'transformer'"):
+        build_engine(make_model(), torch.optim.AdamW(m2.parameters()), DistState(), checkpoint_kind="transformer").load_checkpoint(tmp_path)
     assert e2.load_checkpoint(tmp_path) == (7, {"data": [1, 2]})
     assert e2.optimizer.param_groups[0]["lr"] == 0.5
     assert all(torch.equal(a, b) for a, b in zip(m2.state_dict().values(), model.state_dict().values()))
