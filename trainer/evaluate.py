@@ -8,8 +8,8 @@ Inception weights are used only from a local file given with `--inception` (torc
 inception_v3 state dict; nothing is downloaded). Without one, both are computed with the
 project's CLIP and labelled as such: `fid_clip` is the Frechet distance between Gaussians fitted to
 unit-norm CLIP image embeddings (as FID_CLIP in Kynkaenniemi et al. 2023), and `is_clip` is
-exp(E_x KL(p(y|x) || p(y))) with p(y|x) the CLIP's softmax over the distinct reference captions as
-classes. Values in the two spaces are not comparable with each other or with published FIDs.
+exp(E_x KL(p(y|x) || p(y))) with p(y|x) the CLIP's softmax over the distinct captions (reference and
+generated) as classes. Values in the two spaces are not comparable with each other or with published FIDs.
 
 CLIP score: mean cosine similarity of each image with its caption (`clip_score`), beside the same
 figure for the reference images with theirs (`clip_score_reference`) for scale.
@@ -261,7 +261,8 @@ def evaluate(
         ex, er = clip.image_embeddings(x), clip.image_embeddings(r)
         report.setdefault("feature_space", "clip")
         report["fid_clip"] = frechet_distance(ex, er)
-        classes = sorted({c for c in reference_captions if c})
+        # classes: every distinct caption on either side (held-out prompts are not among the reference's)
+        classes = sorted({c for c in reference_captions if c} | {c for c in captions if c})
         if classes:
             t = clip.text_embeddings(classes)
             scale = float(clip.model.logit_scale.detach().clamp(max=math.log(100.0)).exp())
