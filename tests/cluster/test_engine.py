@@ -80,8 +80,16 @@ def worker(out: Path) -> None:
             e.step()
             outs.append(e.full_state_dict())
         cont_same = all(torch.allclose(outs[0][k], outs[1][k], atol=1e-6) for k in outs[0])
+        # set_lr reaches the optimizer that really steps (DeepSpeed wraps it): lr 0 freezes the weights
+        eng.set_lr(0.0)
+        loss = torch.nn.functional.mse_loss(eng(x), y)
+        eng.backward(loss)
+        eng.step()
+        after = eng.full_state_dict()
+        frozen = all(torch.equal(after[k], outs[0][k]) for k in after)
         if dist.rank == 0:
-            (d / "result.json").write_text(json.dumps({"losses": losses, "kind": eng.kind, "resume_step": step, "client": client, "resume_same": same, "continue_same": cont_same}))
+            (d / "result.json").write_text(json.dumps({"losses": losses, "kind": eng.kind, "resume_step": step, "client": client, "resume_same": same,
+                                                       "continue_same": cont_same, "lr0_frozen": frozen}))
         dist.barrier()
     shutdown(dist)
 
@@ -156,7 +164,7 @@ def test_two_ranks_train_and_agree(two_rank_run, mode):
     # the weights moved away from the common initialisation
     assert not torch.allclose(w0["0.weight"], make_model().state_dict()["0.weight"])
     assert res["resume_step"] == STEPS and res["client"] == {"note": mode}
-    assert res["resume_same"]
+    assert res["resume_same"] and res["lr0_frozen"]
     # PowerSGD's per-rank error buffers are not checkpointed, so only exact modes continue identically
     assert res["continue_same"] == ("powersgd_rank" not in MODES[mode])
 
