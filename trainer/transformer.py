@@ -113,6 +113,18 @@ class CausalSelfAttention(nn.Module):
             y = attention(q, k, v, self.raster_mask[:s, :s], dropout_p=p)
         return self._merge(y)
 
+    def _keys_of(self, pos: int) -> slice | torch.Tensor:
+        """The keys position `pos` attends, as a slice when they are contiguous (computed once per position)."""
+        table = self.__dict__.setdefault("_key_table", {})
+        key = (pos, self.raster_mask.device)
+        sel = table.get(key)
+        if sel is None:
+            idx = torch.nonzero(self.raster_mask[pos, : pos + 1]).flatten()
+            first, last = int(idx[0]), int(idx[-1])
+            sel = slice(first, last + 1) if last - first + 1 == idx.numel() else idx.to(self.raster_mask.device)
+            table[key] = sel
+        return sel
+
     def step(self, x: torch.Tensor, cache: "LayerCache", pos: int) -> torch.Tensor:
         """x: (B, s_new, C) at positions [pos, pos + s_new); appends to `cache` and attends to it."""
         q, k, v = self._heads(x)
@@ -122,9 +134,9 @@ class CausalSelfAttention(nn.Module):
         cache.v[:, :, pos:end] = v.to(cache.v.dtype)
         rows = self.raster_mask[pos:end, :end]
         if s_new == 1:
-            # gather only the keys this position may attend (T + grid + 1 for a row layer, not all `end`)
-            idx = torch.nonzero(rows[0]).flatten()
-            kk, vv = cache.k[:, :, idx], cache.v[:, :, idx]
+            # only the keys this position may attend (T + grid + 1 for a row layer, not all `end`)
+            sel = self._keys_of(pos)
+            kk, vv = cache.k[:, :, sel], cache.v[:, :, sel]
             y = F.scaled_dot_product_attention(q, kk.to(q.dtype), vv.to(q.dtype))
         else:
             y = attention(q, cache.k[:, :, :end].to(q.dtype), cache.v[:, :, :end].to(q.dtype), rows)
