@@ -70,7 +70,7 @@ class DVAETrainConfig:
     eval_data: str = param("", "Held-out shards for evaluation (optional).")
     time_budget_s: float = param(0.0, "Stop after this many seconds of training (0: no limit); the step count still bounds it.")
     eval_samples: int = param(512, "Held-out images used per evaluation (the first ones of eval_data).")
-    channels_last: bool = param(False, "Use the channels_last memory format for activations and weights.")
+    channels_last: bool = param(True, "Use the channels_last memory format for activations and weights (1.25x faster dVAE training on CPU, see bench/results/dvae.md).")
     compile: bool = param(False, "torch.compile the model (GPU runs).")
 
 
