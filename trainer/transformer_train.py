@@ -9,7 +9,8 @@ BPE-dropout when the tokenizer is available. Checkpoints hold model, optimizer, 
 data position and RNG states, so a resumed run continues exactly (tests check bit equality).
 
 Time budget: with `time_budget_s > 0` the cosine horizon is fixed once, after the first
-`_HORIZON_PROBE` updates, to min(steps, updates that fit in the budget at the measured speed), and
+`_HORIZON_PROBE` updates (timed after the first 5), to min(steps, updates that fit in the budget at the
+measured speed), and
 saved in the checkpoint; the decay then ends when the budget does instead of being cut midway.
 """
 
@@ -240,6 +241,7 @@ def train_transformer(cfg_root: Any, data: str | None, output: str | Path, dist:
     model.train()
     pbar = bar(total=tcfg.steps, desc="transformer", unit="step", initial=step) if dist.is_main else None
     stop_reason = "steps"
+    probe_start: tuple[int, float] | None = None
     while step < tcfg.steps:
         if tcfg.time_budget_s > 0 and elapsed_before + (time.time() - t_start) >= tcfg.time_budget_s:
             stop_reason = "time_budget"
@@ -261,10 +263,13 @@ def train_transformer(cfg_root: Any, data: str | None, output: str | Path, dist:
             ema.update(model)
         step += 1
         tok_since += n_tokens
-        if horizon == 0 and tcfg.time_budget_s > 0 and step == _HORIZON_PROBE:
-            per_step = (time.time() - t_start) / max(step - 0, 1)
-            fit = int((tcfg.time_budget_s - elapsed_before) / per_step) + step
-            horizon = max(min(tcfg.steps, fit), tcfg.warmup_steps + 1)
+        if horizon == 0 and tcfg.time_budget_s > 0:
+            if probe_start is None and step >= 5:  # skip the first updates (shuffle-buffer fill, allocator warm-up)
+                probe_start = (step, time.time())
+            elif probe_start is not None and step - probe_start[0] >= _HORIZON_PROBE:
+                per_step = (time.time() - probe_start[1]) / (step - probe_start[0])
+                left = tcfg.time_budget_s - (elapsed_before + time.time() - t_start)
+                horizon = max(min(tcfg.steps, step + int(left / per_step)), tcfg.warmup_steps + 1)
         if pbar is not None:
             pbar.update(1)
         if step % tcfg.log_every == 0 or step == tcfg.steps:

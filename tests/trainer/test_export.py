@@ -9,7 +9,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from token_fixtures import make_token_shards, tiny_root  # noqa: E402
+from token_fixtures import make_token_shards, one_thread, tiny_root  # noqa: E402,F401
 
 from tessera.cli import main  # noqa: E402
 from tessera.errors import CheckpointError, InputError, TesseraError  # noqa: E402

@@ -2,6 +2,17 @@
 
 import pytest
 import torch
+
+import pytest as _pytest
+
+
+@_pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models on a shared 2-core machine: one intra-op thread avoids OpenMP barrier stalls."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 import torch.nn.functional as F
 
 from kernels.layouts import token_mask

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from token_fixtures import make_token_shards, tiny_root  # noqa: E402
+from token_fixtures import make_token_shards, one_thread, tiny_root  # noqa: E402,F401
 
 from tessera.cli import main  # noqa: E402
 from tessera.errors import CheckpointError, InputError  # noqa: E402
@@ -96,3 +96,10 @@ def test_cli_and_bad_inputs(shards, tmp_path, capsys):
         load_transformer(tmp_path / "d.pt")
     with pytest.raises(InputError, match="does not exist"):
         load_transformer(tmp_path / "nope.pt")
+
+
+def test_time_budget_fixes_the_cosine_horizon(shards, tmp_path):
+    s = train_transformer(tiny_root(steps=100000, time_budget_s=10.0, batch_size=8), str(shards), tmp_path / "run")
+    assert s["stop_reason"] == "time_budget"
+    assert 25 <= s["horizon"] < 100000  # measured after 5 + 20 updates, then fitted to the budget
+    assert s["time_s"] < 10.0 + 5.0

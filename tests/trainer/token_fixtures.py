@@ -95,3 +95,16 @@ def tiny_root(**train):
             "sample.batch_size=8"]
     over += [f"transformer.train.{k}={v}" for k, v in train.items()]
     return C.load_root("demo", over)
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models on a shared 2-core machine: one intra-op thread avoids OpenMP barrier stalls
+    (with 2 threads and other jobs running, each small op waited ~15 ms for a descheduled thread)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
