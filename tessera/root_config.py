@@ -2,6 +2,7 @@
 
 from dataclasses import dataclass
 
+from cluster.config import DistConfig
 from dataprep.config import CrawlConfig, EncodeConfig, SyntheticConfig, TokenizerConfig
 from tessera.config import param
 from trainer.config import ClipConfig, DVAEConfig, SampleConfig, TransformerConfig
@@ -21,3 +22,4 @@ class TesseraConfig:
     transformer: TransformerConfig = param(doc="The sparse-attention transformer: model and training.", factory=TransformerConfig)
     clip: ClipConfig = param(doc="The small CLIP used for reranking, filtering and evaluation.", factory=ClipConfig)
     sample: SampleConfig = param(doc="Sampling: temperature, top-k/p, guidance, candidates.", factory=SampleConfig)
+    cluster: DistConfig = param(doc="Distributed training: DDP or DeepSpeed ZeRO stage, PowerSGD, backend.", factory=DistConfig)
