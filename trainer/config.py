@@ -133,6 +133,7 @@ class TransformerTrainConfig:
     train_data: str = param("", "Token shards from `tessera prep encode`.")
     eval_data: str = param("", "Held-out token shards (optional).")
     time_budget_s: float = param(0.0, "Stop after this many seconds of training (0: no limit).")
+    threads: int = param(0, "Intra-op CPU threads during training (0: torch's default); 1 avoids OpenMP stalls when other jobs share the cores.")
 
 
 @dataclass

@@ -148,6 +148,17 @@ def train_transformer(cfg_root: Any, data: str | None, output: str | Path, dist:
 
     dist = init(dist)
     tcfg = cfg_root.transformer.train
+    threads_before = torch.get_num_threads()
+    if tcfg.threads > 0:
+        torch.set_num_threads(tcfg.threads)
+    try:
+        return _train(cfg_root, data, output, dist)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _train(cfg_root: Any, data: str | None, output: str | Path, dist: Any) -> dict[str, Any]:
+    tcfg = cfg_root.transformer.train
     data = data or tcfg.train_data
     if not data:
         raise ConfigError("transformer training: no token shards given (--data or transformer.train.train_data)")
