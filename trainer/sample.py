@@ -140,9 +140,11 @@ def run(args: argparse.Namespace) -> int:
 
     if args.n < 1:
         raise InputError(f"-n: expected >= 1 images per prompt, got {args.n}")
-    root = C.load_root(args.config, args.overrides)
     prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts)
     pipe = load(args.model)
+    # sampling settings: the export's [sample] (from its training run) < --config preset < overrides
+    base = {"sample": {k: v for k, v in (pipe.config.get("sample") or {}).items() if k in SampleConfig.__dataclass_fields__}}
+    root = C.load(C.Root(), args.config, args.overrides, base=base)
     torch.manual_seed(args.seed)
     images = pipe.generate(prompts, args.n, root.sample, generator=torch.Generator().manual_seed(args.seed))
     out = Path(args.output)

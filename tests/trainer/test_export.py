@@ -60,6 +60,8 @@ def test_export_files_and_fresh_process_load(trained, tmp_path):
     model, _, _ = load_transformer(trained / "run")  # EMA weights
     assert torch.equal(t["transformer.image_head.weight"], model.image_head.weight.detach())
     assert s["tensors"] == len(t)
+    # the run's [sample] settings travel with the export (the demo preset's guidance and top-k)
+    assert load(out).default_sample_config.guidance_scale == 3.0 and cfg["sample"]["top_k"] == 32
     code = (
         "import sys, torch\n"
         "from trainer.inference import load\n"
