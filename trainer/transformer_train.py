@@ -8,10 +8,10 @@ dropout (empty captions teach the unconditional model used by classifier-free gu
 BPE-dropout when the tokenizer is available. Checkpoints hold model, optimizer, EMA, schedule,
 data position and RNG states, so a resumed run continues exactly (tests check bit equality).
 
-Time budget: with `time_budget_s > 0` the cosine horizon is fixed once, after the first
-`_HORIZON_PROBE` updates (timed after the first 5), to min(steps, updates that fit in the budget at the
-measured speed), and
-saved in the checkpoint; the decay then ends when the budget does instead of being cut midway.
+Time budget: with `time_budget_s > 0` the cosine horizon is min(steps, updates that fit in the
+budget at the speed measured since update 5), re-estimated every `_HORIZON_PROBE` updates (a
+machine shared with other jobs changes speed), and saved in the checkpoint; the decay then ends
+when the budget does instead of being cut midway or finishing early.
 """
 
 from __future__ import annotations
@@ -274,10 +274,10 @@ def _train(cfg_root: Any, data: str | None, output: str | Path, dist: Any) -> di
             ema.update(model)
         step += 1
         tok_since += n_tokens
-        if horizon == 0 and tcfg.time_budget_s > 0:
+        if tcfg.time_budget_s > 0:
             if probe_start is None and step >= 5:  # skip the first updates (shuffle-buffer fill, allocator warm-up)
                 probe_start = (step, time.time())
-            elif probe_start is not None and step - probe_start[0] >= _HORIZON_PROBE:
+            elif probe_start is not None and (step - probe_start[0]) % _HORIZON_PROBE == 0:
                 per_step = (time.time() - probe_start[1]) / (step - probe_start[0])
                 left = tcfg.time_budget_s - (elapsed_before + time.time() - t_start)
                 horizon = max(min(tcfg.steps, step + int(left / per_step)), tcfg.warmup_steps + 1)
