@@ -58,6 +58,7 @@ class DVAETrainConfig:
     temp_anneal_steps: int = param(150_000, "Updates over which the temperature anneals (cosine).")
     logit_laplace_eps: float = param(0.1, "epsilon of the pixel map phi(x) = (1 - 2 eps) x + eps.")
     ema_decay: float = param(0.999, "Parameter EMA decay; the EMA weights are used for evaluation and export.")
+    diversity_weight: float = param(0.0, "Weight of log V - H(batch-mean code distribution), against codebook collapse in short runs; 0 = the paper's objective.")
     grad_clip: float = param(0.0, "Gradient-norm clipping; 0 disables.")
     precision: Literal["auto", "fp32", "bf16"] = param("auto", "auto: bf16 autocast on GPU, fp32 on CPU.")
     workers: int = param(0, "Data-loading workers per rank.")

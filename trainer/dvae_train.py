@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from cluster.dist import DistState
 from tessera import config as C
@@ -55,15 +56,37 @@ def schedules(tc, step: int) -> dict[str, float]:
     }
 
 
-def dvae_loss(model, x: torch.Tensor, temp: float, kl_weight: float, eps: float, generator=None, dtype=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Loss (per pixel dimension) and its terms: rec = NLL nats/image, kl = nats/image."""
+def code_diversity_gap(logits: torch.Tensor) -> torch.Tensor:
+    """log V - I(x; z) estimated on the batch: (log V - H(mean q)) + mean H(q).
+
+    Zero when every position is confident (H(q) = 0) and the batch uses every code equally;
+    large for collapse onto few codes (first term) or for unconfident positions (second term).
+    Not in the paper: a mutual-information term (cf. wav2vec 2.0's diversity loss) that keeps
+    short CPU runs from collapsing onto a handful of codes; `dvae.train.diversity_weight`
+    (0 = the paper's objective).
+    """
+    logq = F.log_softmax(logits.float(), dim=1)  # (B, V, G, G)
+    q = logq.exp()
+    mean_q = q.mean(dim=(0, 2, 3))
+    aggregate_entropy = -(mean_q * torch.log(mean_q.clamp_min(1e-12))).sum()
+    position_entropy = -(q * logq).sum(1).mean()
+    return math.log(logits.shape[1]) - aggregate_entropy + position_entropy
+
+
+def dvae_loss(model, x: torch.Tensor, temp: float, kl_weight: float, eps: float, generator=None, dtype=None, diversity_weight: float = 0.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Loss (per pixel dimension) and its terms: rec = NLL nats/image, kl = nats/image, div = nats."""
     with autocast(x.device, dtype):
         logits, stats = model(x, temp, generator)
     rec = logit_laplace_nll(stats, x, eps).mean()
     kl = kl_to_uniform(logits).mean()
     dims = x[0].numel()
     loss = (rec + kl_weight * kl) / dims
-    return loss, {"rec_nll": rec.detach(), "kl": kl.detach(), "soft_recon": stats.detach()}
+    terms = {"rec_nll": rec.detach(), "kl": kl.detach(), "soft_recon": stats.detach()}
+    if diversity_weight > 0:
+        div = code_diversity_gap(logits)
+        loss = loss + diversity_weight * div
+        terms["diversity_gap"] = div.detach()
+    return loss, terms
 
 
 @torch.no_grad()
@@ -207,7 +230,7 @@ def train_dvae(cfg_root: Any, data: str | None = None, eval_data: str | None = N
             g["lr"] = sch["lr"]
         x = next(stream).to(device, non_blocking=True).contiguous(memory_format=mem)
         gen = torch.Generator(device).manual_seed((cfg_root.seed * 1_000_003 + step) * 4099 + dist.rank)
-        loss, terms = dvae_loss(fwd, x, sch["temp"], sch["kl_weight"], tc.logit_laplace_eps, gen, dtype)
+        loss, terms = dvae_loss(fwd, x, sch["temp"], sch["kl_weight"], tc.logit_laplace_eps, gen, dtype, tc.diversity_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip if tc.grad_clip > 0 else float("inf"))
@@ -224,7 +247,7 @@ def train_dvae(cfg_root: Any, data: str | None = None, eval_data: str | None = N
             last_log_t, last_log_step = now, step
             soft = stats_to_image(terms["soft_recon"], mc.channels)
             mse = (soft - x.float()).pow(2).mean().clamp_min(1e-10)
-            run.metrics.log(step, loss=loss.item(), rec_nll=terms["rec_nll"].item(), kl=terms["kl"].item(), grad_norm=float(gnorm),
+            run.metrics.log(step, loss=loss.item(), rec_nll=terms["rec_nll"].item(), kl=terms["kl"].item(), grad_norm=float(gnorm), **({"diversity_gap": terms["diversity_gap"].item()} if "diversity_gap" in terms else {}),
                             soft_psnr=(10 * torch.log10(1 / mse)).item(), images_per_s=ips, **sch)
             if pbar is not None:
                 pbar.set_postfix(loss=f"{loss.item():.4f}", kl=f"{terms['kl'].item():.1f}", ips=f"{ips:.0f}")

@@ -120,3 +120,23 @@ def test_two_gloo_ranks_see_disjoint_data_and_end_identical(data, tmp_path):
     single = train_dvae(cfg("dvae.train.steps=6", "dvae.train.log_every=3", "dvae.train.eval_every=1000", "dvae.train.sample_every=1000",
                             "dvae.train.ckpt_every=1000"), str(data / "train"), None, tmp_path / "single")
     assert single["weights_sha256"] != r0["weights_sha256"]
+
+
+def test_code_diversity_gap_is_zero_only_for_confident_diverse_codes():
+    import math
+
+    import torch
+
+    from trainer.dvae_train import code_diversity_gap
+
+    V = 8
+    # every position confident, the batch using all 8 codes equally: gap ~ 0
+    codes = torch.arange(V).repeat(2).view(2, 2, 4)  # (B, G, G) covering each code twice
+    diverse = torch.nn.functional.one_hot(codes, V).permute(0, 3, 1, 2).float() * 50.0
+    assert code_diversity_gap(diverse).item() < 1e-3
+    # confident but collapsed onto one code: gap = log V
+    collapsed = torch.zeros(2, V, 2, 4)
+    collapsed[:, 3] = 50.0
+    assert abs(code_diversity_gap(collapsed).item() - math.log(V)) < 1e-3
+    # unconfident (uniform q everywhere): aggregate entropy is maximal but each position's is too: gap = log V
+    assert abs(code_diversity_gap(torch.zeros(2, V, 2, 4)).item() - math.log(V)) < 1e-4
