@@ -11,9 +11,22 @@ from PIL import Image
 
 from tessera.demo import demo_prompts, format_report
 
-# Floors for the 2-minute quick run (the full demo's targets are measured by bench/bench_demo.py).
-QUICK_MIN_PSNR = 22.0
-QUICK_MIN_COLOR_ACC = 0.5
+# The quick run trains each model for ~30 s, too little for the full demo's accuracy targets
+# (bench/bench_demo.py measures those). Its floors say that every stage learned something:
+# the dVAE beats the best constant image by 1 dB, and generated backgrounds beat chance (1/3).
+QUICK_PSNR_MARGIN_DB = 1.0
+QUICK_MIN_BACKGROUND_ACC = 0.5
+
+
+def global_mean_psnr(shards):
+    """PSNR of reconstructing every held-out image as the mean held-out image (a trivial baseline)."""
+    import torch
+
+    from trainer.data import iter_image_batches
+    from trainer.image_metrics import psnr
+
+    x = torch.cat([b for b, _ in iter_image_batches(str(shards), 64, batch_size=100)])
+    return psnr(x.mean(0, keepdim=True).expand_as(x), x).mean().item()
 
 
 def test_demo_prompts_cover_every_colour_shape_pair():
@@ -39,8 +52,9 @@ def test_quick_demo_report_and_figures(quick_demo):
     assert report["num_prompts"] == len(demo_prompts())
     for key in ("color_acc", "shape_acc", "position_acc", "size_acc"):
         assert 0.0 <= report[key] <= 1.0
-    assert report["dvae_psnr"] >= QUICK_MIN_PSNR, report
-    assert report["color_acc"] >= QUICK_MIN_COLOR_ACC, report
+    assert report["dvae_psnr"] >= global_mean_psnr(out / "shards" / "eval") + QUICK_PSNR_MARGIN_DB, report
+    assert report["background_acc"] >= QUICK_MIN_BACKGROUND_ACC, report
+    assert report["total_seconds"] > 0 and set(report["stage_seconds"]) >= {"train dvae", "train transformer", "sample"}
     assert report["crawl_success"]["train"] > 0
     assert "color_acc" in r.stdout and "dvae_psnr" in r.stdout  # the printed table
 

@@ -14,7 +14,8 @@ from trainer.dvae import load_dvae
 from trainer.dvae_train import train_dvae
 from trainer.rundir import load_checkpoint, save_checkpoint
 
-TINY = [
+# The paper's objective (the demo preset adds a diversity term, tested on its own below).
+TINY = ["dvae.train.diversity_weight=0", 
     "dvae.model.image_size=16", "dvae.model.n_groups=3", "dvae.model.n_hid=8", "dvae.model.n_blk_per_group=1",
     "dvae.model.vocab_size=32", "dvae.model.n_init=16", "dvae.train.batch_size=8", "dvae.train.lr=1e-2", "dvae.train.grad_clip=1.0",
     "dvae.train.lr_decay_steps=100", "dvae.train.kl_weight=0.01", "dvae.train.kl_warmup_steps=100", "dvae.train.temp_anneal_steps=100",
