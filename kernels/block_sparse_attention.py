@@ -33,42 +33,12 @@ import torch
 
 from kernels.layouts import Layout, block_layout, block_partial
 
-try:  # triton is a GPU (and test) dependency; the reference works without it
-    import triton
-    import triton.language as tl
-
-    HAS_TRITON = True
-except ImportError:  # pragma: no cover - depends on the install
-    triton = None
-    tl = None
-    HAS_TRITON = False
+from kernels._triton import HAS_TRITON, lazy_jit as _lazy_jit, tl, triton  # noqa: F401
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 SUPPORTED_BLOCKS = (16, 32, 64, 128)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _LOG2E = 1.4426950408889634
-
-
-class _LazyJit:
-    """`triton.jit` applied on first launch, not at import.
-
-    Triton chooses between compiling and its CPU interpreter (TRITON_INTERPRET=1) when a function
-    is decorated. Decorating lazily lets a test session (or a CPU worker) set the variable after
-    some other module imported this one.
-    """
-
-    def __init__(self, fn):
-        self.fn = fn
-        self._jitted = None
-
-    def __getitem__(self, grid):
-        if self._jitted is None:
-            self._jitted = triton.jit(self.fn)
-        return self._jitted[grid]
-
-
-def _lazy_jit(fn):
-    return _LazyJit(fn) if HAS_TRITON else fn
 
 
 # ----------------------------------------------------------------------------------------------

@@ -26,35 +26,10 @@ from __future__ import annotations
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-
-    HAS_TRITON = True
-except ImportError:  # pragma: no cover
-    triton = None
-    tl = None
-    HAS_TRITON = False
+from kernels._triton import HAS_TRITON, lazy_jit as _lazy_jit, tl, triton  # noqa: F401
 
 EPS = 1e-6
 MAX_RANK = 64
-
-
-class _LazyJit:
-    """`triton.jit` on first launch, so TRITON_INTERPRET may be set after this module is imported."""
-
-    def __init__(self, fn):
-        self.fn = fn
-        self._jitted = None
-
-    def __getitem__(self, grid):
-        if self._jitted is None:
-            self._jitted = triton.jit(self.fn)
-        return self._jitted[grid]
-
-
-def _lazy_jit(fn):
-    return _LazyJit(fn) if HAS_TRITON else fn
 
 
 def _rank_block(r: int) -> int:
