@@ -110,9 +110,5 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def entry() -> None:
-    sys.exit(main())
-
-
 if __name__ == "__main__":  # pragma: no cover
-    entry()
+    sys.exit(main())
