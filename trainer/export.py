@@ -35,42 +35,61 @@ EXPORT_FORMAT = "tessera-export-1"
 
 
 def find_zero_checkpoint(run_dir: Path) -> Path | None:
-    """A DeepSpeed checkpoint folder (holding a `latest` file and global_step* folders) inside the run, if any."""
+    """A DeepSpeed checkpoint folder inside the run (a `latest` file naming a tag folder beside it), if any.
+
+    The transformer trainer writes them to `RUN/checkpoints/zero/` (cluster.zero_stage > 0).
+    """
     if not run_dir.is_dir():
         return None
     for cand in [run_dir, *sorted(p for p in run_dir.rglob("*") if p.is_dir())]:
         if len(cand.relative_to(run_dir).parts) > 3:
             continue
-        if (cand / "latest").is_file() and any(cand.glob("global_step*")):
-            return cand
+        latest = cand / "latest"
+        if latest.is_file():
+            tag = latest.read_text(errors="replace").strip()
+            if tag and (cand / tag).is_dir():
+                return cand
     return None
 
 
-def _transformer_from_zero(run_dir: Path, zero_dir: Path) -> tuple[dict[str, torch.Tensor], dict, dict]:
-    """Consolidate ZeRO shards into one fp32 state dict (deepspeed.utils.zero_to_fp32)."""
+def _transformer_from_zero(run_dir: Path, zero_dir: Path, use_ema: bool) -> tuple[dict[str, torch.Tensor], dict, dict]:
+    """Consolidate ZeRO shards into one fp32 state dict (DeepSpeed's zero_to_fp32, via cluster.engine).
+
+    The model config and the EMA weights (ZeRO 1/2 runs that keep one) come from the client state
+    saved with the checkpoint; a checkpoint without one falls back to the run's config.toml.
+    """
     try:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        from cluster.engine import consolidate_zero_checkpoint, zero_checkpoint_client_state
     except ImportError:
         raise InputError(f"run '{run_dir}' holds a DeepSpeed ZeRO checkpoint ({zero_dir}) but deepspeed is not installed") from None
     try:
-        sd = get_fp32_state_dict_from_zero_checkpoint(str(zero_dir))
+        sd = consolidate_zero_checkpoint(zero_dir)
+        step, client = zero_checkpoint_client_state(zero_dir)
+    except CheckpointError:
+        raise
     except Exception as e:
         raise CheckpointError(f"ZeRO checkpoint '{zero_dir}' cannot be consolidated ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})") from None
     sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
-    cfg_path = run_dir / "config.toml"
-    if not cfg_path.exists():
-        raise InputError(f"run '{run_dir}': config.toml is missing (needed for the model config of a ZeRO checkpoint)")
-    root = C.from_run_dict(C.load_toml(cfg_path))
-    meta_path = zero_dir / "tessera_meta.json"
-    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
-    return sd, dataclasses.asdict(root.transformer.model), meta
+    if client.get("model_cfg"):
+        model_cfg = client["model_cfg"]
+    else:
+        cfg_path = run_dir / "config.toml"
+        if not cfg_path.exists():
+            raise InputError(f"run '{run_dir}': config.toml is missing (needed for the model config of a ZeRO checkpoint)")
+        model_cfg = dataclasses.asdict(C.from_run_dict(C.load_toml(cfg_path)).transformer.model)
+    weights = sd
+    if use_ema and client.get("ema"):
+        weights = {**sd, **{k: v for k, v in client["ema"].items() if k in sd}}
+    meta = {k: client.get(k) for k in ("train_data", "dvae", "tokenizer")}
+    meta.update(step=step, weights="ema" if weights is not sd else "model", consolidated_from=str(zero_dir))
+    return weights, model_cfg, meta
 
 
 def _transformer_state(run_dir: Path, use_ema: bool) -> tuple[dict[str, torch.Tensor], dict, dict]:
     """(weights, model config dict, checkpoint metadata) of a run dir or checkpoint file."""
     zero = find_zero_checkpoint(run_dir) if run_dir.is_dir() else None
     if zero is not None and not (run_dir / "checkpoints" / "latest.pt").exists():
-        return _transformer_from_zero(run_dir, zero)
+        return _transformer_from_zero(run_dir, zero, use_ema)
     ck = load_checkpoint(run_dir, "transformer")
     if "model_cfg" not in ck or "model" not in ck:
         raise CheckpointError(f"checkpoint '{run_dir}' lacks model_cfg or model weights")

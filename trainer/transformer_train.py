@@ -37,6 +37,7 @@ from trainer.token_data import TokenBatches, TokenManifest, load_token_set, read
 from trainer.transformer import DALLE, pad_text
 
 KIND = "transformer"
+ZERO_DIR = "zero"  # checkpoints/zero/: DeepSpeed ZeRO checkpoints (cluster.zero_stage > 0)
 _HORIZON_PROBE = 20
 
 
@@ -172,25 +173,29 @@ def _train(cfg_root: Any, data: str | None, output: str | Path, dist: Any) -> di
 
     run = RunDir(output, cfg_root, rank=dist.rank)
     seed = cfg_root.seed + 1000  # each stage derives its own seed
-    torch.manual_seed(seed + dist.rank)
-
+    torch.manual_seed(seed)  # the same initial weights on every rank (ZeRO-3 partitions each rank's own copy)
     model = DALLE(mcfg).to(device)
+    n_params = model.num_parameters()  # before ZeRO-3 partitions the parameters
+    if dist.rank:
+        torch.manual_seed(seed + dist.rank)
     opt = make_optimizer(model, tcfg)
+    zero = cfg_root.cluster.zero_stage > 0
+    if zero and cfg_root.cluster.zero_stage == 3 and tcfg.ema_decay > 0:
+        raise ConfigError("config key 'transformer.train.ema_decay': parameter EMA needs whole parameters on every rank; set it to 0 with cluster.zero_stage = 3")
     ema = EMA(model, tcfg.ema_decay) if tcfg.ema_decay > 0 else None
     plateau = Plateau(tcfg.lr) if tcfg.decay == "plateau" else None
     step, horizon, data_state, elapsed_before = 0, 0, None, 0.0
+    engine = None
+    zero_dir = run.checkpoint_dir / ZERO_DIR
 
-    latest = run.latest_checkpoint()
-    if latest is not None:
-        ck = load_checkpoint(latest, KIND)
+    def restore(ck: dict[str, Any], where: Path) -> None:
+        nonlocal step, horizon, data_state, elapsed_before
         try:
             saved_cfg = model_config_from_dict(ck["model_cfg"])
         except (KeyError, ConfigError) as e:
-            raise CheckpointError(f"checkpoint '{latest}' has no usable model_cfg ({e})") from None
+            raise CheckpointError(f"checkpoint '{where}' has no usable model_cfg ({e})") from None
         if saved_cfg != mcfg:
-            raise CheckpointError(f"checkpoint '{latest}' was trained with another transformer.model config; use a new --output")
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
+            raise CheckpointError(f"checkpoint '{where}' was trained with another transformer.model config; use a new --output")
         if ema is not None and ck.get("ema") is not None:
             ema.load_state_dict(ck["ema"])
         if plateau is not None and ck.get("plateau"):
@@ -199,6 +204,26 @@ def _train(cfg_root: Any, data: str | None, output: str | Path, dist: Any) -> di
         data_state = ck.get("data", {}).get(str(dist.rank))
         elapsed_before = float(ck.get("elapsed_s", 0.0))
         torch.set_rng_state(ck["rng"]["torch"])
+
+    if zero:
+        # DeepSpeed ZeRO: the engine owns the optimizer state (sharded) and its checkpoints
+        from cluster.engine import build_engine
+
+        if run.latest_checkpoint() is not None:
+            raise CheckpointError(f"run directory '{output}' holds a plain/DDP checkpoint (checkpoints/latest.pt); resume it with cluster.zero_stage = 0 or use a new --output")
+        engine = build_engine(model, opt, dist, cfg_root.cluster, grad_clip=tcfg.grad_clip, micro_batch_size=local_batch, checkpoint_kind=KIND)
+        got, client = engine.load_checkpoint(zero_dir)
+        if got:
+            restore({**client, "step": got}, zero_dir)
+    else:
+        if (zero_dir / "latest").exists():
+            raise CheckpointError(f"run directory '{output}' holds a DeepSpeed ZeRO checkpoint ({zero_dir}); resume it with the same cluster.zero_stage")
+        latest = run.latest_checkpoint()
+        if latest is not None:
+            ck = load_checkpoint(latest, KIND)
+            restore(ck, latest)
+            model.load_state_dict(ck["model"])
+            opt.load_state_dict(ck["optimizer"])
 
     tokenizer = load_tokenizer_or_none(manifest, tcfg.bpe_dropout)
     batches = TokenBatches(
@@ -212,7 +237,9 @@ def _train(cfg_root: Any, data: str | None, output: str | Path, dist: Any) -> di
     sampler = _Sampler(manifest, data, mcfg, cfg_root.sample, device) if dist.is_main and tcfg.sample_every > 0 else None
 
     wrapped = model
-    if dist.world_size > 1:
+    if engine is not None:
+        wrapped = engine.wrapped
+    elif dist.world_size > 1:
         wrapped = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     def lr_at(s: int) -> float:
@@ -229,21 +256,35 @@ def _train(cfg_root: Any, data: str | None, output: str | Path, dist: Any) -> di
         else:
             states = [batches.state()]
         state = {
-            "model": model.state_dict(), "optimizer": opt.state_dict(), "ema": ema.state_dict() if ema else None,
-            "plateau": plateau.state_dict() if plateau else None, "step": s, "horizon": horizon,
+            "ema": ema.state_dict() if ema else None,
+            "plateau": plateau.state_dict() if plateau else None, "horizon": horizon,
             "data": {str(r): st for r, st in enumerate(states)}, "model_cfg": dataclasses.asdict(mcfg),
             "rng": {"torch": torch.get_rng_state()}, "elapsed_s": elapsed_before + (time.time() - t_start),
             "train_data": str(data), "dvae": manifest.resolve(manifest.dvae), "tokenizer": manifest.resolve(manifest.tokenizer),
         }
-        return run.save_checkpoint(KIND, s, state)
+        if engine is not None:  # every rank writes its shard
+            return engine.save_checkpoint(zero_dir, s, state, keep_last=2)
+        return run.save_checkpoint(KIND, s, {**state, "model": model.state_dict(), "optimizer": opt.state_dict(), "step": s})
 
     def eval_model() -> DALLE:
+        """The weights to evaluate/sample with (EMA when kept). Collective under ZeRO-3: every rank calls it."""
+        if engine is not None and cfg_root.cluster.zero_stage == 3:
+            m = DALLE(mcfg).to(device)
+            m.load_state_dict(engine.full_state_dict())
+            return m
         if ema is None:
             return model
         m = DALLE(mcfg).to(device)
         m.load_state_dict(model.state_dict())
         ema.copy_to(m)
         return m
+
+    def main_eval_model() -> DALLE | None:
+        """eval_model() on the main rank (None elsewhere); all ranks take part where gathering is needed."""
+        if engine is not None and cfg_root.cluster.zero_stage == 3:
+            m = eval_model()
+            return m if dist.is_main else None
+        return eval_model() if dist.is_main else None
 
     n_tokens = local_batch * model.seq_len
     t_start = time.time()
@@ -260,16 +301,22 @@ def _train(cfg_root: Any, data: str | None, output: str | Path, dist: Any) -> di
         text, image = next(batches)
         text, image = text.to(device, non_blocking=True), image.to(device, non_blocking=True)
         lr = lr_at(step)
-        for g in opt.param_groups:
-            g["lr"] = lr
         with autocast_context(tcfg.precision, device):
             out = model.loss(text, image, tcfg.image_loss_weight) if wrapped is model else _ddp_loss(wrapped, text, image, tcfg.image_loss_weight)
-        opt.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip if tcfg.grad_clip > 0 else math.inf)
         if not torch.isfinite(out["loss"]):
             raise RuntimeError(f"transformer training diverged at step {step} (loss {float(out['loss'])}); lower transformer.train.lr")
-        opt.step()
+        if engine is not None:
+            engine.set_lr(lr)
+            engine.backward(out["loss"])
+            engine.step()
+            gnorm = engine.last_grad_norm if engine.last_grad_norm is not None else float("nan")
+        else:
+            for g in opt.param_groups:
+                g["lr"] = lr
+            opt.zero_grad(set_to_none=True)
+            out["loss"].backward()
+            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip if tcfg.grad_clip > 0 else math.inf)
+            opt.step()
         if ema is not None:
             ema.update(model)
         step += 1
@@ -290,29 +337,36 @@ def _train(cfg_root: Any, data: str | None, output: str | Path, dist: Any) -> di
                    "elapsed_s": elapsed_before + time.time() - t_start}
             if plateau is not None and step >= tcfg.warmup_steps:
                 plateau.step(last["loss"])
-            if eval_set is not None and dist.is_main:
-                row.update(eval_loss(eval_model(), eval_set[0], eval_set[1], tcfg, device))
+            if eval_set is not None:
+                em = main_eval_model()
+                if em is not None:
+                    row.update(eval_loss(em, eval_set[0], eval_set[1], tcfg, device))
             run.metrics.log(step, **row)
             if pbar is not None:
                 pbar.set_postfix(loss=f"{last['loss']:.3f}", img=f"{last['image_ce']:.3f}")
             t_log, tok_since = time.time(), 0
-        if sampler is not None and step % tcfg.sample_every == 0:
-            sampler(eval_model(), run, step)
+        if tcfg.sample_every > 0 and step % tcfg.sample_every == 0:
+            em = main_eval_model()
+            if sampler is not None and em is not None:
+                sampler(em, run, step)
         if tcfg.ckpt_every > 0 and step % tcfg.ckpt_every == 0:
             checkpoint(step)
     if pbar is not None:
         pbar.close()
     path = checkpoint(step)
-    if sampler is not None and step > 0 and step % tcfg.sample_every != 0:
-        sampler(eval_model(), run, step)
+    final = main_eval_model() if (sampler is not None or eval_set is not None or engine is not None) else None
+    if sampler is not None and final is not None and step > 0 and step % tcfg.sample_every != 0:
+        sampler(final, run, step)
     total_time = elapsed_before + time.time() - t_start
     summary = {
         "run_dir": str(run.path), "steps": step, "stop_reason": stop_reason, "horizon": horizon or tcfg.steps,
         "time_s": round(total_time, 2), "checkpoint": str(path) if path else None,
-        "parameters": model.num_parameters(), **{f"final_{k}": v for k, v in last.items()},
+        "parameters": n_params, **{f"final_{k}": v for k, v in last.items()},
     }
-    if eval_set is not None and dist.is_main:
-        summary.update(eval_loss(eval_model(), eval_set[0], eval_set[1], tcfg, device))
+    if engine is not None:
+        summary["engine"] = f"deepspeed-zero{cfg_root.cluster.zero_stage}"
+    if eval_set is not None and final is not None:
+        summary.update(eval_loss(final, eval_set[0], eval_set[1], tcfg, device))
     run.close()
     return summary
 

@@ -84,8 +84,8 @@ def make_token_shards(folder: Path, n: int = 256, per_shard: int = 128, seed: in
     return folder
 
 
-def tiny_root(**train):
-    """The demo root config shrunk to a tiny transformer and a few steps."""
+def tiny_root(extra: tuple[str, ...] = (), **train):
+    """The demo root config shrunk to a tiny transformer and a few steps (`extra`: more key=value overrides)."""
     from tessera import config as C
 
     over = ["transformer.model.text_len=8", "transformer.model.d_model=32", "transformer.model.n_layers=4", "transformer.model.n_heads=2",
@@ -94,7 +94,7 @@ def tiny_root(**train):
             "transformer.train.time_budget_s=0", "transformer.train.lr=3e-3", "transformer.train.shuffle_buffer=64",
             "sample.batch_size=8"]
     over += [f"transformer.train.{k}={v}" for k, v in train.items()]
-    return C.load_root("demo", over)
+    return C.load_root("demo", [*over, *extra])
 
 
 import pytest  # noqa: E402
