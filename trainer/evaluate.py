@@ -4,8 +4,15 @@
                  [--paired] --output report.json
 
 Feature space. FID and IS are defined on Inception-v3 (Heusel et al. 2017; Salimans et al. 2016).
-Inception weights are used only from a local file given with `--inception` (torchvision's
-inception_v3 state dict; nothing is downloaded). Without one, both are computed with the
+Inception weights are used only from a local file given with `--inception` (nothing is downloaded):
+a state dict in torchvision's `Inception3` naming, saved with torch.save (loaded with
+weights_only=True) or as .safetensors. The network is trainer/inception.py (plain torch, torchvision
+is not needed), which takes either torchvision's ImageNet inception_v3 weights (fc with 1000 classes)
+or the TensorFlow FID weights as ported by pytorch-fid (pt_inception-2015-12-05, fc with 1008
+classes; only these give FIDs comparable with published ones), told apart by the fc shape and
+recorded as `inception_variant`. Images are resized bilinearly to 299x299; FID is on the 2048 pool
+features, IS on the classifier's softmax (for the FID weights over all 1008 classes without the fc
+bias, as the original IS code). Without weights, both are computed with the
 project's CLIP and labelled as such: `fid_clip` is the Frechet distance between Gaussians fitted to
 unit-norm CLIP image embeddings (as FID_CLIP in Kynkaenniemi et al. 2023), and `is_clip` is
 exp(E_x KL(p(y|x) || p(y))) with p(y|x) the CLIP's softmax over the distinct captions (reference and
@@ -139,6 +146,11 @@ def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
 
     ||mu_a - mu_b||^2 + Tr(S_a) + Tr(S_b) - 2 Tr((S_a^1/2 S_b S_a^1/2)^1/2), the matrix square
     roots from symmetric eigendecompositions (negative eigenvalues from rounding clipped to 0).
+
+    With fewer samples than dimensions on one side (e.g. a few hundred images in Inception's 2048-D
+    space) the same value comes from the small matrices instead: with X_a, X_b the centred features
+    scaled by 1/sqrt(N-1), 1/sqrt(M-1), the nonzero eigenvalues of S_a S_b are those of G G^T,
+    G = X_a X_b^T (N x M), so Tr(...)^1/2 = sum sqrt(eig(G G^T)), without any D x D eigendecomposition.
     """
     if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[1]:
         raise InputError(f"frechet_distance: expected (N, D) and (M, D) features, got {tuple(a.shape)} and {tuple(b.shape)}")
@@ -146,6 +158,13 @@ def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
         raise InputError(f"frechet_distance: need >= 2 samples on each side, got {len(a)} and {len(b)}")
     a, b = a.double(), b.double()
     mu_a, mu_b = a.mean(0), b.mean(0)
+    if min(len(a), len(b)) < a.shape[1]:
+        xa, xb = (a - mu_a) / math.sqrt(len(a) - 1), (b - mu_b) / math.sqrt(len(b) - 1)
+        g = xa @ xb.t()
+        small = g @ g.t() if len(a) <= len(b) else g.t() @ g
+        tr_covmean = torch.linalg.eigvalsh((small + small.t()) / 2).clamp_min(0).sqrt().sum()
+        fd = (mu_a - mu_b).pow(2).sum() + xa.pow(2).sum() + xb.pow(2).sum() - 2 * tr_covmean
+        return max(float(fd), 0.0)
     s_a, s_b = torch.cov(a.t()), torch.cov(b.t())
     if s_a.dim() == 0:
         s_a, s_b = s_a.view(1, 1), s_b.view(1, 1)
@@ -175,13 +194,16 @@ def inception_score(probs: torch.Tensor, splits: int = 1) -> tuple[float, float]
 
 
 class InceptionFeatures:
-    """torchvision's inception_v3 with weights from a local state-dict file: pool features and class probabilities."""
+    """Inception-v3 (trainer/inception.py, no torchvision) with weights from a local file: pool features and class probabilities.
 
-    def __init__(self, path: str | Path, device: str | torch.device = "cpu"):
-        try:
-            from torchvision.models import inception_v3
-        except ImportError:
-            raise InputError(f"--inception '{path}': torchvision is not installed (pip install torchvision), needed for Inception-v3") from None
+    path: a state dict in torchvision's `Inception3` naming, saved with torch.save (read with
+    weights_only=True) or as .safetensors: torchvision's ImageNet weights or pytorch-fid's FID weights
+    (fc with 1008 classes). variant: "torchvision", "fid", or None to pick from the fc shape.
+    """
+
+    def __init__(self, path: str | Path, device: str | torch.device = "cpu", variant: str | None = None):
+        from trainer.inception import load_inception
+
         p = Path(path)
         if not p.is_file():
             raise InputError(f"Inception weights '{p}' do not exist")
@@ -192,32 +214,27 @@ class InceptionFeatures:
                 sd = load_file(p)
             else:
                 sd = torch.load(p, map_location="cpu", weights_only=True)
-            net = inception_v3(weights=None, aux_logits=True, init_weights=False)
-            missing, _ = net.load_state_dict(sd, strict=False)
-            if [k for k in missing if not k.startswith("AuxLogits")]:
-                raise RuntimeError("missing tensors")
         except Exception as e:
-            raise InputError(f"Inception weights '{p}' cannot be loaded into torchvision inception_v3 ({type(e).__name__})") from None
-        self.net = net.eval().to(device)
+            raise InputError(f"Inception weights '{p}' cannot be read: truncated, or not a torch.save state dict / .safetensors file ({type(e).__name__})") from None
+        try:
+            net = load_inception(sd, variant)
+        except ValueError as e:
+            raise InputError(f"Inception weights '{p}' do not fit Inception-v3: {str(e).splitlines()[0]}") from None
+        self.path = p
+        self.variant = net.variant
         self.device = torch.device(device)
+        self.net = net.to(self.device)
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+        """images (N, 3, H, W) float in [0, 1] (uint8 is scaled) -> (features (N, 2048), probabilities (N, K)), on the CPU."""
         feats, probs = [], []
-        pool: list[torch.Tensor] = []
-        hook = self.net.avgpool.register_forward_hook(lambda m, i, o: pool.append(o.flatten(1)))
-        try:
-            for i in range(0, len(images), batch_size):
-                x = images[i : i + batch_size].to(self.device).float()
-                x = torch.nn.functional.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
-                mean = torch.tensor([0.485, 0.456, 0.406], device=x.device).view(1, 3, 1, 1)
-                std = torch.tensor([0.229, 0.224, 0.225], device=x.device).view(1, 3, 1, 1)
-                logits = self.net((x - mean) / std)
-                logits = logits.logits if hasattr(logits, "logits") else logits
-                probs.append(logits.softmax(-1).cpu())
-                feats.append(pool.pop().cpu())
-        finally:
-            hook.remove()
+        for i in range(0, len(images), batch_size):
+            x = images[i : i + batch_size].to(self.device)
+            x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+            f, p = self.net(x)
+            feats.append(f.float().cpu())
+            probs.append(p.float().cpu())
         return torch.cat(feats), torch.cat(probs)
 
 
@@ -255,6 +272,7 @@ def evaluate(
         fx, px = inception(x)
         fr, _ = inception(r)
         report["feature_space"] = "inception"
+        report["inception_variant"] = getattr(inception, "variant", "unknown")
         report["fid"] = frechet_distance(fx, fr)
         report["is"], report["is_std"] = inception_score(px, is_splits)
     if clip is not None:
@@ -312,7 +330,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--images", required=True, help="generated (or reconstructed) images: a folder, a glob, or shards")
     parser.add_argument("--reference", required=True, help="reference images: webdataset shards (folder of *.tar) or an image folder")
     parser.add_argument("--clip", default=None, help="a `tessera train clip` run directory or checkpoint (CLIP score, fid_clip, is_clip)")
-    parser.add_argument("--inception", default=None, help="local torchvision inception_v3 state dict for FID and IS (never downloaded)")
+    parser.add_argument("--inception", default=None, help="local Inception-v3 state dict (torchvision's naming; .pt/.pth or .safetensors) for FID and IS: torchvision's ImageNet weights or pytorch-fid's pt_inception-2015-12-05 FID weights (never downloaded; torchvision not needed)")
     parser.add_argument("--paired", action="store_true", help="also PSNR/SSIM of image i against reference i")
     parser.add_argument("--size", type=int, default=None, help="side both sets are resized to (default: the generated images' side)")
     parser.add_argument("--limit", type=int, default=None, help="use at most this many images from each side")
@@ -337,10 +355,12 @@ def run(args: argparse.Namespace) -> int:
     report["reference"] = str(args.reference)
     if clip is not None:
         report["clip"] = str(args.clip)
+    if inception is not None:
+        report["inception"] = str(args.inception)
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out, (json.dumps(report, indent=2) + "\n").encode())
-    print(format_table({k: v for k, v in report.items() if k not in ("images", "reference", "clip")}))
+    print(format_table({k: v for k, v in report.items() if k not in ("images", "reference", "clip", "inception")}))
     print(f"wrote {out}")
     return 0
 
