@@ -141,7 +141,14 @@ def run_demo(cfg: Any, out: Path, samples_per_prompt: int = SAMPLES_PER_PROMPT) 
     dvae_summary = st.run("train dvae", train_dvae, cfg, str(out / "shards" / "train"), str(out / "shards" / "eval"), out / "dvae")
     st.run("encode", encode_shards, out / "dvae", tok_path, str(out / "shards" / "train"), out / "tokens", cfg=cfg.encode)
     tr_summary = st.run("train transformer", train_transformer, cfg, str(out / "tokens"), out / "transformer")
-    st.run("export", export, out / "transformer", out / "export")
+    clip_dir = None
+    if cfg.sample.candidates > 1:  # reranking needs a CLIP: train the small one on the same shards
+        from trainer.clip_train import train_clip
+
+        clip_dir = out / "clip"
+        clip_summary = st.run("train clip", train_clip, cfg.clip, str(out / "shards" / "train"), tok_path, clip_dir,
+                              eval_data=str(out / "shards" / "eval"), seed=cfg.seed, root_cfg=cfg)
+    st.run("export", export, out / "transformer", out / "export", clip=clip_dir)
 
     prompts = demo_prompts()
     captions_p = [synthetic.caption(a) for a in prompts]
@@ -186,6 +193,7 @@ def run_demo(cfg: Any, out: Path, samples_per_prompt: int = SAMPLES_PER_PROMPT) 
         "crawl_success": {k: v["successes"] for k, v in crawl_stats.items()},
         "dvae": _small(dvae_summary),
         "transformer": _small(tr_summary),
+        "clip": _small(clip_summary) if clip_dir is not None else None,
         "stage_seconds": st.seconds,
         "total_seconds": st.total,
         "torch_threads": torch.get_num_threads(),

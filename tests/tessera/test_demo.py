@@ -57,6 +57,9 @@ def test_quick_demo_report_and_figures(quick_demo):
     assert report["total_seconds"] > 0 and set(report["stage_seconds"]) >= {"train dvae", "train transformer", "sample"}
     assert report["crawl_success"]["train"] > 0
     assert "color_acc" in r.stdout and "dvae_psnr" in r.stdout  # the printed table
+    # candidates > 1: a CLIP was trained for reranking; it tells held-out captions apart far above chance
+    assert "train clip" in report["stage_seconds"]
+    assert report["clip"]["i2t_top1"] >= 5 * report["clip"]["chance"], report["clip"]
 
 
 def test_quick_demo_files(quick_demo):
@@ -74,6 +77,7 @@ def test_quick_demo_files(quick_demo):
         assert list((d / "samples").glob("*.png"))
     assert (out / "tokens" / "manifest.json").is_file()
     assert (out / "export" / "config.json").is_file() and (out / "export" / "model.safetensors").is_file()
+    assert json.loads((out / "export" / "config.json").read_text())["clip"] is not None  # exported for reranking
     grid = Image.open(out / "grid.png")
     n = len(demo_prompts()) * json.loads((out / "report.json").read_text())["samples_per_prompt"]
     assert len(list((out / "samples").glob("*.png"))) == n
