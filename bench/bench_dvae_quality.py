@@ -1,11 +1,15 @@
 """dVAE quality for a CPU time budget on the demo's embedded dataset (issue: "report what it reaches
 with a 30-minute CPU budget").
 
-Trains `tessera train dvae` with the demo preset and scaled schedules on the shards of a demo
+Trains `tessera train dvae` with the demo preset and a longer lr decay on the shards of a demo
 output directory (`tessera demo --output DIR` makes them), then measures on the held-out shard:
 PSNR/SSIM of hard reconstructions, codebook perplexity and unused codes, and how often the
 project's detector recovers each attribute from the reconstructions (the transformer can only
 learn what the codes keep). Writes a markdown table to --report.
+
+The temperature keeps the demo's anneal (1 -> 1/16 over 800 updates): stretching it to the
+horizon kept the relaxation hot for thousands of updates at lr 1e-2 and the codebook collapsed to a
+single code (bench/results/dvae.md).
 
     python bench/bench_dvae_quality.py --demo-dir runs/demo --budget 1800 --steps 6000 --threads 1 [key=value ...]
 """
@@ -29,7 +33,7 @@ def main() -> None:
     ap.add_argument("--demo-dir", required=True, help="a `tessera demo` output dir (its shards/ and urls/)")
     ap.add_argument("--output", default="/tmp/tessera-dvae-quality")
     ap.add_argument("--budget", type=float, default=1800.0, help="training seconds")
-    ap.add_argument("--steps", type=int, default=6000, help="schedule horizon (lr decay; temperature anneals over 5/6 of it)")
+    ap.add_argument("--steps", type=int, default=6000, help="update horizon of the lr decay (the temperature keeps the demo's fast anneal)")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--report", default=None, help="markdown file to append the result to")
     ap.add_argument("overrides", nargs="*")
@@ -46,7 +50,7 @@ def main() -> None:
     from trainer.dvae_train import train_dvae
 
     d = Path(a.demo_dir)
-    over = [f"dvae.train.steps={a.steps}", f"dvae.train.lr_decay_steps={a.steps}", f"dvae.train.temp_anneal_steps={a.steps * 5 // 6}",
+    over = [f"dvae.train.steps={a.steps}", f"dvae.train.lr_decay_steps={a.steps}",
             f"dvae.train.time_budget_s={a.budget}", f"dvae.train.eval_every={max(a.steps // 6, 1)}", f"dvae.train.sample_every={max(a.steps // 6, 1)}",
             f"dvae.train.ckpt_every={max(a.steps // 6, 1)}", *a.overrides]
     cfg = C.load_root("demo", over)
