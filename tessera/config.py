@@ -1,7 +1,7 @@
 """Typed configuration: one dataclass per stage, TOML presets, `key.sub=value` overrides.
 
 Precedence is CLI > TOML > dataclass defaults. Every field carries its documentation in
-`field(metadata={"doc": ...})` (use `param(default, "doc")`), which `tessera config --help-keys`
+`field(metadata={"doc": ...})` (use `param(default, "doc")`), which `tessera config --keys`
 prints. Unknown keys and values of the wrong type are rejected with the key's dotted name and
 the expected type.
 
@@ -263,7 +263,7 @@ def _merge(a: dict, b: dict) -> dict:
 
 
 def describe(cls: type, prefix: str = "") -> list[tuple[str, str, Any, str]]:
-    """(dotted key, type, default, doc) for every leaf of a dataclass tree: the `--help-keys` table."""
+    """(dotted key, type, default, doc) for every leaf of a dataclass tree: the `--keys` table."""
     rows = []
     hints = _hints(cls)
     for f in dataclasses.fields(cls):

@@ -36,6 +36,18 @@ from trainer.config import ClipConfig
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
 
 
+def _check_tar_end(tf: tarfile.TarFile, path: Path) -> None:
+    """tarfile stops quietly at a member header cut short; a whole archive has its end-of-archive
+    zero blocks (>= 1024 bytes) after the last member, so anything else is a truncated file."""
+    f = tf.fileobj
+    f.seek(0, 2)
+    size = f.tell()
+    f.seek(tf.offset)
+    tail = f.read(size - tf.offset)
+    if len(tail) < 1024 or tail.strip(b"\0"):
+        raise InputError(f"shard '{path}' is truncated (ends inside a member header at byte {tf.offset + len(tail)})")
+
+
 def read_pairs(spec: str | Path, image_size: int, limit: int | None = None) -> tuple[torch.Tensor, list[str]]:
     """(images uint8 (N, 3, S, S), captions) from webdataset shards ({key}.jpg|png|webp + {key}.txt).
 
@@ -66,6 +78,7 @@ def read_pairs(spec: str | Path, image_size: int, limit: int | None = None) -> t
                         caps.append(entry["txt"].decode("utf-8", errors="replace").strip())
                         if limit is not None and len(caps) >= limit:
                             return _stack(imgs), caps
+                _check_tar_end(tf, path)
         except (tarfile.TarError, EOFError) as e:
             raise InputError(f"shard '{path}' is not a readable tar file ({type(e).__name__})") from None
     if not caps:
@@ -119,7 +132,7 @@ def _param_groups(model: CLIP, weight_decay: float) -> list[dict[str, Any]]:
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         # weights of linear and conv layers decay; norms, biases, embeddings, positions, temperature do not
-        (decay if p.dim() >= 2 and "tok." not in name else no_decay).append(p)
+        (decay if p.dim() >= 2 and "tok." not in name and not name.endswith(".pos") else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 

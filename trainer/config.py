@@ -25,8 +25,10 @@ class DVAEModelConfig:
     n_init: int = param(128, "Width of the decoder's first 1x1 conv from the vocabulary (128 in the released decoder).")
 
     def validate(self) -> None:
+        if self.n_groups < 1:
+            raise ConfigError(f"config key 'dvae.model.n_groups': expected >= 1, got {self.n_groups}")
         down = 2 ** (self.n_groups - 1)
-        if self.image_size % down:
+        if self.image_size < down or self.image_size % down:
             raise ConfigError(f"config key 'dvae.model.image_size': expected a multiple of {down} for {self.n_groups} groups, got {self.image_size}")
         for key in ("n_hid", "n_groups", "n_blk_per_group", "vocab_size", "n_init"):
             if getattr(self, key) < 1:
@@ -100,6 +102,8 @@ class TransformerModelConfig:
     conv_kernel: int = param(11, "Side k of the causal k x k neighbourhood of the convolutional mask.")
 
     def validate(self) -> None:
+        if self.n_heads < 1:
+            raise ConfigError(f"config key 'transformer.model.n_heads': expected >= 1, got {self.n_heads}")
         if self.d_model % self.n_heads:
             raise ConfigError(f"config key 'transformer.model.d_model': expected a multiple of n_heads={self.n_heads}, got {self.d_model}")
         if self.conv_kernel % 2 == 0:
@@ -174,6 +178,8 @@ class ClipConfig:
     checkpoint: Optional[str] = param(None, "Use this local open_clip checkpoint instead of training one.")
 
     def validate(self) -> None:
+        if self.n_heads < 1:
+            raise ConfigError(f"config key 'clip.n_heads': expected >= 1, got {self.n_heads}")
         if self.d_model % self.n_heads:
             raise ConfigError(f"config key 'clip.d_model': expected a multiple of n_heads={self.n_heads}, got {self.d_model}")
         if self.image_size < 8 or self.image_size & (self.image_size - 1):
