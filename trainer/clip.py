@@ -299,10 +299,14 @@ def model_from_state(state: dict[str, Any], where: str | Path = "<state>") -> CL
 
 def load_clip(path: str | Path, device: str | torch.device = "cpu") -> ClipScorer:
     """A ClipScorer from a `tessera train clip` run directory, one of its checkpoint files, or an
-    export directory holding a CLIP (config.json "clip" entry, `clip.*` tensors, clip_tokenizer.model)."""
+    export directory holding a CLIP (config.json "clip" entry, `clip.*` tensors, clip_tokenizer.model);
+    or, for a local open_clip / OpenAI CLIP checkpoint file, a trainer.openclip.OpenClipScorer."""
+    from trainer.openclip import is_openclip_checkpoint, load_openclip
     from trainer.rundir import load_checkpoint
 
     path = Path(path)
+    if is_openclip_checkpoint(path):
+        return load_openclip(path, device)  # type: ignore[return-value]
     if path.is_dir() and (path / "config.json").is_file() and not (path / "checkpoints").is_dir():
         return _load_from_export(path, device)
     state = load_checkpoint(path, "clip")

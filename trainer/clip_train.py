@@ -159,10 +159,18 @@ def train_clip(
     from trainer.schedules import warmup_cosine
 
     cfg.validate()
-    if cfg.checkpoint:
-        from tessera.errors import ConfigError
+    if cfg.checkpoint:  # a local open_clip checkpoint replaces training: check that it loads
+        from tessera.errors import ConfigError, TesseraError
+        from trainer.openclip import load_openclip
 
-        raise ConfigError(f"config key 'clip.checkpoint' is set ({cfg.checkpoint}): loading open_clip checkpoints is not implemented; unset it to train the small CLIP")
+        try:
+            oc = load_openclip(cfg.checkpoint).cfg
+        except TesseraError as e:
+            raise ConfigError(f"config key 'clip.checkpoint': {e}") from None
+        return {
+            "checkpoint": str(cfg.checkpoint), "open_clip": True,
+            "summary": f"clip: not training; the open_clip checkpoint {cfg.checkpoint} (ViT, image {oc.image_size}px, embed {oc.embed_dim}) will be used",
+        }
     dev = _device(device)
     tok = load_tokenizer(tokenizer)
     images, captions = pairs if pairs is not None else read_pairs(data, cfg.image_size, cfg.max_train_samples)
@@ -269,6 +277,9 @@ def run(args: argparse.Namespace) -> int:
 
     root = load_root(args.config, args.overrides)
     m = train_clip(root.clip, args.data, args.tokenizer, args.output, eval_data=args.eval_data, seed=root.seed, root_cfg=root, device=args.device)
+    if m.get("open_clip"):
+        print(m["summary"])
+        return 0
     print(
         f"clip: {m['step']} steps in {m['train_seconds']} s, loss {m['loss']:.3f}; retrieval top-1 image->text {m['i2t_top1']:.3f}, "
         f"text->image {m['t2i_top1']:.3f} over {m['n_captions']} captions (chance {m['chance']:.3f}); checkpoint {m['checkpoint']}"
