@@ -13,8 +13,9 @@ from tessera.demo import demo_prompts, format_report
 
 # The quick run trains each model for ~30 s, too little for the full demo's accuracy targets
 # (bench/bench_demo.py measures those). Its floors say that every stage learned something:
-# the dVAE beats the best constant image by 1 dB, and generated backgrounds beat chance (1/3).
-QUICK_PSNR_MARGIN_DB = 1.0
+# the dVAE beats the best constant image by 4 dB (it reaches 19.4-20.1 dB for seeds 0-2, the
+# constant image 12.7 dB), and generated backgrounds beat chance (1/3).
+QUICK_PSNR_MARGIN_DB = 4.0
 QUICK_MIN_BACKGROUND_ACC = 0.5
 
 
