@@ -196,7 +196,30 @@ def checkpoint_state(model: CLIP, tokenizer_path: str | Path) -> dict[str, Any]:
     }
 
 
-class ClipScorer:
+class SimilarityMethods:
+    """score / similarity / rerank from `image_embeddings` and `text_embeddings` (unit vectors);
+    shared by ClipScorer and trainer.openclip.OpenClipScorer."""
+
+    @torch.no_grad()
+    def score(self, images: Any, captions: Sequence[str]) -> torch.Tensor:
+        """Cosine similarity of image i with caption i: (B,) in [-1, 1]. Images: see `as_batch`."""
+        if len(images) != len(captions):
+            raise InputError(f"{type(self).__name__}.score: {len(images)} images but {len(captions)} captions")
+        return (self.image_embeddings(images) * self.text_embeddings(list(captions))).sum(-1)
+
+    @torch.no_grad()
+    def similarity(self, images: Any, captions: Sequence[str]) -> torch.Tensor:
+        """Every image against every caption: (n_images, n_captions) cosine similarities."""
+        return self.image_embeddings(images) @ self.text_embeddings(list(captions)).t()
+
+    @torch.no_grad()
+    def rerank(self, images: Any, caption: str, top: int = 1) -> torch.Tensor:
+        """Indices of the `top` images most similar to `caption`, best first."""
+        s = self.score(images, [caption] * len(images))
+        return s.argsort(descending=True)[:top]
+
+
+class ClipScorer(SimilarityMethods):
     """A trained CLIP with its tokenizer: embeddings and image-caption cosine similarities."""
 
     def __init__(self, model: CLIP, tokenizer: Any, device: str | torch.device = "cpu"):
@@ -253,23 +276,6 @@ class ClipScorer:
         out = [self.model.encode_text(self.tokenize(captions[i : i + batch_size]).to(self.device)).cpu() for i in range(0, len(captions), batch_size)]
         return torch.cat(out) if out else torch.zeros(0, self.cfg.embed_dim)
 
-    @torch.no_grad()
-    def score(self, images: Any, captions: Sequence[str]) -> torch.Tensor:
-        """Cosine similarity of image i with caption i: (B,) in [-1, 1]. Images: see `as_batch`."""
-        if len(images) != len(captions):
-            raise InputError(f"ClipScorer.score: {len(images)} images but {len(captions)} captions")
-        return (self.image_embeddings(images) * self.text_embeddings(list(captions))).sum(-1)
-
-    @torch.no_grad()
-    def similarity(self, images: Any, captions: Sequence[str]) -> torch.Tensor:
-        """Every image against every caption: (n_images, n_captions) cosine similarities."""
-        return self.image_embeddings(images) @ self.text_embeddings(list(captions)).t()
-
-    @torch.no_grad()
-    def rerank(self, images: Any, caption: str, top: int = 1) -> torch.Tensor:
-        """Indices of the `top` images most similar to `caption`, best first."""
-        s = self.score(images, [caption] * len(images))
-        return s.argsort(descending=True)[:top]
 
 
 def _tokenizer_from_state(state: dict[str, Any], where: Path) -> Any:

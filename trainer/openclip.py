@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tessera.errors import CheckpointError, InputError
+from trainer.clip import SimilarityMethods
 
 MERGES_NAME = "bpe_simple_vocab_16e6.txt.gz"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -360,7 +361,7 @@ def model_from_openclip_state(sd: dict[str, torch.Tensor], where: str | Path = "
 # Scorer
 
 
-class OpenClipScorer:
+class OpenClipScorer(SimilarityMethods):
     """An open_clip CLIP with its tokenizer; the same methods as trainer.clip.ClipScorer."""
 
     def __init__(self, model: OpenCLIP, tokenizer: ClipTokenizer, device: str | torch.device = "cpu"):
@@ -431,24 +432,6 @@ class OpenClipScorer:
         captions = list(captions)
         out = [self.model.encode_text(self.tokenize(captions[i : i + batch_size]).to(self.device)).float().cpu() for i in range(0, len(captions), batch_size)]
         return torch.cat(out) if out else torch.zeros(0, self.cfg.embed_dim)
-
-    @torch.no_grad()
-    def score(self, images: Any, captions: Sequence[str]) -> torch.Tensor:
-        """Cosine similarity of image i with caption i: (B,) in [-1, 1]."""
-        if len(images) != len(captions):
-            raise InputError(f"OpenClipScorer.score: {len(images)} images but {len(captions)} captions")
-        return (self.image_embeddings(images) * self.text_embeddings(list(captions))).sum(-1)
-
-    @torch.no_grad()
-    def similarity(self, images: Any, captions: Sequence[str]) -> torch.Tensor:
-        """Every image against every caption: (n_images, n_captions) cosine similarities."""
-        return self.image_embeddings(images) @ self.text_embeddings(list(captions)).t()
-
-    @torch.no_grad()
-    def rerank(self, images: Any, caption: str, top: int = 1) -> torch.Tensor:
-        """Indices of the `top` images most similar to `caption`, best first."""
-        s = self.score(images, [caption] * len(images))
-        return s.argsort(descending=True)[:top]
 
 
 def find_merges(checkpoint: str | Path, merges: str | Path | None = None) -> Path:
