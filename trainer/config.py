@@ -61,6 +61,11 @@ class DVAETrainConfig:
     logit_laplace_eps: float = param(0.1, "epsilon of the pixel map phi(x) = (1 - 2 eps) x + eps.")
     ema_decay: float = param(0.999, "Parameter EMA decay; the EMA weights are used for evaluation and export.")
     diversity_weight: float = param(0.0, "Weight of log V - H(batch-mean code distribution), against codebook collapse in short runs; 0 = the paper's objective.")
+    mse_weight: float = param(0.0, "Weight of the mean squared error of the relaxed reconstruction (pixels in [0, 1]) added to the per-dimension loss; 0 = the paper's objective. PSNR is a squared-error metric and the logit-Laplace term alone fits edges slowly (bench/results/dvae.md).")
+    codebook_init: Literal["none", "kmeans"] = param("none", "none: the paper's random initialisation; kmeans: warm start from k-means codes of image patches (trainer/codebook_init.py).")
+    init_steps: int = param(0, "kmeans: updates of the warm start (decoder from k-means codes, encoder predicting them) before the gumbel-softmax objective; the temperature and KL schedules start after them.")
+    init_images: int = param(1000, "kmeans: training images whose patches are clustered.")
+    init_iters: int = param(20, "kmeans: Lloyd iterations.")
     grad_clip: float = param(0.0, "Gradient-norm clipping; 0 disables.")
     precision: Literal["auto", "fp32", "bf16"] = param("auto", "auto: bf16 autocast on GPU, fp32 on CPU.")
     workers: int = param(0, "Data-loading workers per rank.")
@@ -75,6 +80,16 @@ class DVAETrainConfig:
     eval_samples: int = param(512, "Held-out images used per evaluation (the first ones of eval_data).")
     channels_last: bool = param(True, "Use the channels_last memory format for activations and weights (1.25x faster dVAE training on CPU, see bench/results/dvae.md).")
     compile: bool = param(False, "torch.compile the model (GPU runs).")
+
+    def validate(self) -> None:
+        for key in ("mse_weight", "init_steps"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"config key 'dvae.train.{key}': expected >= 0, got {getattr(self, key)}")
+        if self.codebook_init == "kmeans":
+            if self.init_steps < 1:
+                raise ConfigError(f"config key 'dvae.train.init_steps': expected >= 1 with codebook_init = 'kmeans', got {self.init_steps}")
+            if self.init_images < 1 or self.init_iters < 1:
+                raise ConfigError(f"config key 'dvae.train.init_images': expected init_images >= 1 and init_iters >= 1, got {self.init_images} and {self.init_iters}")
 
 
 @dataclass

@@ -184,11 +184,19 @@ class DVAE(nn.Module):
         if x.dim() != 4 or x.shape[1:] != (self.cfg.channels, s, s):
             raise InputError(f"dVAE: expected images (B, {self.cfg.channels}, {s}, {s}) in [0, 1], got {tuple(x.shape)}")
 
-    def forward(self, x: torch.Tensor, temp: float, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Training pass: (encoder logits (B, V, G, G), decoder stats (B, 2C, H, W))."""
+    def forward(self, x: torch.Tensor, temp: float, generator: torch.Generator | None = None, codes: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training pass: (encoder logits (B, V, G, G), decoder stats (B, 2C, H, W)).
+
+        The decoder sees gumbel-softmax samples of the logits, or the one-hot `codes` long[B, G, G]
+        when they are given (the k-means warm start, trainer/codebook_init.py).
+        """
         self._check_images(x)
         logits = self.encoder(map_pixels(x))
-        z = gumbel_softmax(logits, temp, generator)
+        if codes is None:
+            z = gumbel_softmax(logits, temp, generator)
+        else:
+            z = F.one_hot(codes.long(), self.cfg.vocab_size).permute(0, 3, 1, 2).to(logits.dtype)
+            z = z.contiguous(memory_format=torch.channels_last) if x.is_contiguous(memory_format=torch.channels_last) else z.contiguous()
         return logits, self.decoder(z)
 
     @torch.no_grad()

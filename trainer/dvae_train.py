@@ -27,6 +27,7 @@ from cluster.dist import DistState
 from tessera import config as C
 from tessera.errors import ConfigError, InputError
 from trainer.data import ImageStream, iter_image_batches
+from trainer.codebook_init import patch_codes, sample_centroids
 from trainer.dvae import DVAE, kl_to_uniform, map_pixels, logit_laplace_nll, stats_to_image
 from trainer.ema import EMA
 from trainer.rundir import RunDir, atomic_write_bytes, load_checkpoint, save_image_grid
@@ -48,11 +49,18 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def warm_steps(tc) -> int:
+    """Updates of the k-means warm start (0 without one)."""
+    return tc.init_steps if tc.codebook_init == "kmeans" else 0
+
+
 def schedules(tc, step: int) -> dict[str, float]:
+    """lr over the whole run; the KL weight and temperature schedules start after the warm start."""
+    main = max(0, step - warm_steps(tc))
     return {
         "lr": cosine(step, tc.lr, tc.lr_min, tc.lr_decay_steps),
-        "kl_weight": cosine(step, 0.0, tc.kl_weight, tc.kl_warmup_steps),
-        "temp": cosine(step, tc.temp_start, tc.temp_end, tc.temp_anneal_steps),
+        "kl_weight": cosine(main, 0.0, tc.kl_weight, tc.kl_warmup_steps),
+        "temp": cosine(main, tc.temp_start, tc.temp_end, tc.temp_anneal_steps),
     }
 
 
@@ -73,15 +81,33 @@ def code_diversity_gap(logits: torch.Tensor) -> torch.Tensor:
     return math.log(logits.shape[1]) - aggregate_entropy + position_entropy
 
 
-def dvae_loss(model, x: torch.Tensor, temp: float, kl_weight: float, eps: float, generator=None, dtype=None, diversity_weight: float = 0.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Loss (per pixel dimension) and its terms: rec = NLL nats/image, kl = nats/image, div = nats."""
+def dvae_loss(model, x: torch.Tensor, temp: float, kl_weight: float, eps: float, generator=None, dtype=None, diversity_weight: float = 0.0,
+              mse_weight: float = 0.0, codes: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Loss (per pixel dimension) and its terms: rec = NLL nats/image, kl = nats/image, div = nats.
+
+    With `codes` (the k-means warm start) the decoder reconstructs from those one-hot codes and the
+    encoder is trained to predict them (cross-entropy `init_ce`) instead of the KL and diversity terms.
+    """
     with autocast(x.device, dtype):
-        logits, stats = model(x, temp, generator)
+        logits, stats = model(x, temp, generator, codes) if codes is not None else model(x, temp, generator)
     rec = logit_laplace_nll(stats, x, eps).mean()
-    kl = kl_to_uniform(logits).mean()
     dims = x[0].numel()
+    terms = {"rec_nll": rec.detach(), "soft_recon": stats.detach()}
+    if mse_weight > 0:
+        mse = (stats_to_image(stats, x.shape[1]) - x.float()).pow(2).mean()
+        terms["mse"] = mse.detach()
+    if codes is not None:
+        ce = F.cross_entropy(logits.float(), codes)
+        loss = rec / dims + ce
+        terms.update(init_ce=ce.detach(), init_acc=(logits.detach().argmax(1) == codes).float().mean(), kl=torch.zeros(()))
+        if mse_weight > 0:
+            loss = loss + mse_weight * mse
+        return loss, terms
+    kl = kl_to_uniform(logits).mean()
     loss = (rec + kl_weight * kl) / dims
-    terms = {"rec_nll": rec.detach(), "kl": kl.detach(), "soft_recon": stats.detach()}
+    terms["kl"] = kl.detach()
+    if mse_weight > 0:
+        loss = loss + mse_weight * mse
     if diversity_weight > 0:
         div = code_diversity_gap(logits)
         loss = loss + diversity_weight * div
@@ -165,7 +191,7 @@ def train_dvae(cfg_root: Any, data: str | None = None, eval_data: str | None = N
     ema = EMA(model, tc.ema_decay)
     run = RunDir(output, cfg_root, rank=dist.rank)
 
-    step, data_state = 0, None
+    step, data_state, ck = 0, None, None
     latest = run.checkpoint_dir / "latest.pt"
     if latest.exists():
         ck = load_checkpoint(latest, "dvae", map_location="cpu")
@@ -184,6 +210,15 @@ def train_dvae(cfg_root: Any, data: str | None = None, eval_data: str | None = N
 
     stream = ImageStream(tc.train_data, image_size=mc.image_size, batch_size=per_rank, seed=cfg_root.seed, rank=dist.rank,
                          world=dist.world_size, workers=tc.workers, shuffle_buffer=tc.shuffle_buffer, state=data_state)
+
+    centroids = None
+    if tc.codebook_init == "kmeans" and step < warm_steps(tc):
+        centroids = ck.get("kmeans_centroids") if ck is not None else None
+        if centroids is None:
+            centroids, seconds = kmeans_centroids(cfg_root, dist, device)
+            run.metrics.log(0, kmeans_time_s=round(seconds, 2), kmeans_images=tc.init_images)
+        centroids = centroids.to(device)
+    patch = 2 ** (mc.n_groups - 1)
 
     fwd = model
     if tc.compile:
@@ -209,6 +244,7 @@ def train_dvae(cfg_root: Any, data: str | None = None, eval_data: str | None = N
             run.save_checkpoint("dvae", at, {
                 "step": at, "model": model.state_dict(), "optimizer": opt.state_dict(), "ema": ema.state_dict(),
                 "model_cfg": C.to_dict(mc), "data": states, "seed": cfg_root.seed,
+                **({"kmeans_centroids": centroids.cpu()} if centroids is not None and at < warm_steps(tc) else {}),
             })
 
     from tessera.progress import bar
@@ -230,7 +266,8 @@ def train_dvae(cfg_root: Any, data: str | None = None, eval_data: str | None = N
             g["lr"] = sch["lr"]
         x = next(stream).to(device, non_blocking=True).contiguous(memory_format=mem)
         gen = torch.Generator(device).manual_seed((cfg_root.seed * 1_000_003 + step) * 4099 + dist.rank)
-        loss, terms = dvae_loss(fwd, x, sch["temp"], sch["kl_weight"], tc.logit_laplace_eps, gen, dtype, tc.diversity_weight)
+        codes = patch_codes(x, centroids, patch) if centroids is not None and step < warm_steps(tc) else None
+        loss, terms = dvae_loss(fwd, x, sch["temp"], sch["kl_weight"], tc.logit_laplace_eps, gen, dtype, tc.diversity_weight, tc.mse_weight, codes)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip if tc.grad_clip > 0 else float("inf"))
@@ -247,7 +284,8 @@ def train_dvae(cfg_root: Any, data: str | None = None, eval_data: str | None = N
             last_log_t, last_log_step = now, step
             soft = stats_to_image(terms["soft_recon"], mc.channels)
             mse = (soft - x.float()).pow(2).mean().clamp_min(1e-10)
-            run.metrics.log(step, loss=loss.item(), rec_nll=terms["rec_nll"].item(), kl=terms["kl"].item(), grad_norm=float(gnorm), **({"diversity_gap": terms["diversity_gap"].item()} if "diversity_gap" in terms else {}),
+            extra = {k: terms[k].item() for k in ("diversity_gap", "mse", "init_ce", "init_acc") if k in terms}
+            run.metrics.log(step, loss=loss.item(), rec_nll=terms["rec_nll"].item(), kl=terms["kl"].item(), grad_norm=float(gnorm), **extra,
                             soft_psnr=(10 * torch.log10(1 / mse)).item(), images_per_s=ips, **sch)
             if pbar is not None:
                 pbar.set_postfix(loss=f"{loss.item():.4f}", kl=f"{terms['kl'].item():.1f}", ips=f"{ips:.0f}")
@@ -274,6 +312,20 @@ def train_dvae(cfg_root: Any, data: str | None = None, eval_data: str | None = N
     run.close()
     dist.barrier()
     return summary
+
+
+def kmeans_centroids(cfg_root: Any, dist: DistState, device: torch.device) -> tuple[torch.Tensor, float]:
+    """(centroids, seconds): rank 0 clusters the patches of a shuffled training sample, every rank gets its centroids."""
+    mc, tc = cfg_root.dvae.model, cfg_root.dvae.train
+    patch = 2 ** (mc.n_groups - 1)
+    t0 = time.time()
+    if dist.is_main:
+        c = sample_centroids(tc.train_data, mc.image_size, patch, mc.vocab_size, tc.init_images, tc.init_iters, cfg_root.seed, device).float()
+    else:
+        c = torch.zeros((mc.vocab_size, mc.channels * patch * patch), device=device)
+    if dist.initialized and dist.world_size > 1:
+        torch.distributed.broadcast(c, 0)
+    return c, time.time() - t0
 
 
 def weights_digest(model: torch.nn.Module) -> str:

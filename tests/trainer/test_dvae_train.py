@@ -11,11 +11,12 @@ from tessera.cli import main as cli_main
 from tessera.errors import CheckpointError, InputError
 from trainer.data import consumer_stream, list_shards
 from trainer.dvae import load_dvae
-from trainer.dvae_train import train_dvae
+from trainer.dvae_train import kmeans_centroids, train_dvae
 from trainer.rundir import load_checkpoint, save_checkpoint
 
-# The paper's objective (the demo preset adds a diversity term, tested on its own below).
-TINY = ["dvae.train.diversity_weight=0", 
+# The paper's objective (the demo preset adds a diversity term, a squared-error term and a k-means
+# warm start, tested on their own below).
+TINY = ["dvae.train.diversity_weight=0", "dvae.train.mse_weight=0", "dvae.train.codebook_init=none",
     "dvae.model.image_size=16", "dvae.model.n_groups=3", "dvae.model.n_hid=8", "dvae.model.n_blk_per_group=1",
     "dvae.model.vocab_size=32", "dvae.model.n_init=16", "dvae.train.batch_size=8", "dvae.train.lr=1e-2", "dvae.train.grad_clip=1.0",
     "dvae.train.lr_decay_steps=100", "dvae.train.kl_weight=0.01", "dvae.train.kl_warmup_steps=100", "dvae.train.temp_anneal_steps=100",
@@ -86,11 +87,46 @@ def test_bad_inputs_are_one_line_errors(data, tmp_path, capsys):
         train_dvae(cfg("dvae.train.steps=2"), str(data / "train"), None, trunc)
 
 
+WARM = ("dvae.train.codebook_init=kmeans", "dvae.train.init_images=24", "dvae.train.init_iters=5", "dvae.train.mse_weight=100")
+
+
+def test_kmeans_warm_start_then_the_gumbel_objective(data, tmp_path):
+    out = tmp_path / "warm"
+    base = ("dvae.train.log_every=10", "dvae.train.eval_every=1000", "dvae.train.sample_every=1000", "dvae.train.ckpt_every=1000")
+    train_dvae(cfg(*WARM, "dvae.train.init_steps=40", "dvae.train.steps=60", *base), str(data / "train"), None, out)
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["step"] == 0 and rows[0]["kmeans_images"] == 24 and rows[0]["kmeans_time_s"] >= 0
+    train = {r["step"]: r for r in rows if "loss" in r}
+    warm, main = [train[s] for s in (10, 20, 30, 40)], [train[s] for s in (50, 60)]
+    # warm start: the encoder learns the k-means codes (cross-entropy falls from ~log 32), no KL, temperature held
+    assert all("init_ce" in r and r["kl"] == 0 and r["temp"] == 1.0 and r["kl_weight"] == 0 for r in warm)
+    assert warm[-1]["init_ce"] < warm[0]["init_ce"] - 0.5 and warm[-1]["init_acc"] > warm[0]["init_acc"]
+    # then the paper's objective, with its schedules counted from the end of the warm start
+    assert all("init_ce" not in r and r["kl"] > 0 and r["temp"] < 1.0 for r in main)
+    assert all("mse" in r for r in warm + main)
+
+
+def test_resume_inside_the_warm_start_is_exact(data, tmp_path):
+    base = (*WARM, "dvae.train.init_steps=6", "dvae.train.log_every=100", "dvae.train.eval_every=1000", "dvae.train.sample_every=1000", "dvae.train.ckpt_every=1000")
+    train_dvae(cfg("dvae.train.steps=10", *base), str(data / "train"), None, tmp_path / "a")
+    train_dvae(cfg("dvae.train.steps=3", *base), str(data / "train"), None, tmp_path / "b")
+    ck = load_checkpoint(tmp_path / "b", "dvae")
+    assert ck["kmeans_centroids"].shape == (32, 3 * 4 * 4)  # kept while the warm start is unfinished
+    b = train_dvae(cfg("dvae.train.steps=10", *base), str(data / "train"), None, tmp_path / "b")
+    assert b["resumed_from"] == 3
+    ca, cb = load_checkpoint(tmp_path / "a", "dvae"), load_checkpoint(tmp_path / "b", "dvae")
+    assert all(torch.equal(ca["model"][k], cb["model"][k]) for k in ca["model"])
+    assert "kmeans_centroids" not in ca  # past the warm start the centroids are no longer needed
+
+
 def _rank_main(rank, world, port, data_dir, out_dir, result_dir):
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     state = D.init(D.DistState(rank=rank, world_size=world, local_rank=rank, source="test"), backend="gloo")
     try:
+        # rank 0 clusters, the others receive its centroids
+        c, _ = kmeans_centroids(cfg(*WARM, "dvae.train.init_steps=2", f"dvae.train.train_data={data_dir}"), state, torch.device("cpu"))
+        torch.save(c, os.path.join(result_dir, f"centroids{rank}.pt"))
         s = train_dvae(cfg("dvae.train.steps=6", "dvae.train.log_every=3", "dvae.train.eval_every=1000", "dvae.train.sample_every=1000",
                            "dvae.train.ckpt_every=1000"), data_dir, None, out_dir, state)
     finally:
@@ -108,6 +144,8 @@ def test_two_gloo_ranks_see_disjoint_data_and_end_identical(data, tmp_path):
     r1 = json.loads((tmp_path / "rank1.json").read_text())
     assert r0["world_size"] == 2 and r0["steps"] == r1["steps"] == 6
     assert r0["weights_sha256"] == r1["weights_sha256"]  # gradients were averaged: same weights on both ranks
+    c0, c1 = (torch.load(tmp_path / f"centroids{r}.pt") for r in (0, 1))
+    assert c0.shape == (32, 48) and c0.abs().sum() > 0 and torch.equal(c0, c1)
     ck = load_checkpoint(tmp_path / "run", "dvae")
     positions = [s["positions"][0] for s in ck["data"]]
     assert positions == [[0, 24], [0, 24]]  # 6 steps x 4 images per rank, first epoch
