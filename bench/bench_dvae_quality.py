@@ -7,9 +7,9 @@ PSNR/SSIM of hard reconstructions, codebook perplexity and unused codes, and how
 project's detector recovers each attribute from the reconstructions (the transformer can only
 learn what the codes keep). Writes a markdown table to --report.
 
-The temperature keeps the demo's anneal (1 -> 1/16 over 800 updates): stretching it to the
-horizon kept the relaxation hot for thousands of updates at lr 1e-2 and the codebook collapsed to a
-single code (bench/results/dvae.md).
+The warm start and the temperature keep the demo's lengths (k-means warm start 500 updates, then
+1 -> 1/16 over 400): stretching the anneal to the horizon kept the relaxation hot for thousands of
+updates and the codebook collapsed (bench/results/dvae.md).
 
     python bench/bench_dvae_quality.py --demo-dir runs/demo --budget 1800 --steps 6000 --threads 1 [key=value ...]
 """

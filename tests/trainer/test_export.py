@@ -61,7 +61,8 @@ def test_export_files_and_fresh_process_load(trained, tmp_path):
     assert torch.equal(t["transformer.image_head.weight"], model.image_head.weight.detach())
     assert s["tensors"] == len(t)
     # the run's [sample] settings travel with the export (the demo preset's guidance and top-k)
-    assert load(out).default_sample_config.guidance_scale == 3.0 and cfg["sample"]["top_k"] == 32
+    d = load(out).default_sample_config  # the demo preset's values, which differ from SampleConfig's defaults
+    assert (d.top_k, d.candidates, d.guidance_scale) == (32, 16, 1.0) and cfg["sample"]["top_k"] == 32
     code = (
         "import sys, torch\n"
         "from trainer.inference import load\n"
