@@ -5,6 +5,11 @@ given gumbel-softmax relaxed codes + beta * KL(q(z|x) || uniform). Cosine schedu
 kl_weight over kl_warmup_steps, temperature temp_start -> temp_end over temp_anneal_steps, learning
 rate lr -> lr_min over lr_decay_steps; AdamW; parameter EMA for evaluation and export.
 
+Beside the paper, all off by default and on in the demo preset: a diversity term
+(`diversity_weight`), the squared error of the relaxed reconstruction (`mse_weight`), and a k-means
+warm start of the codebook (`codebook_init = "kmeans"`, `init_steps`; trainer/codebook_init.py), after
+which the KL and temperature schedules begin.
+
 Exact resume: the checkpoint holds model, optimizer, EMA, step and every rank's data position; the
 gumbel noise of step s on rank r comes from a generator seeded with (seed, s, r), so no RNG state
 has to be carried.
