@@ -195,7 +195,7 @@ class DVAE(nn.Module):
         if codes is None:
             z = gumbel_softmax(logits, temp, generator)
         else:
-            z = F.one_hot(codes.long(), self.cfg.vocab_size).permute(0, 3, 1, 2).to(logits.dtype)
+            z = self.one_hot(codes, logits.dtype)
             z = z.contiguous(memory_format=torch.channels_last) if x.is_contiguous(memory_format=torch.channels_last) else z.contiguous()
         return logits, self.decoder(z)
 
@@ -205,9 +205,12 @@ class DVAE(nn.Module):
         self._check_images(x)
         return self.encoder(map_pixels(x.float())).argmax(1)
 
+    def one_hot(self, codes: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Codes long[B, G, G] -> one-hot float[B, V, G, G], the decoder's input."""
+        return F.one_hot(codes.long(), self.cfg.vocab_size).permute(0, 3, 1, 2).to(dtype)
+
     def decode_stats(self, codes: torch.Tensor) -> torch.Tensor:
-        z = F.one_hot(codes.long(), self.cfg.vocab_size).permute(0, 3, 1, 2).to(self.decoder.blocks.input.w.dtype)
-        return self.decoder(z)
+        return self.decoder(self.one_hot(codes, self.decoder.blocks.input.w.dtype))
 
     @torch.no_grad()
     def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:

@@ -94,20 +94,27 @@ def dvae_loss(model, x: torch.Tensor, temp: float, kl_weight: float, eps: float,
     encoder is trained to predict them (cross-entropy `init_ce`) instead of the KL and diversity terms.
     """
     with autocast(x.device, dtype):
-        logits, stats = model(x, temp, generator, codes) if codes is not None else model(x, temp, generator)
+        logits, stats = model(x, temp, generator, codes)
     rec = logit_laplace_nll(stats, x, eps).mean()
     dims = x[0].numel()
     terms = {"rec_nll": rec.detach(), "soft_recon": stats.detach()}
-    if mse_weight > 0:
-        mse = (stats_to_image(stats, x.shape[1]) - x.float()).pow(2).mean()
-        terms["mse"] = mse.detach()
     if codes is not None:
         ce = F.cross_entropy(logits.float(), codes)
         loss = rec / dims + ce
         terms.update(init_ce=ce.detach(), init_acc=(logits.detach().argmax(1) == codes).float().mean(), kl=torch.zeros(()))
-        if mse_weight > 0:
-            loss = loss + mse_weight * mse
-        return loss, terms
+    else:
+        kl = kl_to_uniform(logits).mean()
+        loss = (rec + kl_weight * kl) / dims
+        terms["kl"] = kl.detach()
+        if diversity_weight > 0:
+            div = code_diversity_gap(logits)
+            loss = loss + diversity_weight * div
+            terms["diversity_gap"] = div.detach()
+    if mse_weight > 0:
+        mse = (stats_to_image(stats, x.shape[1]) - x.float()).pow(2).mean()
+        loss = loss + mse_weight * mse
+        terms["mse"] = mse.detach()
+    return loss, terms
     kl = kl_to_uniform(logits).mean()
     loss = (rec + kl_weight * kl) / dims
     terms["kl"] = kl.detach()
