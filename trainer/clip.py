@@ -198,7 +198,14 @@ def checkpoint_state(model: CLIP, tokenizer_path: str | Path) -> dict[str, Any]:
 
 class SimilarityMethods:
     """score / similarity / rerank from `image_embeddings` and `text_embeddings` (unit vectors);
-    shared by ClipScorer and trainer.openclip.OpenClipScorer."""
+    shared by ClipScorer and trainer.openclip.OpenClipScorer, which both hold a model (with `.cfg`), its
+    tokenizer and a device."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, device: str | torch.device = "cpu"):
+        self.model = model.eval().to(device)
+        self.tokenizer = tokenizer
+        self.device = torch.device(device)
+        self.cfg = model.cfg
 
     @torch.no_grad()
     def score(self, images: Any, captions: Sequence[str]) -> torch.Tensor:
@@ -223,10 +230,7 @@ class ClipScorer(SimilarityMethods):
     """A trained CLIP with its tokenizer: embeddings and image-caption cosine similarities."""
 
     def __init__(self, model: CLIP, tokenizer: Any, device: str | torch.device = "cpu"):
-        self.model = model.eval().to(device)
-        self.tokenizer = tokenizer
-        self.device = torch.device(device)
-        self.cfg = model.cfg
+        super().__init__(model, tokenizer, device)
 
     def as_batch(self, images: Any) -> torch.Tensor:
         """A float (B, 3, H, W) batch in [0, 1] from a tensor (uint8 or float), or a list of PIL images / HxWx3 uint8 arrays

@@ -365,10 +365,7 @@ class OpenClipScorer(SimilarityMethods):
     """An open_clip CLIP with its tokenizer; the same methods as trainer.clip.ClipScorer."""
 
     def __init__(self, model: OpenCLIP, tokenizer: ClipTokenizer, device: str | torch.device = "cpu"):
-        self.model = model.eval().to(device)
-        self.tokenizer = tokenizer
-        self.device = torch.device(device)
-        self.cfg = model.cfg
+        super().__init__(model, tokenizer, device)
         self.mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
         self.std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
 
