@@ -118,6 +118,7 @@ class Tokenizer:
     def __init__(self, path: str | Path, lowercase: bool = True):
         self.path = Path(path)
         self.lowercase = lowercase
+        self._model_bytes: bytes | None = None  # set when loaded from bytes (no file to reload from)
         self._load()
 
     def _load(self) -> None:
@@ -148,12 +149,33 @@ class Tokenizer:
         return out
 
     def __getstate__(self) -> dict:
-        return {"path": str(self.path), "lowercase": self.lowercase}
+        state = {"path": str(self.path), "lowercase": self.lowercase}
+        if self._model_bytes is not None:
+            state["model_bytes"] = self._model_bytes
+        return state
 
     def __setstate__(self, state: dict) -> None:
         self.path = Path(state["path"])
         self.lowercase = state["lowercase"]
-        self._load()
+        self._model_bytes = state.get("model_bytes")
+        if self._model_bytes is None:
+            self._load()
+        else:
+            self._load_bytes(self._model_bytes)
+
+    def _load_bytes(self, model: bytes) -> None:
+        """Load from the model file's bytes through a temporary file that is removed again; `path` stays as named."""
+        shown = self.path
+        with tempfile.TemporaryDirectory(prefix="tessera-tok-") as d:
+            self.path = Path(d) / "tokenizer.model"
+            self.path.write_bytes(model)
+            try:
+                self._load()
+            except InputError:
+                raise InputError(f"tokenizer '{shown}' is not a {self.kind} model") from None
+            finally:
+                self.path = shown
+        self._model_bytes = model
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(path='{self.path}', vocab_size={self.vocab_size}, lowercase={self.lowercase})"
@@ -302,6 +324,27 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     tok = TOKENIZERS[kind](path, lowercase=lowercase)
     if "vocab_size" in meta and int(meta["vocab_size"]) != tok.vocab_size:
         raise InputError(f"tokenizer '{path}' has {tok.vocab_size} tokens but its sidecar says {meta['vocab_size']}")
+    return tok
+
+
+def tokenizer_from_bytes(model: bytes, meta: dict, name: str) -> Tokenizer:
+    """A tokenizer from its model file's bytes and sidecar dict, as checkpoints store them.
+
+    `name` says where it came from (shown in errors). Nothing is left on disk; the tokenizer keeps the
+    bytes so that it still pickles for data workers.
+    """
+    try:
+        kind = meta["kind"]
+        lowercase = bool(meta.get("lowercase", True))
+    except (KeyError, TypeError):
+        raise InputError(f"tokenizer '{name}': its metadata has no 'kind' entry") from None
+    if kind not in TOKENIZERS:
+        raise InputError(f"tokenizer '{name}': kind {kind!r} is not one of {', '.join(KINDS)}")
+    cls = TOKENIZERS[kind]
+    tok = cls.__new__(cls)
+    tok.__setstate__({"path": name, "lowercase": lowercase, "model_bytes": bytes(model)})
+    if "vocab_size" in meta and int(meta["vocab_size"]) != tok.vocab_size:
+        raise InputError(f"tokenizer '{name}' has {tok.vocab_size} tokens but its metadata says {meta['vocab_size']}")
     return tok
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -283,14 +282,10 @@ class ClipScorer(SimilarityMethods):
 
 
 def _tokenizer_from_state(state: dict[str, Any], where: Path) -> Any:
-    from dataprep.tokenizer import load_tokenizer
+    from dataprep.tokenizer import tokenizer_from_bytes
 
-    d = Path(tempfile.mkdtemp(prefix="tessera-clip-tok-"))
-    model_file = d / str(state.get("tokenizer_name", "tokenizer.model"))
-    model_file.write_bytes(state["tokenizer_bytes"].numpy().tobytes())
-    (d / (model_file.name + ".json")).write_text(json.dumps(state["tokenizer_meta"]))
     try:
-        return load_tokenizer(model_file)
+        return tokenizer_from_bytes(state["tokenizer_bytes"].numpy().tobytes(), state["tokenizer_meta"], f"{where}:{state.get('tokenizer_name', 'tokenizer.model')}")
     except InputError as e:
         raise CheckpointError(f"CLIP checkpoint '{where}' holds an unusable tokenizer: {e}") from None
 

@@ -6,7 +6,7 @@ import tarfile
 import pytest
 
 from dataprep import synthetic as S
-from dataprep.tokenizer import KINDS, input_files, load_tokenizer, read_captions, train_tokenizer
+from dataprep.tokenizer import KINDS, input_files, load_tokenizer, read_captions, tokenizer_from_bytes, train_tokenizer
 from tessera.cli import main
 from tessera.errors import InputError
 
@@ -49,6 +49,31 @@ def test_train_roundtrip_dropout_and_sidecar(tmp_path, kind):
     assert pickle.loads(pickle.dumps(tok)).encode(text) == ids
     with pytest.raises(InputError, match="out of range"):
         tok.decode([tok.vocab_size])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_from_bytes_leaves_no_file_and_still_pickles(tmp_path, monkeypatch, kind):
+    out = tmp_path / "tok" / "bpe.model"
+    tok = train_tokenizer(CAPTIONS, out, kind=kind, vocab_size=256)
+    meta = json.loads((tmp_path / "tok" / "bpe.model.json").read_text())
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr("tempfile.tempdir", str(scratch))
+    text = CAPTIONS[7]
+    again = tokenizer_from_bytes(out.read_bytes(), meta, "ckpt.pt:bpe.model")
+    assert again.encode(text) == tok.encode(text) and again.vocab_size == tok.vocab_size
+    out.unlink()  # the original file is gone: a pickled copy must not need it
+    copy = pickle.loads(pickle.dumps(again))
+    assert copy.encode(text) == tok.encode(text) and "ckpt.pt:bpe.model" in repr(copy)
+    assert list(scratch.iterdir()) == []  # temporary files were removed
+    # sentencepiece rejects the bytes; youtokentome parses them, and the vocabulary check catches it
+    with pytest.raises(InputError, match=f"tokenizer 'ckpt.pt:bpe.model' (is not a {kind} model|has \\d+ tokens but its metadata says)"):
+        tokenizer_from_bytes(b"garbage" * 10, meta, "ckpt.pt:bpe.model")
+    with pytest.raises(InputError, match="metadata says 9"):
+        tokenizer_from_bytes(again._model_bytes, {**meta, "vocab_size": 9}, "x")
+    with pytest.raises(InputError, match="no 'kind' entry"):
+        tokenizer_from_bytes(again._model_bytes, {}, "x")
+    assert list(scratch.iterdir()) == []
 
 
 def test_reads_shards_text_files_and_patterns(tmp_path):

@@ -1,6 +1,7 @@
 import io
 import json
 import tarfile
+import tempfile
 
 import numpy as np
 import pytest
@@ -83,7 +84,14 @@ def test_training_reaches_retrieval_accuracy_far_above_chance(tmp_path, tok):
     print("clip retrieval after 150 steps:", m)
     assert m["i2t_top1"] > 0.5, m
     assert m["t2i_top1"] > 0.5, m
-    scorer = load_clip(tmp_path / "run")
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    tempfile.tempdir, saved = str(scratch), tempfile.tempdir
+    try:
+        scorer = load_clip(tmp_path / "run")
+    finally:
+        tempfile.tempdir = saved
+    assert list(scratch.iterdir()) == []  # the checkpoint's tokenizer left no temporary files behind
     # unseen renders of training combinations: own caption beats a caption with one attribute changed
     imgs, caps = _pairs(train_combos, 100, seed=2)
     x = imgs.float() / 255
