@@ -250,15 +250,17 @@ def test_kernels_compile_for_hopper():
     code = """
 from kernels import block_sparse_attention as A
 for dtype, block, head_dim in (("fp16", 64, 64), ("bf16", 64, 128)):
-    base = {"qk_scale": "fp32", "sm_scale": "fp32", "S": "i32", "S_PAD": "i32", "Lse": "*fp32", "Delta": "*fp32", "MaskI8": "*i8"}
+    base = {"qk_scale": "fp32", "sm_scale": "fp32", "S": "i32", "S_PAD": "i32", "Lse": "*fp32", "Delta": "*fp32", "MaskI8": "*i8", "MaskI8T": "*i8"}
     base.update({n: "*i32" for n in ("RowPtr", "ColIdx", "RowPartial", "ColPtr", "RowIdx", "ColPartial")})
     base.update({n: "*" + dtype for n in ("Q", "K", "V", "Out", "DO", "DQ", "DK", "DV")})
-    for kernel, backward in ((A._bsa_fwd_kernel, False), (A._bsa_bwd_dkdv_kernel, True), (A._bsa_bwd_dq_kernel, True)):
-        c = compile_sm90(kernel, base, dict(BLOCK=block, HEAD_DIM=head_dim), A._launch_opts(block, head_dim, backward))
+    for kernel, name in ((A._bsa_fwd_kernel, "fwd"), (A._bsa_bwd_dkdv_kernel, "dkdv"), (A._bsa_bwd_dq_kernel, "dq")):
+        c = compile_sm90(kernel, base, dict(BLOCK=block, HEAD_DIM=head_dim, PREC="tf32"), A._launch_opts(name, block, head_dim))
         print("cubin", len(c.asm["cubin"]), "shared", c.metadata.shared)
+    c = compile_sm90(A._bsa_bwd_delta_kernel, base, dict(BLOCK=block, HEAD_DIM=head_dim), A._launch_opts("delta", block, head_dim))
+    print("cubin", len(c.asm["cubin"]), "shared", c.metadata.shared)
 """
     lines = [ln.split() for ln in run_compile_check(code).splitlines() if ln.startswith("cubin")]
-    assert len(lines) == 6
+    assert len(lines) == 8
     for _, size, _, shared in lines:
         assert int(size) > 0
         assert int(shared) <= 227 * 1024  # H100: 227 KiB of shared memory per block
