@@ -103,12 +103,12 @@ def bench_gpu(args, rows):
     flex = torch.compile(flex_attention, dynamic=False)
 
     def timed(fn):
-        fwd = triton.testing.do_bench(fn, warmup=25, rep=100)
+        fwd = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
 
         def fb():
             fn().backward(do)
 
-        both = triton.testing.do_bench(fb, warmup=25, rep=100, grad_to_none=[q, k, v])
+        both = triton.testing.do_bench(fb, warmup=25, rep=100, grad_to_none=[q, k, v], return_mode="median")
         return fwd, both
 
     def sdpa_causal():
@@ -171,6 +171,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="fp16", choices=sorted(DTYPES))
     ap.add_argument("--ceilings-only", action="store_true", help="print layouts, ceilings and floors, no timing")
     ap.add_argument("--cpu-reference", action="store_true", help="also time the torch reference on CPU")
+    ap.add_argument("--launch-file", default=None, help="JSON of launch settings per 'kernel,block,head_dim' (bench_attention_kernels.py --write-best)")
     args = ap.parse_args(argv)
     rows = print_ceilings(args)
     if args.cpu_reference:
@@ -182,6 +183,15 @@ def main(argv=None) -> int:
               "(TRITON_INTERPRET=1) runs kernels with numpy and is not a speed measure. "
               "Use --ceilings-only (or --cpu-reference) on CPU.", file=sys.stderr)
         return 1
+    if args.launch_file:
+        import json
+
+        from kernels import block_sparse_attention as A
+
+        for key, opts in json.loads(Path(args.launch_file).read_text()).items():
+            name, blk, hd = key.split(",")
+            A.LAUNCH[(name, int(blk), int(hd))] = opts
+        print(f"launch settings from {args.launch_file}: {json.loads(Path(args.launch_file).read_text())}")
     bench_gpu(args, rows)
     return 0
 
