@@ -214,7 +214,13 @@ class SampleConfig:
     top_k: int = param(0, "Keep the k most likely tokens (0 disables).")
     top_p: float = param(1.0, "Nucleus sampling mass (1 disables).")
     guidance_scale: float = param(1.0, "Classifier-free guidance scale (1 disables; needs caption dropout in training).")
-    candidates: int = param(1, "Candidates per prompt; with CLIP available the best by CLIP score is kept.")
+    candidates: int = param(1, "Candidates per kept image; the best by the `rerank` score are kept.")
+    rerank: Literal["clip", "logp", "clip+logp"] = param(
+        "clip",
+        "How candidates are ranked: clip (the export's CLIP score, paper sec. 2.5; no reranking without a CLIP), "
+        "logp (the transformer's log-likelihood of the candidate given the caption), or clip+logp (the sum of the "
+        "two, each standardised over the prompt's candidates; logp alone without a CLIP).",
+    )
     batch_size: int = param(16, "Sequences decoded together.")
     use_kv_cache: bool = param(True, "Incremental decoding with a KV cache.")
 

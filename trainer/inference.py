@@ -7,8 +7,12 @@ No training code, no DeepSpeed, no pickle: this module imports the model definit
     images = pipe.generate(["a small red circle at the top left on a gray background"], n=4, sample_cfg=SampleConfig())
     # float[4, 3, H, W] in [0, 1]
 
-With a CLIP in the export and `sample_cfg.candidates > 1`, each prompt gets n * candidates
-samples and the n with the highest CLIP score are kept, best first (paper section 2.5).
+With `sample_cfg.candidates > 1`, each prompt gets n * candidates samples and the n with the
+highest score are kept, best first. `sample_cfg.rerank` picks the score: the export's CLIP (paper
+section 2.5), the transformer's own log-likelihood of the candidate given the caption (computed while
+sampling, at no extra cost), or the sum of the two, each standardised over the prompt's candidates
+(`rerank_scores`). Without a CLIP in the export, "clip" keeps the first n samples and "clip+logp"
+ranks by the log-likelihood alone.
 """
 
 from __future__ import annotations
@@ -64,13 +68,20 @@ class Pipeline:
         return torch.tensor(rows, dtype=torch.long, device=self.device)
 
     @torch.no_grad()
-    def generate_codes(self, prompts: Sequence[str], n: int, sample_cfg: SampleConfig | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-        """long[len(prompts) * n, grid, grid]; prompt i's samples are rows i*n .. i*n + n - 1."""
+    def generate_codes(
+        self, prompts: Sequence[str], n: int, sample_cfg: SampleConfig | None = None, generator: torch.Generator | None = None, with_logp: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """long[len(prompts) * n, grid, grid]; prompt i's samples are rows i*n .. i*n + n - 1.
+
+        With `with_logp`, also float[len(prompts) * n]: each sample's log-likelihood given its caption."""
         scfg = sample_cfg or self.default_sample_config
         text = self.encode_prompts(prompts).repeat_interleave(n, dim=0)
-        out = [sample_codes(self.transformer, text[i : i + scfg.batch_size], scfg, generator) for i in range(0, len(text), max(1, scfg.batch_size))]
+        step = max(1, scfg.batch_size)
         g = self.transformer.cfg.image_grid
-        return torch.cat(out).view(-1, g, g)
+        out = [sample_codes(self.transformer, text[i : i + step], scfg, generator, return_logp=with_logp) for i in range(0, len(text), step)]
+        if not with_logp:
+            return torch.cat(out).view(-1, g, g)
+        return torch.cat([c for c, _ in out]).view(-1, g, g), torch.cat([lp for _, lp in out])
 
     @torch.no_grad()
     def decode(self, codes: torch.Tensor, batch: int = 64) -> torch.Tensor:
@@ -84,16 +95,42 @@ class Pipeline:
         if not prompts or n < 1:
             raise InputError(f"generate: expected at least one prompt and n >= 1, got {len(prompts)} prompts, n={n}")
         scfg = sample_cfg or self.default_sample_config
-        cands = max(1, scfg.candidates) if self.clip is not None else 1
-        images = self.decode(self.generate_codes(prompts, n * cands, scfg, generator))
+        use_clip = self.clip is not None and scfg.rerank in ("clip", "clip+logp")
+        use_logp = scfg.rerank in ("logp", "clip+logp")
+        cands = max(1, scfg.candidates) if (use_clip or use_logp) else 1
+        codes, logp = self.generate_codes(prompts, n * cands, scfg, generator, with_logp=True) if use_logp else (
+            self.generate_codes(prompts, n * cands, scfg, generator), None)
+        images = self.decode(codes)
         if cands == 1:
             return images
         kept = []
         for i, p in enumerate(prompts):
-            group = images[i * n * cands : (i + 1) * n * cands]
-            scores = self.clip.score(group, [p] * len(group))
+            rows = slice(i * n * cands, (i + 1) * n * cands)
+            group = images[rows]
+            clip = self.clip.score(group, [p] * len(group)) if use_clip else None
+            scores = rerank_scores(clip, logp[rows] if logp is not None else None)
             kept.append(group[scores.argsort(descending=True)[:n]])
         return torch.cat(kept)
+
+
+def _standardised(x: torch.Tensor) -> torch.Tensor:
+    x = x.double()
+    return (x - x.mean()) / x.std().clamp_min(1e-9) if x.numel() > 1 else x - x.mean()
+
+
+def rerank_scores(clip: torch.Tensor | None, logp: torch.Tensor | None) -> torch.Tensor:
+    """One prompt's candidate scores (higher is better) from CLIP scores and/or log-likelihoods.
+
+    With both, each is standardised over the candidates (mean 0, std 1) and the two are added, so
+    neither scale dominates: the CLIP judges the image against the caption, the log-likelihood how
+    typical the code sequence is for the caption (bench/results/transformer.md, session 7)."""
+    if clip is None and logp is None:
+        raise ValueError("rerank_scores: expected CLIP scores, log-likelihoods or both")
+    if clip is None or logp is None:
+        return (clip if logp is None else logp).double()
+    if clip.shape != logp.shape:
+        raise ValueError(f"rerank_scores: {tuple(clip.shape)} CLIP scores but {tuple(logp.shape)} log-likelihoods")
+    return _standardised(clip.cpu()) + _standardised(logp.cpu())
 
 
 def _check_dir(path: Path) -> dict:
@@ -167,4 +204,4 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> Pipeline:
     return Pipeline(transformer.to(device).eval(), dvae.to(device).eval(), tokenizer, clip, config, device)
 
 
-__all__ = ["Pipeline", "load", "REQUIRED_FILES"]
+__all__ = ["Pipeline", "load", "rerank_scores", "REQUIRED_FILES"]

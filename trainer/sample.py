@@ -7,8 +7,8 @@ Per token: classifier-free guidance (logits_u + s * (logits_c - logits_u), the u
 branch fed the empty caption, i.e. all padding tokens), temperature, top-k, top-p.
 
 `tessera sample --model EXPORT_DIR (--prompt TEXT | --prompts FILE) -n N --output DIR` writes one PNG
-per image and grid.png; with a CLIP in the export, each kept image is the best of
-`sample.candidates` by CLIP score.
+per image and grid.png; with `sample.candidates` > 1, each kept image is the best of that many
+candidates by `sample.rerank` (the export's CLIP score, the transformer's log-likelihood, or both).
 """
 
 from __future__ import annotations
@@ -58,8 +58,14 @@ def sample_codes(
     cfg: SampleConfig,
     generator: torch.Generator | None = None,
     use_cache: bool | None = None,
-) -> torch.Tensor:
-    """Image codes long[B, grid**2] for captions `text` long[B, text_len] (padded with `pad_text`)."""
+    return_logp: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Image codes long[B, grid**2] for captions `text` long[B, text_len] (padded with `pad_text`).
+
+    With `return_logp`, also float[B]: the log-likelihood of each sampled code sequence under the
+    model given its caption, sum_j log p(code_j | caption, codes_<j), from the conditional logits
+    before guidance, temperature and truncation (what a full pass over the finished sequence gives).
+    """
     was_training = model.training
     model.eval()
     mcfg = model.cfg
@@ -69,11 +75,17 @@ def sample_codes(
     use_cache = cfg.use_kv_cache if use_cache is None else use_cache
     n = model.n_image
     codes = torch.zeros(b, n, dtype=torch.long, device=text.device)
+    logp = torch.zeros(b, dtype=torch.float32, device=text.device)
+    rows = torch.arange(b, device=text.device)
 
     def pick(logits: torch.Tensor) -> torch.Tensor:
+        cond = logits[:b]
         if guide:
             logits = _guided(logits, b, cfg.guidance_scale)
-        return next_token(logits, cfg, generator)
+        chosen = next_token(logits, cfg, generator)
+        if return_logp:
+            logp.add_(torch.log_softmax(cond.float(), dim=-1)[rows, chosen])
+        return chosen
 
     try:
         if use_cache:
@@ -91,7 +103,7 @@ def sample_codes(
                 codes[:, j] = pick(logits)
     finally:
         model.train(was_training)
-    return codes
+    return (codes, logp) if return_logp else codes
 
 
 @torch.no_grad()

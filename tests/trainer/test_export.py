@@ -104,6 +104,23 @@ def test_clip_reranking_keeps_the_best_candidates(trained, clip_ckpt, tmp_path):
     assert torch.allclose(best, all6[scores.argsort(descending=True)[:2]])
 
 
+def test_clip_plus_logp_reranking_keeps_the_best_combined_score(trained, clip_ckpt, tmp_path):
+    from trainer.inference import rerank_scores
+
+    out = tmp_path / "withclip"
+    export(trained / "run", out, clip=clip_ckpt)
+    pipe = load(out)
+    scfg = SampleConfig(candidates=4, top_k=8, batch_size=8, rerank="clip+logp")
+    best = pipe.generate(["a red square"], 2, scfg, generator=torch.Generator().manual_seed(1))
+    codes, logp = pipe.generate_codes(["a red square"], 8, scfg, generator=torch.Generator().manual_seed(1), with_logp=True)
+    all8 = pipe.decode(codes)
+    clip = pipe.clip.score(all8, ["a red square"] * 8)
+    combined = rerank_scores(clip, logp)
+    assert torch.allclose(best, all8[combined.argsort(descending=True)[:2]])
+    # the two rankings disagree somewhere on these candidates, so the combination is a choice of its own
+    assert clip.argsort(descending=True).tolist() != logp.argsort(descending=True).tolist()
+
+
 def test_sample_cli_with_prompts_file(trained, tmp_path, capsys):
     out = tmp_path / "export"
     assert main(["export", str(trained / "run"), "--output", str(out)]) == 0

@@ -19,7 +19,7 @@ from token_fixtures import IMAGE_VOCAB, make_token_shards, one_thread  # noqa: E
 from tessera.cli import main  # noqa: E402
 from tessera.errors import CheckpointError, ConfigError, InputError  # noqa: E402
 from trainer.config import SampleConfig, TransformerModelConfig  # noqa: E402
-from trainer.inference import REQUIRED_FILES, Pipeline, load  # noqa: E402
+from trainer.inference import REQUIRED_FILES, Pipeline, load, rerank_scores  # noqa: E402
 
 TEXT_LEN = 6
 
@@ -135,6 +135,53 @@ def test_candidates_without_a_clip_are_ignored(pipe):
     one = pipe.generate(["a green circle"], 2, SampleConfig(top_k=4, candidates=1), generator=g())
     many = pipe.generate(["a green circle"], 2, SampleConfig(top_k=4, candidates=5), generator=g())
     assert many.shape == (2, 3, 16, 16) and torch.equal(one, many)
+
+
+@pytest.mark.parametrize("scfg", [SampleConfig(top_k=4, temperature=0.7, batch_size=4),
+                                  SampleConfig(top_k=0, guidance_scale=2.0, batch_size=8),
+                                  SampleConfig(top_k=4, use_kv_cache=False, batch_size=8)])
+def test_sampled_log_likelihood_equals_a_full_pass(pipe, scfg):
+    """The log-likelihood kept while sampling is the model's, given the caption: that of one full pass over
+    the finished codes, whatever temperature, truncation and guidance chose them."""
+    import torch.nn.functional as F
+
+    prompts = ["a red circle", "a blue square"]
+    codes, logp = pipe.generate_codes(prompts, 3, scfg, torch.Generator().manual_seed(5), with_logp=True)
+    assert logp.shape == (6,) and torch.isfinite(logp).all() and (logp < 0).all()
+    text = pipe.encode_prompts(prompts).repeat_interleave(3, dim=0)
+    img = codes.view(6, -1)
+    with torch.no_grad():
+        _, logits = pipe.transformer(text, img)
+    full = -F.cross_entropy(logits.float().transpose(1, 2), img, reduction="none").sum(1)
+    assert torch.allclose(logp, full, atol=1e-3, rtol=1e-5)
+    # the codes are those generate_codes returns without the log-likelihoods
+    assert torch.equal(codes, pipe.generate_codes(prompts, 3, scfg, torch.Generator().manual_seed(5)))
+
+
+def test_logp_reranking_without_a_clip_keeps_the_most_likely_candidates(pipe):
+    scfg = SampleConfig(top_k=8, candidates=4, rerank="logp", batch_size=8)
+    kept = pipe.generate(["a green circle", "a red square"], 2, scfg, generator=torch.Generator().manual_seed(2))
+    codes, logp = pipe.generate_codes(["a green circle", "a red square"], 8, scfg, torch.Generator().manual_seed(2), with_logp=True)
+    images = pipe.decode(codes)
+    expect = torch.cat([images[i * 8 : (i + 1) * 8][logp[i * 8 : (i + 1) * 8].argsort(descending=True)[:2]] for i in range(2)])
+    assert torch.equal(kept, expect)
+    # and it is a choice: the kept pair differs from the first two candidates of some prompt
+    assert not torch.equal(kept, torch.cat([images[0:2], images[8:10]]))
+
+
+def test_rerank_scores_standardise_and_add():
+    clip = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    logp = torch.tensor([-40.0, -10.0, -30.0, -20.0])
+    both = rerank_scores(clip, logp)
+    z = lambda x: (x.double() - x.double().mean()) / x.double().std()  # noqa: E731
+    assert torch.allclose(both, z(clip) + z(logp))
+    assert both.argsort(descending=True).tolist() == [3, 1, 2, 0]
+    assert torch.equal(rerank_scores(clip, None), clip.double()) and torch.equal(rerank_scores(None, logp), logp.double())
+    assert torch.isfinite(rerank_scores(torch.ones(3), logp[:3])).all()  # equal scores do not divide by zero
+    with pytest.raises(ValueError, match=r"\(4,\) CLIP scores but \(3,\) log-likelihoods"):
+        rerank_scores(clip, logp[:3])
+    with pytest.raises(ValueError, match="expected CLIP scores, log-likelihoods or both"):
+        rerank_scores(None, None)
 
 
 @pytest.mark.parametrize("prompts, n", [([], 1), (["a red circle"], 0)])
