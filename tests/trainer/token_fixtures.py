@@ -92,7 +92,7 @@ def tiny_root(extra: tuple[str, ...] = (), **train):
             "transformer.model.conv_kernel=3", "transformer.train.batch_size=16", "transformer.train.warmup_steps=5",
             "transformer.train.log_every=5", "transformer.train.sample_every=0", "transformer.train.ckpt_every=0",
             "transformer.train.time_budget_s=0", "transformer.train.lr=3e-3", "transformer.train.shuffle_buffer=64",
-            "sample.batch_size=8"]
+            "sample.batch_size=8", "transformer.train.precision=fp32"]  # the demo's "fast" would be bf16 on some CPUs
     over += [f"transformer.train.{k}={v}" for k, v in train.items()]
     return C.load_root("demo", [*over, *extra])
 
