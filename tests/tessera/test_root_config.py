@@ -143,7 +143,9 @@ def test_extends_inherits_and_overrides():
     assert quick.dvae.train.steps == raw_quick["dvae"]["train"]["steps"] != demo.dvae.train.steps
     assert quick.synthetic.num_train == 1200 and demo.synthetic.num_train == 4000
     # what it does not set comes from demo, not from the dataclass defaults
-    assert quick.transformer.model == demo.transformer.model and quick.transformer.model.d_model == 128
+    assert raw_quick["transformer"]["model"] == {"image_grid": 8} and demo.transformer.model.image_grid == 16
+    assert dataclasses.replace(quick.transformer.model, image_grid=16) == demo.transformer.model and quick.transformer.model.d_model == 128
+    assert quick.transformer.model.text_len == demo.transformer.model.text_len == 16  # sibling of an overridden key
     assert quick.tokenizer == demo.tokenizer and quick.tokenizer.vocab_size == 256
     assert quick.dvae.train.ema_decay == demo.dvae.train.ema_decay == 0.95  # a key of the section demo-quick does not set
     assert quick.synthetic.source_size == demo.synthetic.source_size == 128  # sibling of an overridden key
