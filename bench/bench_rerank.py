@@ -32,20 +32,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-
-@torch.no_grad()
-def log_p_image(pipe, captions: list[str], codes: torch.Tensor, batch: int = 64) -> torch.Tensor:
-    """Sum over image tokens of log P(token | caption, earlier tokens), one value per row of `codes`."""
-    m = pipe.transformer.eval()
-    text = pipe.encode_prompts(captions)
-    img = codes.view(len(codes), -1)
-    out = []
-    for i in range(0, len(img), batch):
-        _, logits = m(text[i : i + batch], img[i : i + batch])
-        out.append(-F.cross_entropy(logits.float().transpose(1, 2), img[i : i + batch], reduction="none").sum(1))
-    return torch.cat(out)
 
 
 def top_accuracy(scores: torch.Tensor, dets: list[dict], prompts: list[dict], k: int, keep: int) -> dict[str, float]:
@@ -57,19 +43,14 @@ def top_accuracy(scores: torch.Tensor, dets: list[dict], prompts: list[dict], k:
     return {a: round(v / (keep * len(prompts)), 3) for a, v in ok.items()}
 
 
-def zscore_per_prompt(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Standardise each prompt's `k` candidate scores (mean 0, std 1), so that two rankers can be added."""
-    g = scores.view(-1, k).double()
-    return ((g - g.mean(1, keepdim=True)) / g.std(1, keepdim=True).clamp_min(1e-9)).view(-1)
-
-
 def one_draw(pipe, prompts: list[dict], caps: list[str], k: int, keep: int, seed: int, scfg) -> dict:
     """Draw k candidates per prompt with `seed`, score them, and return the per-candidate and top-`keep` figures."""
     from dataprep import detector
+    from trainer.inference import rerank_scores
 
-    flat = [c for c in caps for _ in range(k)]
     t0 = time.time()
-    codes = pipe.generate_codes(caps, k, scfg, torch.Generator().manual_seed(seed))
+    # log P(image given caption), kept while sampling (trainer.sample.sample_codes: equal to a full pass)
+    codes, logp = pipe.generate_codes(caps, k, scfg, torch.Generator().manual_seed(seed), with_logp=True)
     images = pipe.decode(codes)
     gen_s = time.time() - t0
     arr = (images.clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255 + 0.5).astype("uint8")
@@ -78,7 +59,6 @@ def one_draw(pipe, prompts: list[dict], caps: list[str], k: int, keep: int, seed
     per: dict[str, list[bool]] = {}
     for i, p in enumerate(prompts):
         per.setdefault(f"{p['size']} {p['shape']}", []).extend(dets[i * k + j]["shape"] == p["shape"] for j in range(k))
-    logp = log_p_image(pipe, flat, codes)
     rankings = {
         "oracle (detector-correct shape first)": torch.tensor([float(d["shape"] == prompts[i // k]["shape"]) + 1e-3 * torch.rand(()).item() for i, d in enumerate(dets)]),
         "random": torch.rand(len(dets), generator=torch.Generator().manual_seed(seed + 1)),
@@ -87,7 +67,8 @@ def one_draw(pipe, prompts: list[dict], caps: list[str], k: int, keep: int, seed
     if pipe.clip is not None:
         clip = torch.cat([pipe.clip.score(images[i * k : (i + 1) * k], [c] * k) for i, c in enumerate(caps)])
         rankings["export CLIP (the demo)"] = clip
-        rankings["CLIP + log P (z-scores per prompt)"] = zscore_per_prompt(clip, k) + zscore_per_prompt(logp, k)
+        # what sample.rerank = "clip+logp" keeps: the two z-scores over each prompt's candidates, added
+        rankings["CLIP + log P (z-scores per prompt)"] = torch.cat([rerank_scores(clip[i * k : (i + 1) * k], logp[i * k : (i + 1) * k]) for i in range(len(caps))])
     return {"generate_s": gen_s, "per": per, "tops": {name: top_accuracy(s, dets, prompts, k, keep) for name, s in rankings.items()}}
 
 
