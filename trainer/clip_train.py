@@ -32,6 +32,7 @@ from PIL import Image
 from tessera.errors import InputError
 from trainer.clip import CLIP, ClipScorer, checkpoint_state, model_from_state, pad_ids
 from trainer.config import ClipConfig
+from trainer.precision import autocast_dtype
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
 
@@ -195,7 +196,7 @@ def train_clip(
         opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
         opt.load_state_dict(state["optimizer"])
         step = int(state["step"])
-    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and dev.type == "cuda")
+    use_bf16 = autocast_dtype(cfg.precision, dev) == torch.bfloat16
     gen = torch.Generator().manual_seed(seed * 1000 + step)
     n = len(captions)
     bs = min(cfg.batch_size, n)

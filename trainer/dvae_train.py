@@ -35,17 +35,9 @@ from trainer.data import ImageStream, iter_image_batches
 from trainer.codebook_init import patch_codes, sample_centroids
 from trainer.dvae import DVAE, kl_to_uniform, map_pixels, logit_laplace_nll, stats_to_image
 from trainer.ema import EMA
+from trainer.precision import autocast_dtype
 from trainer.rundir import RunDir, atomic_write_bytes, load_checkpoint, save_image_grid
 from trainer.schedules import cosine
-
-
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None for fp32. auto: bf16 on GPU, fp32 on CPU."""
-    if precision == "bf16":
-        return torch.bfloat16
-    if precision == "fp32":
-        return None
-    return torch.bfloat16 if device.type == "cuda" else None
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
@@ -192,7 +184,7 @@ def train_dvae(cfg_root: Any, data: str | None = None, eval_data: str | None = N
     if tc.batch_size % dist.world_size:
         raise ConfigError(f"config key 'dvae.train.batch_size': expected a multiple of the world size {dist.world_size}, got {tc.batch_size}")
     device = dist.device
-    dtype = resolve_precision(tc.precision, device)
+    dtype = autocast_dtype(tc.precision, device)
     per_rank = tc.batch_size // dist.world_size
 
     torch.manual_seed(cfg_root.seed)  # identical initial weights on every rank

@@ -31,6 +31,7 @@ from tessera.errors import CheckpointError, ConfigError, InputError
 from tessera.progress import bar
 from trainer.config import TransformerModelConfig
 from trainer.ema import EMA
+from trainer.precision import autocast_dtype, resolve_precision
 from trainer.rundir import RunDir, load_checkpoint, save_image_grid
 from trainer.schedules import Plateau, warmup_cosine
 from trainer.token_data import TokenBatches, TokenManifest, load_token_set, read_manifest
@@ -50,36 +51,10 @@ def resolve_model_config(mcfg: TransformerModelConfig, manifest: TokenManifest) 
     return dataclasses.replace(mcfg, text_vocab=manifest.text_vocab, image_vocab=manifest.image_vocab, image_grid=manifest.grid)
 
 
-def native_bf16(device: torch.device) -> bool:
-    """True where bf16 matrix products are native: CUDA, or a CPU with AVX512-BF16 or AMX tiles.
-
-    Measured on the demo's transformer (bench/bench_transformer.py): a Zen 5 EPYC with AVX512-BF16
-    trains 1.3x faster in bf16 than in fp32; an AVX2-only EPYC 18x slower."""
-    if device.type == "cuda":
-        return True
-    if device.type != "cpu":
-        return False
-    probes = (getattr(torch.cpu, "_is_avx512_bf16_supported", None), getattr(torch.cpu, "_is_amx_tile_supported", None))
-    return any(bool(f()) for f in probes if f is not None)
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """The concrete precision ("fp32", "bf16" or "fp16") of a config value on `device`.
-    'auto': bf16 on GPU, fp32 on CPU; 'fast': bf16 where native_bf16(device), else fp32."""
-    if precision == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
-    if precision == "fast":
-        return "bf16" if native_bf16(device) else "fp32"
-    return precision
-
-
 def autocast_context(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16/fp16 autocast, or nothing (fp32), for a config value resolved by `resolve_precision`."""
-    precision = resolve_precision(precision, device)
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    """bf16/fp16 autocast, or nothing (fp32), for a config value (trainer.precision)."""
+    dtype = autocast_dtype(precision, device)
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def make_optimizer(model: torch.nn.Module, tcfg: Any) -> torch.optim.Optimizer:
@@ -437,4 +412,4 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["train_transformer", "load_transformer", "autocast_context", "native_bf16", "resolve_precision", "make_optimizer", "resolve_model_config"]
+__all__ = ["train_transformer", "load_transformer", "autocast_context", "make_optimizer", "resolve_model_config"]

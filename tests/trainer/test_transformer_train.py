@@ -14,7 +14,8 @@ from tessera.cli import main  # noqa: E402
 from tessera.errors import CheckpointError, InputError  # noqa: E402
 from trainer.rundir import save_checkpoint  # noqa: E402
 from trainer.token_data import TokenBatches, read_manifest  # noqa: E402
-from trainer.transformer_train import load_transformer, native_bf16, resolve_precision, train_transformer  # noqa: E402
+from trainer.precision import resolve_precision  # noqa: E402
+from trainer.transformer_train import load_transformer, train_transformer  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -38,17 +39,6 @@ def test_loss_falls_and_run_dir_is_complete(shards, tmp_path):
     model, mcfg, ck = load_transformer(tmp_path / "run")
     assert mcfg.text_vocab == read_manifest(shards).text_vocab and mcfg.image_grid == 4
     assert ck["ema"] is not None and ck["step"] == 60
-
-
-def test_precision_values_resolve_per_device():
-    cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    probes = [getattr(torch.cpu, n, None) for n in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    assert native_bf16(cpu) == any(bool(f()) for f in probes if f is not None)
-    assert native_bf16(cuda) and not native_bf16(torch.device("meta"))
-    assert resolve_precision("fast", cpu) == ("bf16" if native_bf16(cpu) else "fp32")
-    assert resolve_precision("fast", cuda) == "bf16" == resolve_precision("auto", cuda)
-    assert resolve_precision("auto", cpu) == "fp32"
-    assert [resolve_precision(p, cpu) for p in ("fp32", "bf16", "fp16")] == ["fp32", "bf16", "fp16"]
 
 
 def test_fast_precision_trains_and_is_recorded(shards, tmp_path):
