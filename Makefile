@@ -27,6 +27,8 @@ $(VENV)/.tessera-installed: $(VENV)/.apt-done setup.cfg pyproject.toml
 	# youtokentome's setup imports Cython at build time, so it cannot build under pip's isolation.
 	$(PIP) install -q "Cython<3" setuptools wheel
 	$(PIP) install -q --no-build-isolation youtokentome
+	# The distribution was called "tessera" before (a name taken on PyPI): drop such an install, whose bare top-level names would shadow nothing but clutter.
+	$(PIP) uninstall -q -y tessera 2>/dev/null || true
 	$(PIP) install -q -e ".[test]"
 	touch $@
 

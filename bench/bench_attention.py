@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from kernels.layouts import Layout, dense_over_sparse  # noqa: E402
+from tessera.kernels.layouts import Layout, dense_over_sparse  # noqa: E402
 
 TEXT_LEN, GRID, CONV_KERNEL = 256, 32, 11  # paper: 256 BPE tokens + 32x32 image tokens (Sec. 2.2)
 LAYOUTS = {
@@ -42,7 +42,7 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def ceilings(block: int, flex_block: int = 128) -> list[dict]:
-    from kernels.block_sparse_attention import build_index
+    from tessera.kernels.block_sparse_attention import build_index
 
     rows = []
     for name, lay in LAYOUTS.items():
@@ -91,7 +91,7 @@ def bench_gpu(args, rows):
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-    from kernels.block_sparse_attention import block_sparse_attention, build_index
+    from tessera.kernels.block_sparse_attention import block_sparse_attention, build_index
 
     dev = torch.device("cuda")
     dtype = DTYPES[args.dtype]
@@ -146,7 +146,7 @@ def bench_cpu_reference(args, rows):
     """Times of the torch reference on CPU (fp32, batch 1, 1 head): for orientation only."""
     import time
 
-    from kernels.block_sparse_attention import block_sparse_attention_reference
+    from tessera.kernels.block_sparse_attention import block_sparse_attention_reference
 
     s = TEXT_LEN + GRID * GRID
     q, k, v = (torch.randn(1, 1, s, args.head_dim, requires_grad=True) for _ in range(3))
@@ -186,7 +186,7 @@ def main(argv=None) -> int:
     if args.launch_file:
         import json
 
-        from kernels import block_sparse_attention as A
+        from tessera.kernels import block_sparse_attention as A
 
         for key, opts in json.loads(Path(args.launch_file).read_text()).items():
             name, blk, hd = key.split(",")

@@ -23,8 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from kernels import block_sparse_attention as A  # noqa: E402
-from kernels.layouts import Layout  # noqa: E402
+from tessera.kernels import block_sparse_attention as A  # noqa: E402
+from tessera.kernels.layouts import Layout  # noqa: E402
 
 TEXT_LEN, GRID, CONV_KERNEL = 256, 32, 11
 KINDS = {

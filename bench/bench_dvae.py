@@ -10,6 +10,8 @@ torch.compile. Not a test; prints a table.
 
 from __future__ import annotations
 
+from tessera.core.root_config import load_root
+
 import argparse
 import sys
 import time
@@ -19,9 +21,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from tessera import config as C  # noqa: E402
-from trainer.dvae import DVAE  # noqa: E402
-from trainer.dvae_train import dvae_loss  # noqa: E402
+from tessera.core import config as C  # noqa: E402
+from tessera.trainer.dvae import DVAE  # noqa: E402
+from tessera.trainer.dvae_train import dvae_loss  # noqa: E402
 
 
 def bench(cfg, device, batch, steps, warmup, channels_last, dtype, compile_):
@@ -66,7 +68,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = C.load_root(args.config, args.overrides)
+    cfg = load_root(args.config, args.overrides)
     dev = torch.device(args.device)
     m = cfg.dvae.model
     print(f"dVAE {m.image_size}px n_hid={m.n_hid} groups={m.n_groups}x{m.n_blk_per_group} vocab={m.vocab_size} n_init={m.n_init}; "

@@ -16,6 +16,8 @@ updates and the codebook collapsed (bench/results/dvae.md).
 
 from __future__ import annotations
 
+from tessera.core.root_config import load_root
+
 import argparse
 import json
 import platform
@@ -43,17 +45,17 @@ def main() -> None:
 
     import pyarrow.parquet as pq
 
-    from dataprep import detector
-    from tessera import config as C
-    from trainer.data import iter_image_batches
-    from trainer.dvae import load_dvae
-    from trainer.dvae_train import train_dvae
+    from tessera.dataprep import detector
+    from tessera.core import config as C
+    from tessera.trainer.data import iter_image_batches
+    from tessera.trainer.dvae import load_dvae
+    from tessera.trainer.dvae_train import train_dvae
 
     d = Path(a.demo_dir)
     over = [f"dvae.train.steps={a.steps}", f"dvae.train.lr_decay_steps={a.steps}",
             f"dvae.train.time_budget_s={a.budget}", f"dvae.train.eval_every={max(a.steps // 6, 1)}", f"dvae.train.sample_every={max(a.steps // 6, 1)}",
             f"dvae.train.ckpt_every={max(a.steps // 6, 1)}", *a.overrides]
-    cfg = C.load_root("demo", over)
+    cfg = load_root("demo", over)
     t0 = time.time()
     s = train_dvae(cfg, str(d / "shards" / "train"), str(d / "shards" / "eval"), a.output)
     wall = time.time() - t0

@@ -8,7 +8,7 @@ Two measurements:
      compression compute): a DDP backward over parameters of those shapes with
        - the default all-reduce hook (baseline),
        - torch.distributed.algorithms.ddp_comm_hooks.powerSGD_hook (Gram-Schmidt, torch ops),
-       - cluster.powersgd.ddp_comm_hook (Householder + eps*I; Triton on CUDA, torch on CPU),
+       - tessera.cluster.powersgd.ddp_comm_hook (Householder + eps*I; Triton on CUDA, torch on CPU),
      reporting each hook's time over the baseline.
 
     python bench/bench_powersgd.py [--n 8 --m 4096 --cols 4096 --rank 4]
@@ -31,8 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from cluster.dist import free_port  # noqa: E402
-from cluster.powersgd import PowerSGDReducer, compression_floor, ddp_comm_hook  # noqa: E402
+from tessera.cluster.dist import free_port  # noqa: E402
+from tessera.cluster.powersgd import PowerSGDReducer, compression_floor, ddp_comm_hook  # noqa: E402
 
 
 def _time_ms(fn, cuda: bool, reps: int = 10) -> float:
@@ -61,7 +61,7 @@ def print_floor(args) -> dict:
 
 
 def bench_kernels(args):
-    from kernels import powersgd as K
+    from tessera.kernels import powersgd as K
 
     dev = torch.device("cuda")
     g = torch.Generator(device=dev).manual_seed(0)

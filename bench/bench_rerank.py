@@ -21,6 +21,8 @@ one draw keeps only 72 images, whose shape accuracy has a binomial spread of abo
 
 from __future__ import annotations
 
+from tessera.core.root_config import TesseraConfig
+
 import argparse
 import dataclasses
 import json
@@ -45,11 +47,11 @@ def top_accuracy(scores: torch.Tensor, dets: list[dict], prompts: list[dict], k:
 
 def one_draw(pipe, prompts: list[dict], caps: list[str], k: int, keep: int, seed: int, scfg) -> dict:
     """Draw k candidates per prompt with `seed`, score them, and return the per-candidate and top-`keep` figures."""
-    from dataprep import detector
-    from trainer.inference import rerank_scores
+    from tessera.dataprep import detector
+    from tessera.trainer.inference import rerank_scores
 
     t0 = time.time()
-    # log P(image given caption), kept while sampling (trainer.sample.sample_codes: equal to a full pass)
+    # log P(image given caption), kept while sampling (tessera.trainer.sample.sample_codes: equal to a full pass)
     codes, logp = pipe.generate_codes(caps, k, scfg, torch.Generator().manual_seed(seed), with_logp=True)
     images = pipe.decode(codes)
     gen_s = time.time() - t0
@@ -85,14 +87,14 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
 
-    from dataprep import synthetic
+    from tessera.dataprep import synthetic
     from tessera.demo import demo_prompts
-    from trainer.inference import load
+    from tessera.trainer.inference import load
 
-    from tessera import config as C
+    from tessera.core import config as C
 
     pipe = load(Path(a.demo_dir) / "export")
-    scfg = C.load(C.Root(), None, [f"sample.{kv}" for kv in a.set], base={"sample": dataclasses.asdict(pipe.default_sample_config)}).sample
+    scfg = C.load(TesseraConfig, None, [f"sample.{kv}" for kv in a.set], base={"sample": dataclasses.asdict(pipe.default_sample_config)}).sample
     prompts = demo_prompts()
     caps = [synthetic.caption(p) for p in prompts]
     k = a.candidates

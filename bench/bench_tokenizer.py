@@ -22,8 +22,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dataprep import synthetic as S  # noqa: E402
-from dataprep.tokenizer import KINDS, train_tokenizer  # noqa: E402
+from tessera.dataprep import synthetic as S  # noqa: E402
+from tessera.dataprep.tokenizer import KINDS, train_tokenizer  # noqa: E402
 
 TEMPLATES = [
     "a photo of {a} {n} {p} the {m}",

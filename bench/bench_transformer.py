@@ -16,9 +16,9 @@ import time
 
 import torch
 
-from trainer.config import SampleConfig, TransformerModelConfig
-from trainer.sample import sample_codes
-from trainer.transformer import DALLE
+from tessera.trainer.config import SampleConfig, TransformerModelConfig
+from tessera.trainer.sample import sample_codes
+from tessera.trainer.transformer import DALLE
 
 
 def timed(fn, repeats: int) -> tuple[float, float]:

@@ -37,9 +37,9 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("bench_transformer_gpu: needs a CUDA device", file=sys.stderr)
         return 1
-    from kernels.layouts import layer_layouts
-    from trainer.config import TransformerModelConfig
-    from trainer.transformer import DALLE
+    from tessera.kernels.layouts import layer_layouts
+    from tessera.trainer.config import TransformerModelConfig
+    from tessera.trainer.transformer import DALLE
 
     dev = torch.device("cuda")
     torch.backends.cuda.matmul.allow_tf32 = True

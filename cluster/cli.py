@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import argparse
 
-from cluster.config import SlurmConfig
-from tessera.errors import InputError
+from tessera.cluster.config import SlurmConfig
+from tessera.core.errors import InputError
 
 
 def _is_array(parser: argparse.ArgumentParser) -> bool:
@@ -51,7 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cluster import slurm
+    from tessera.cluster import slurm
 
     command = list(args.command)
     if command and command[0] == "--":

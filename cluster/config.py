@@ -6,13 +6,13 @@ No `from __future__ import annotations` here: tessera.config resolves the type h
 from dataclasses import dataclass
 from typing import Literal
 
-from tessera.config import param
-from tessera.errors import ConfigError
+from tessera.core.config import param
+from tessera.core.errors import ConfigError
 
 
 @dataclass
 class DistConfig:
-    """How a training loop's model is wrapped: plain, DDP, or DeepSpeed ZeRO (see cluster.engine)."""
+    """How a training loop's model is wrapped: plain, DDP, or DeepSpeed ZeRO (see tessera.cluster.engine)."""
 
     backend: Literal["auto", "gloo", "nccl"] = param("auto", "torch.distributed backend; auto = nccl with CUDA, else gloo.")
     zero_stage: int = param(0, "0 = DDP (plain in a single process); 1, 2, 3 = DeepSpeed ZeRO stage (optimizer, + gradient, + parameter sharding).")
@@ -44,7 +44,7 @@ class DistConfig:
 
 @dataclass
 class SlurmConfig:
-    """An sbatch job for training (see cluster.slurm.render_train_script)."""
+    """An sbatch job for training (see tessera.cluster.slurm.render_train_script)."""
 
     job_name: str = param("tessera", "Job name (sbatch --job-name).")
     nodes: int = param(1, "Nodes (sbatch --nodes).")

@@ -13,8 +13,8 @@ dist, cfg)`; from then on it uses only the engine:
 
 Kinds:
 - `PlainEngine`: one process; `DDPEngine`: torch DistributedDataParallel (gloo or nccl), with the
-  PowerSGD reducer of `cluster.powersgd` as its comm hook when `cfg.powersgd_rank > 0`. Their
-  checkpoints are our run-dir format (`trainer.rundir.save_checkpoint`, kind "engine"):
+  PowerSGD reducer of `tessera.cluster.powersgd` as its comm hook when `cfg.powersgd_rank > 0`. Their
+  checkpoints are our run-dir format (`tessera.core.files.save_checkpoint`, kind "engine"):
   `dir/step_XXXXXXXX.pt` and `dir/latest.pt`, written by rank 0.
 - `DeepSpeedEngine`: `deepspeed.initialize` at ZeRO stage 1, 2 or 3 with a config dict built
   from `DistConfig`; checkpoints are DeepSpeed's own sharded layout (`dir/latest` naming the tag
@@ -34,9 +34,9 @@ from typing import Any
 
 import torch
 
-from cluster.config import DistConfig
-from cluster.dist import DistState, free_port, init
-from tessera.errors import CheckpointError, ConfigError
+from tessera.cluster.config import DistConfig
+from tessera.cluster.dist import DistState, free_port, init
+from tessera.core.errors import CheckpointError, ConfigError
 
 CHECKPOINT_KIND = "engine"
 _RESERVED = ("kind", "format", "step", "model", "optimizer", "powersgd_step")
@@ -97,7 +97,7 @@ class Engine:
         The file is a run-dir checkpoint of kind `self.checkpoint_kind`: `client_state`'s entries
         at the top level beside "step", "model" and "optimizer" (the trainers' own layout).
         """
-        from trainer.rundir import save_checkpoint
+        from tessera.core.files import save_checkpoint
 
         directory = Path(directory)
         path = directory / f"{_tag(step)}.pt"
@@ -114,7 +114,7 @@ class Engine:
         return path
 
     def load_checkpoint(self, directory: str | Path) -> tuple[int, dict[str, Any]]:
-        from trainer.rundir import load_checkpoint
+        from tessera.core.files import load_checkpoint
 
         path = Path(directory) / "latest.pt"
         if not path.exists():
@@ -149,7 +149,7 @@ class DDPEngine(Engine):
         )
         self.reducer = None
         if cfg.powersgd_rank > 0:
-            from cluster.powersgd import PowerSGDReducer, ddp_comm_hook
+            from tessera.cluster.powersgd import PowerSGDReducer, ddp_comm_hook
 
             self.reducer = PowerSGDReducer(
                 rank=cfg.powersgd_rank, min_compression_rate=cfg.powersgd_min_compression_rate, start_iter=cfg.powersgd_start_iter

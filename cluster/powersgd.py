@@ -15,7 +15,7 @@ iteration warm-started from the previous step's Q. Each step, for every worker:
   4. All-reduce P (sum). Linearity makes this (sum_w M_w) Q.
   5. Orthogonalize P. The paper uses Gram-Schmidt; the DALL-E authors (Ramesh et al. 2021,
      App. D) found it unstable and used Householder orthogonalization of P plus a small multiple
-     of the identity; that is what `kernels.powersgd.orthogonalize` does (eps = 1e-6).
+     of the identity; that is what `tessera.kernels.powersgd.orthogonalize` does (eps = 1e-6).
   6. Q <- M^T P.
   7. All-reduce Q and divide by the world size: Q = mean_w(M_w)^T P.
   8. Decompress and update the error in one pass: out = P Q^T (the estimate of the mean
@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from kernels import powersgd as K
+from tessera.kernels import powersgd as K
 
 
 @dataclass

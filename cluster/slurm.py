@@ -2,7 +2,7 @@
 
 Two kinds of job:
 - a training job (`render_train_script`): N nodes x G GPUs, launched with `srun` one task per GPU
-  (each rank reads SLURM_PROCID; `cluster.dist.discover()` finds it) or with one `torchrun` per
+  (each rank reads SLURM_PROCID; `tessera.cluster.dist.discover()` finds it) or with one `torchrun` per
   node. It is requeueable (`--requeue`, log opened in append mode) and SLURM sends SIGUSR1
   `signal_before_s` seconds before the time limit; the loop's `PreemptionHandler` sees it,
   checkpoints and calls `requeue()`, and the requeued job resumes from the checkpoint.
@@ -24,8 +24,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from cluster.config import SlurmConfig
-from tessera.errors import TesseraError
+from tessera.cluster.config import SlurmConfig
+from tessera.core.errors import TesseraError
 
 
 class SlurmError(TesseraError):

@@ -4,8 +4,8 @@
 from dataclasses import dataclass
 from typing import Literal, Optional
 
-from tessera.config import param
-from tessera.errors import ConfigError
+from tessera.core.config import param
+from tessera.core.errors import ConfigError
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """`tessera prep crawl`: download, filter, resize and shard a (url, caption) list.
 
 How a crawl runs
-1. The url list is read (dataprep.readers) and cut into shards of `shard_size` rows: shard `s`
+1. The url list is read (tessera.dataprep.readers) and cut into shards of `shard_size` rows: shard `s`
    holds rows `[s * shard_size, (s+1) * shard_size)` whatever the partitioning, so shard ids of
    different parts never collide. `--part I/N` takes the I-th of N contiguous blocks of shards.
 2. Shards whose `_stats.json` exists are complete and skipped (resume); leftovers of a killed run
@@ -13,7 +13,7 @@ How a crawl runs
    duplicates within the shard (the earlier row wins).
 4. The main process finalises shards strictly in id order: it drops duplicates of samples kept in
    lower shards (this run's, and those other parts wrote, read from their `_dedup.npz`), then
-   writes the shard's files, stats last (dataprep.writer). So a crawl killed at any moment and
+   writes the shard's files, stats last (tessera.dataprep.writer). So a crawl killed at any moment and
    re-run gives exactly the samples of an uninterrupted run.
 
 Partitioned runs and dedup: a part drops duplicates of every lower shard that is complete when it
@@ -26,6 +26,8 @@ filtered, with a reason code and a message, in the shard's parquet.
 """
 
 from __future__ import annotations
+
+from tessera.core.root_config import load_root
 
 import argparse
 import dataclasses
@@ -41,8 +43,8 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, Thr
 from pathlib import Path
 from typing import Any
 
-from dataprep.config import CrawlConfig
-from tessera.errors import ConfigError, InputError
+from tessera.dataprep.config import CrawlConfig
+from tessera.core.errors import ConfigError, InputError
 
 CRAWL_META = "crawl.json"
 META_FORMAT = 1
@@ -56,9 +58,9 @@ _W: dict[str, Any] = {}
 
 
 def _init_worker(cfg: CrawlConfig, progress_q: Any, parent_pid: int) -> None:
-    from dataprep.download import Downloader
-    from dataprep.filters import load_scorer
-    from dataprep.imaging import ImageSpec
+    from tessera.dataprep.download import Downloader
+    from tessera.dataprep.filters import load_scorer
+    from tessera.dataprep.imaging import ImageSpec
 
     f = cfg.filters
     _W["cfg"] = cfg
@@ -119,10 +121,10 @@ class _Progress:
 
 
 def _process_row(shard: int, idx: int, row: tuple, progress: _Progress) -> tuple[dict, dict | None]:
-    from dataprep.download import DownloadError
-    from dataprep.filters import check_caption, decode_caption
-    from dataprep.imaging import ImageReject, process_image
-    from dataprep.writer import make_key
+    from tessera.dataprep.download import DownloadError
+    from tessera.dataprep.filters import check_caption, decode_caption
+    from tessera.dataprep.imaging import ImageReject, process_image
+    from tessera.dataprep.writer import make_key
 
     if os.getppid() != _W["parent"]:  # the crawl that started us is gone (e.g. kill -9): stop now
         os._exit(3)
@@ -199,7 +201,7 @@ def process_shard(shard: int, rows: list[tuple]) -> dict:
     Samples are deduplicated within the shard (earlier row wins); cross-shard duplicates are the
     main process's business.
     """
-    from dataprep.filters import DedupIndex
+    from tessera.dataprep.filters import DedupIndex
 
     cfg: CrawlConfig = _W["cfg"]
     progress = _Progress(_W["progress"])
@@ -282,7 +284,7 @@ class _GlobalIndex:
     """Dedup index over finalised shards with lower ids (this run's and other parts')."""
 
     def __init__(self, storage: Any, cfg: CrawlConfig):
-        from dataprep.filters import DedupIndex
+        from tessera.dataprep.filters import DedupIndex
 
         f = cfg.filters
         self.enabled = f.dedup_exact or f.dedup_near
@@ -292,7 +294,7 @@ class _GlobalIndex:
 
     def refresh(self, below: int) -> None:
         """Load the `_dedup.npz` of every complete shard with id < `below` not loaded yet, in id order."""
-        from dataprep.writer import read_dedup, shard_names
+        from tessera.dataprep.writer import read_dedup, shard_names
 
         if not self.enabled:
             return
@@ -351,11 +353,11 @@ def crawl(
     Returns the stats of this part: rows, shards (written and already complete), successes,
     counts by status and by reason, duration and images/s of this invocation.
     """
-    from dataprep.filters import load_scorer
-    from dataprep.readers import read_url_list
-    from dataprep.storage import open_storage
-    from dataprep.writer import shard_names, write_shard
-    from tessera.progress import bar
+    from tessera.dataprep.filters import load_scorer
+    from tessera.dataprep.readers import read_url_list
+    from tessera.dataprep.storage import open_storage
+    from tessera.dataprep.writer import shard_names, write_shard
+    from tessera.core.progress import bar
 
     cfg = cfg or CrawlConfig()
     cfg.validate()
@@ -567,12 +569,12 @@ _FILTER_FLAGS = ("min_image_size", "max_aspect_ratio", "min_caption_chars", "max
 
 def config_from_args(args: argparse.Namespace) -> CrawlConfig:
     """Defaults < --config preset < key=value overrides < explicit flags."""
-    from tessera import config as C
-    from tessera.root_config import TesseraConfig
+    from tessera.core import config as C
+    from tessera.core.root_config import TesseraConfig
 
     roots = {f.name for f in dataclasses.fields(TesseraConfig)}
     overrides = [ov if ov.split("=", 1)[0].split(".", 1)[0] in roots else f"crawl.{ov}" for ov in (args.overrides or [])]
-    cfg: CrawlConfig = C.load_root(args.config, overrides).crawl
+    cfg: CrawlConfig = load_root(args.config, overrides).crawl
     changes = {field: getattr(args, flag) for flag, field in _FLAG_FIELDS.items() if getattr(args, flag) is not None}
     if args.keep_cols is not None:
         changes["keep_cols"] = [c.strip() for c in args.keep_cols.split(",") if c.strip()]

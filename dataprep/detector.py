@@ -1,6 +1,6 @@
 """An analytic attribute detector for the synthetic shapes dataset, used to score generated images.
 
-No learning: the attribute tables of `dataprep.synthetic` are the palette and the geometry.
+No learning: the attribute tables of `tessera.dataprep.synthetic` are the palette and the geometry.
 
     background  median of the border pixels, nearest background colour
     foreground  pixels whose distance to the background exceeds half the foreground's own
@@ -23,8 +23,8 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from dataprep.synthetic import BACKGROUNDS, COLORS, POSITIONS, SIZES
-from tessera.errors import InputError
+from tessera.dataprep.synthetic import BACKGROUNDS, COLORS, POSITIONS, SIZES
+from tessera.core.errors import InputError
 
 # A foreground needs some pixel at least this far (RGB Euclidean) from the background.
 MIN_CONTRAST = 45.0

@@ -6,13 +6,15 @@ encoder logits, no gumbel noise), `{key}.ids.npy` (int32 BPE ids of the caption;
 lower-cases per its sidecar; no dropout) and `{key}.txt`. Tars are byte-deterministic (fixed
 mtime/owner), written to a temporary name and renamed.
 
-`--part I/N` encodes input shards I, I+N, I+2N, ... (trainer.data.split_shards), so parts never
+`--part I/N` encodes input shards I, I+N, I+2N, ... (tessera.trainer.data.split_shards), so parts never
 write the same file and together produce exactly what one run produces. Each part writes
 `manifest.part-I-of-N.json`; whichever part finds all N part manifests present writes
 `manifest.json` (the same content whichever does).
 """
 
 from __future__ import annotations
+
+from tessera.core.root_config import load_root
 
 import argparse
 import io
@@ -25,8 +27,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from tessera.errors import InputError
-from trainer.rundir import atomic_write_bytes
+from tessera.core.errors import InputError
+from tessera.core.files import atomic_write_bytes
 
 
 def parse_part(text: str | None) -> tuple[int, int]:
@@ -62,13 +64,13 @@ def encode_shards(dvae: str | Path, tokenizer: str | Path, input: str | list[str
                   part: tuple[int, int] | str | None = None, device: str | torch.device | None = None, cfg: Any = None) -> dict[str, Any]:
     """Encode (this part of) the input shards; returns this part's manifest (or the full one when complete).
 
-    `cfg` (dataprep.config.EncodeConfig) supplies the batch size when `batch_size` is not given.
+    `cfg` (tessera.dataprep.config.EncodeConfig) supplies the batch size when `batch_size` is not given.
     """
     batch_size = batch_size or (cfg.batch_size if cfg is not None else 64)
-    from dataprep.tokenizer import load_tokenizer
-    from tessera.progress import bar
-    from trainer.data import caption_of, decode_image, iter_samples, list_shards, split_shards
-    from trainer.dvae import load_dvae
+    from tessera.dataprep.tokenizer import load_tokenizer
+    from tessera.core.progress import bar
+    from tessera.trainer.data import caption_of, decode_image, iter_samples, list_shards, split_shards
+    from tessera.trainer.dvae import load_dvae
 
     i_part, n_part = parse_part(part) if isinstance(part, (str, type(None))) else part
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -152,9 +154,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tessera import config as C
+    from tessera.core import config as C
 
-    cfg = C.load_root(args.config, args.overrides)
+    cfg = load_root(args.config, args.overrides)
     m = encode_shards(args.dvae, args.tokenizer, args.input, args.output, batch_size=cfg.encode.batch_size, part=args.part, device=args.device)
     print(json.dumps({k: v for k, v in m.items() if k not in ("entries", "counts")}, indent=2))
     return 0

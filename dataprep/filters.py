@@ -18,7 +18,7 @@ from typing import Callable, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
-from tessera.errors import ConfigError
+from tessera.core.errors import ConfigError
 
 
 def decode_caption(raw: bytes | str | None) -> tuple[str, bool]:
@@ -127,12 +127,12 @@ def register_scorer_loader(matches: Callable[[str], bool], loader: ScorerLoader)
 def _default_clip_loader(spec: str) -> Scorer:
     # The project's small CLIP (trainer/) provides `load_scorer(path) -> Scorer`.
     try:
-        mod = importlib.import_module("trainer.clip")
+        mod = importlib.import_module("tessera.trainer.clip")
     except ImportError as e:
-        raise ConfigError(f"similarity model '{spec}': the project's CLIP (trainer.clip) is not available: {e}") from None
+        raise ConfigError(f"similarity model '{spec}': the project's CLIP (tessera.trainer.clip) is not available: {e}") from None
     fn = getattr(mod, "load_scorer", None)
     if fn is None:
-        raise ConfigError(f"similarity model '{spec}': trainer.clip has no load_scorer(path)")
+        raise ConfigError(f"similarity model '{spec}': tessera.trainer.clip has no load_scorer(path)")
     return fn(spec)
 
 

@@ -18,9 +18,13 @@ import hashlib
 import io
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from tessera.core.files import atomic_write_bytes
 
 # We check the pixel count ourselves (max_pixels), before decoding; Pillow's own guard would
 # raise or warn at a fixed limit instead.
@@ -181,3 +185,22 @@ def process_image(data: bytes, spec: ImageSpec) -> ProcessedImage:
 def _short(e: BaseException) -> str:
     s = str(e).splitlines()[0] if str(e) else type(e).__name__
     return s[:200]
+
+
+def save_image_grid(images: torch.Tensor, path: str | Path, nrow: int = 8, pad: int = 2) -> None:
+    """Write a (N, 3, H, W) batch in [0, 1] as one PNG grid (atomically)."""
+    images = images.detach().float().clamp(0, 1).cpu()
+    n, c, h, w = images.shape
+    ncol = min(nrow, n)
+    nrows = (n + ncol - 1) // ncol
+    grid = torch.ones(c, nrows * (h + pad) + pad, ncol * (w + pad) + pad)
+    for i in range(n):
+        r, q = divmod(i, ncol)
+        y, x = pad + r * (h + pad), pad + q * (w + pad)
+        grid[:, y : y + h, x : x + w] = images[i]
+    arr = (grid.permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, buf.getvalue())

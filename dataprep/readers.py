@@ -20,7 +20,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from tessera.errors import InputError
+from tessera.core.errors import InputError
 
 FORMATS = ("parquet", "csv", "tsv", "jsonl", "json")
 

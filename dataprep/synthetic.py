@@ -2,7 +2,7 @@
 
 Each image shows one shape; its caption names every attribute, e.g.
 "a small red circle at the top left on a gray background". The attribute tables below are the
-single source of truth: the caption template, the renderer and `dataprep.detector` all read them.
+single source of truth: the caption template, the renderer and `tessera.dataprep.detector` all read them.
 
 A fraction of the attribute combinations is held out of training (`split_combinations`); the
 evaluation images use only those, so a model that composes attributes can be told apart from one
@@ -30,8 +30,8 @@ from typing import Any, Iterable
 import numpy as np
 from PIL import Image, ImageDraw
 
-from dataprep.config import SyntheticConfig
-from tessera.errors import InputError
+from tessera.dataprep.config import SyntheticConfig
+from tessera.core.errors import InputError
 
 # --------------------------------------------------------------------------------------------
 # Attribute tables (the single source of truth)
@@ -228,7 +228,7 @@ def generate(out_dir: str | Path, cfg: SyntheticConfig | None = None, seed: int 
     uniformly from the training combinations, eval images from the held-out ones (from all
     combinations when holdout_fraction is 0).
     """
-    from tessera.progress import bar
+    from tessera.core.progress import bar
 
     cfg = cfg or SyntheticConfig()
     cfg.validate()
@@ -359,7 +359,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tessera.config import load_root
+    from tessera.core.root_config import load_root
 
     cfg = load_root(args.config, args.overrides)
     seed = cfg.seed if args.seed is None else args.seed

@@ -32,7 +32,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
-from tessera.errors import InputError
+from tessera.core.errors import InputError
 
 log = logging.getLogger("tessera.tokenizer")
 
@@ -419,7 +419,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tessera.config import load_root
+    from tessera.core.root_config import load_root
 
     cfg = load_root(args.config, args.overrides).tokenizer
     kind = args.kind or cfg.kind

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels.layouts import Layout
+from tessera.kernels.layouts import Layout
 
 
 def _as_mask(layout_or_mask: Layout | torch.Tensor, sq: int, sk: int, device: torch.device) -> torch.Tensor:

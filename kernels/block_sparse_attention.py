@@ -31,9 +31,9 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.layouts import Layout, block_layout, block_partial
+from tessera.kernels.layouts import Layout, block_layout, block_partial
 
-from kernels._triton import HAS_TRITON, lazy_jit as _lazy_jit, tl, triton  # noqa: F401
+from tessera.kernels._triton import HAS_TRITON, lazy_jit as _lazy_jit, tl, triton  # noqa: F401
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 SUPPORTED_BLOCKS = (16, 32, 64, 128)
@@ -361,7 +361,7 @@ _INDEX_CACHE_SIZE = 32
 
 
 def _cached_index(mask: torch.Tensor, block: int, device: torch.device) -> BlockSparseIndex:
-    """build_index, remembered per mask tensor (kernels.layouts caches one mask per layer kind, so
+    """build_index, remembered per mask tensor (tessera.kernels.layouts caches one mask per layer kind, so
     a model hits this every call). The key holds the tensor itself, so its id cannot be reused
     while cached, and its version counter, so an in-place edit rebuilds the index."""
     key = (id(mask), mask._version, block, str(device))
@@ -379,14 +379,14 @@ def _cached_index(mask: torch.Tensor, block: int, device: torch.device) -> Block
 def block_sparse_attention(q, k, v, mask, block: int = 64, sm_scale: float | None = None):
     """Masked softmax attention over [B, H, S, D] tensors with the Triton block-sparse kernels.
 
-    `mask` is a `kernels.layouts.Layout`, a bool [S, S] token mask (True = may attend; its block
+    `mask` is a `tessera.kernels.layouts.Layout`, a bool [S, S] token mask (True = may attend; its block
     index is cached per tensor) or a prebuilt `BlockSparseIndex` from `build_index(mask, block)`.
     Queries and keys cover the same S positions (training); the KV-cache case of sampling, with
-    fewer queries than keys, stays on `kernels.attention.attention`.
+    fewer queries than keys, stays on `tessera.kernels.attention.attention`.
     Differentiable in q, k and v.
     """
     if isinstance(mask, Layout):
-        mask = mask.mask()  # kernels.layouts caches it: the same tensor every call, so the index cache hits
+        mask = mask.mask()  # tessera.kernels.layouts caches it: the same tensor every call, so the index cache hits
     if isinstance(mask, BlockSparseIndex):
         index = mask
         if index.block != block:

@@ -179,7 +179,7 @@ def dense_over_sparse(mask: torch.Tensor, block: int) -> float:
 
 @dataclass(frozen=True)
 class Layout:
-    """One layer's attention pattern: what `kernels.attention.attention` and the block-sparse kernel take."""
+    """One layer's attention pattern: what `tessera.kernels.attention.attention` and the block-sparse kernel take."""
 
     kind: str
     text_len: int

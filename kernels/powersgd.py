@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels._triton import HAS_TRITON, lazy_jit as _lazy_jit, tl, triton  # noqa: F401
+from tessera.kernels._triton import HAS_TRITON, lazy_jit as _lazy_jit, tl, triton  # noqa: F401
 
 EPS = 1e-6
 MAX_RANK = 64

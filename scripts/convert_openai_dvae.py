@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Convert the released OpenAI dVAE (github.com/openai/DALL-E, encoder.pkl / decoder.pkl) to a Tessera
-dVAE checkpoint that `trainer.dvae.load_dvae` reads.
+dVAE checkpoint that `tessera.trainer.dvae.load_dvae` reads.
 
 Nothing is downloaded: pass local files. Each input is either a state dict saved with
 `torch.save(module.state_dict(), path)` (loaded with weights_only=True), or OpenAI's pickled module
@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from tessera.errors import CheckpointError, InputError  # noqa: E402
+from tessera.core.errors import CheckpointError, InputError  # noqa: E402
 
 
 def read_state_dict(path: str | Path, trust_pickle: bool = False) -> dict[str, torch.Tensor]:
@@ -56,7 +56,7 @@ def _count(sd: dict, pattern: str) -> int:
 
 def infer_config(enc: dict[str, torch.Tensor], dec: dict[str, torch.Tensor], image_size: int):
     """DVAEModelConfig read off the tensor shapes."""
-    from trainer.config import DVAEModelConfig
+    from tessera.trainer.config import DVAEModelConfig
 
     try:
         n_hid, channels = enc["blocks.input.w"].shape[:2]
@@ -74,7 +74,7 @@ def infer_config(enc: dict[str, torch.Tensor], dec: dict[str, torch.Tensor], ima
 
 def convert(enc: dict[str, torch.Tensor], dec: dict[str, torch.Tensor], image_size: int = 256):
     """(DVAE, DVAEModelConfig) holding the given OpenAI encoder/decoder weights."""
-    from trainer.dvae import DVAE
+    from tessera.trainer.dvae import DVAE
 
     cfg = infer_config(enc, dec, image_size)
     cfg.validate()
@@ -93,8 +93,8 @@ def convert(enc: dict[str, torch.Tensor], dec: dict[str, torch.Tensor], image_si
 
 
 def main(argv: list[str] | None = None) -> int:
-    from tessera import config as C
-    from trainer.rundir import save_checkpoint
+    from tessera.core import config as C
+    from tessera.core.files import save_checkpoint
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--encoder", required=True, help="local encoder.pkl or encoder state dict")

@@ -24,8 +24,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tessera import config as C
-from tessera.errors import InputError
+from tessera.core import config as C
+from tessera.core.root_config import load_root
+from tessera.core.errors import InputError
 
 STAGE_DIRS = ("source", "urls", "shards", "tokenizer", "dvae", "tokens", "transformer", "export", "samples")
 SAMPLES_PER_PROMPT = 4
@@ -42,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def demo_prompts() -> list[dict[str, str]]:
     """The fixed prompt list: every (colour, shape) pair once, with sizes, positions and backgrounds in rotation."""
-    from dataprep.synthetic import BACKGROUNDS, COLORS, POSITIONS, SHAPES, SIZES
+    from tessera.dataprep.synthetic import BACKGROUNDS, COLORS, POSITIONS, SHAPES, SIZES
 
     sizes, positions, backgrounds = list(SIZES), list(POSITIONS), list(BACKGROUNDS)
     prompts = []
@@ -87,9 +88,9 @@ def _heldout_psnr(dvae_dir: Path, eval_shards: Path) -> float:
     """PSNR of hard-code reconstructions (argmax codes -> decoder, EMA weights) over the held-out shards."""
     import torch
 
-    from trainer.data import iter_image_batches
-    from trainer.dvae import load_dvae
-    from trainer.image_metrics import psnr
+    from tessera.trainer.data import iter_image_batches
+    from tessera.trainer.dvae import load_dvae
+    from tessera.trainer.image_metrics import psnr
 
     model, model_cfg = load_dvae(dvae_dir)
     model.eval()
@@ -107,17 +108,17 @@ def _heldout_psnr(dvae_dir: Path, eval_shards: Path) -> float:
 def run_demo(cfg: Any, out: Path, samples_per_prompt: int = SAMPLES_PER_PROMPT) -> dict[str, Any]:
     import torch
 
-    from dataprep import detector, synthetic
-    from dataprep.crawl import crawl
-    from dataprep.encode import encode_shards
-    from dataprep.tokenizer import read_captions, train_tokenizer
-    from tessera.progress import bar
-    from tessera.progress import enabled as progress_enabled
-    from trainer.dvae_train import train_dvae
-    from trainer.export import export
-    from trainer.inference import load as load_inference
-    from trainer.rundir import save_image_grid
-    from trainer.transformer_train import train_transformer
+    from tessera.dataprep import detector, synthetic
+    from tessera.dataprep.crawl import crawl
+    from tessera.dataprep.encode import encode_shards
+    from tessera.dataprep.tokenizer import read_captions, train_tokenizer
+    from tessera.core.progress import bar
+    from tessera.core.progress import enabled as progress_enabled
+    from tessera.trainer.dvae_train import train_dvae
+    from tessera.trainer.export import export
+    from tessera.trainer.inference import load as load_inference
+    from tessera.dataprep.imaging import save_image_grid
+    from tessera.trainer.transformer_train import train_transformer
 
     out.mkdir(parents=True, exist_ok=True)
     _reset(out)
@@ -143,7 +144,7 @@ def run_demo(cfg: Any, out: Path, samples_per_prompt: int = SAMPLES_PER_PROMPT) 
     tr_summary = st.run("train transformer", train_transformer, cfg, str(out / "tokens"), out / "transformer")
     clip_dir = None
     if cfg.sample.candidates > 1:  # reranking needs a CLIP: train the small one on the same shards
-        from trainer.clip_train import train_clip
+        from tessera.trainer.clip_train import train_clip
 
         clip_dir = out / "clip"
         clip_summary = st.run("train clip", train_clip, cfg.clip, str(out / "shards" / "train"), tok_path, clip_dir,
@@ -229,7 +230,7 @@ def format_report(report: dict[str, Any]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     preset = args.config or ("demo-quick" if args.quick else "demo")
-    cfg = C.load_root(preset, args.overrides)
+    cfg = load_root(preset, args.overrides)
     if args.samples_per_prompt < 1:
         raise InputError(f"--samples-per-prompt: expected >= 1, got {args.samples_per_prompt}")
     out = Path(args.output)

@@ -26,10 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tessera.errors import CheckpointError, InputError
-from trainer.config import ClipConfig
+from tessera.core.errors import CheckpointError, InputError
+from tessera.trainer.config import ClipConfig
 
-PAD_ID = 0  # dataprep.tokenizer's pad id; encode() never produces it
+PAD_ID = 0  # tessera.dataprep.tokenizer's pad id; encode() never produces it
 
 # --------------------------------------------------------------------------------------------
 # Image tower
@@ -182,7 +182,7 @@ def pad_ids(batch: Sequence[Sequence[int]], text_len: int) -> torch.Tensor:
 
 def checkpoint_state(model: CLIP, tokenizer_path: str | Path) -> dict[str, Any]:
     """The self-contained part of a "clip" checkpoint: weights, config, vocabulary and tokenizer bytes."""
-    from dataprep.tokenizer import sidecar_path
+    from tessera.dataprep.tokenizer import sidecar_path
 
     tp = Path(tokenizer_path)
     return {
@@ -197,7 +197,7 @@ def checkpoint_state(model: CLIP, tokenizer_path: str | Path) -> dict[str, Any]:
 
 class SimilarityMethods:
     """score / similarity / rerank from `image_embeddings` and `text_embeddings` (unit vectors);
-    shared by ClipScorer and trainer.openclip.OpenClipScorer, which both hold a model (with `.cfg`), its
+    shared by ClipScorer and tessera.trainer.openclip.OpenClipScorer, which both hold a model (with `.cfg`), its
     tokenizer and a device."""
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, device: str | torch.device = "cpu"):
@@ -282,7 +282,7 @@ class ClipScorer(SimilarityMethods):
 
 
 def _tokenizer_from_state(state: dict[str, Any], where: Path) -> Any:
-    from dataprep.tokenizer import tokenizer_from_bytes
+    from tessera.dataprep.tokenizer import tokenizer_from_bytes
 
     try:
         return tokenizer_from_bytes(state["tokenizer_bytes"].numpy().tobytes(), state["tokenizer_meta"], f"{where}:{state.get('tokenizer_name', 'tokenizer.model')}")
@@ -291,7 +291,7 @@ def _tokenizer_from_state(state: dict[str, Any], where: Path) -> Any:
 
 
 def model_from_state(state: dict[str, Any], where: str | Path = "<state>") -> CLIP:
-    from tessera.config import from_dict
+    from tessera.core.config import from_dict
 
     try:
         cfg = from_dict(ClipConfig, state["config"], prefix="clip")
@@ -305,9 +305,9 @@ def model_from_state(state: dict[str, Any], where: str | Path = "<state>") -> CL
 def load_clip(path: str | Path, device: str | torch.device = "cpu") -> ClipScorer:
     """A ClipScorer from a `tessera train clip` run directory, one of its checkpoint files, or an
     export directory holding a CLIP (config.json "clip" entry, `clip.*` tensors, clip_tokenizer.model);
-    or, for a local open_clip / OpenAI CLIP checkpoint file, a trainer.openclip.OpenClipScorer."""
-    from trainer.openclip import is_openclip_checkpoint, load_openclip
-    from trainer.rundir import load_checkpoint
+    or, for a local open_clip / OpenAI CLIP checkpoint file, a tessera.trainer.openclip.OpenClipScorer."""
+    from tessera.trainer.openclip import is_openclip_checkpoint, load_openclip
+    from tessera.core.files import load_checkpoint
 
     path = Path(path)
     if is_openclip_checkpoint(path):
@@ -320,7 +320,7 @@ def load_clip(path: str | Path, device: str | torch.device = "cpu") -> ClipScore
 
 
 def _load_from_export(path: Path, device: str | torch.device) -> ClipScorer:
-    from dataprep.tokenizer import load_tokenizer
+    from tessera.dataprep.tokenizer import load_tokenizer
 
     try:
         config = json.loads((path / "config.json").read_text())
@@ -344,7 +344,7 @@ def _load_from_export(path: Path, device: str | torch.device) -> ClipScorer:
 
 
 def load_scorer(path: str | Path) -> ClipScorer:
-    """The crawler's similarity-filter hook (dataprep.filters): `score(images, captions)` with PIL images."""
+    """The crawler's similarity-filter hook (tessera.dataprep.filters): `score(images, captions)` with PIL images."""
     return load_clip(path, "cuda" if torch.cuda.is_available() else "cpu")
 
 

@@ -11,11 +11,13 @@ Evaluation is retrieval among distinct captions: for each held-out image, is the
 caption (among all distinct captions of the evaluation set) its own? Many images share a caption
 in the synthetic data, so chance is 1 / (number of distinct captions).
 
-A run directory (trainer.rundir.RunDir) gets config.toml, metrics.jsonl, TensorBoard events and
+A run directory (tessera.trainer.rundir.RunDir) gets config.toml, metrics.jsonl, TensorBoard events and
 "clip" checkpoints; an interrupted run resumes from checkpoints/latest.pt.
 """
 
 from __future__ import annotations
+
+from tessera.core.root_config import load_root
 
 import argparse
 import io
@@ -29,10 +31,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from tessera.errors import InputError
-from trainer.clip import CLIP, ClipScorer, checkpoint_state, model_from_state, pad_ids
-from trainer.config import ClipConfig
-from trainer.precision import autocast_dtype
+from tessera.core.errors import InputError
+from tessera.trainer.clip import CLIP, ClipScorer, checkpoint_state, model_from_state, pad_ids
+from tessera.trainer.config import ClipConfig
+from tessera.trainer.precision import autocast_dtype
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
 
@@ -55,7 +57,7 @@ def read_pairs(spec: str | Path, image_size: int, limit: int | None = None) -> t
     `spec`: a folder of *.tar, a tar, a glob or a brace pattern. Images of another size are resized
     (bicubic) to `image_size` after a center crop.
     """
-    from dataprep.tokenizer import input_files
+    from tessera.dataprep.tokenizer import input_files
 
     imgs: list[np.ndarray] = []
     caps: list[str] = []
@@ -153,16 +155,17 @@ def train_clip(
 
     `pairs` (uint8 images, captions) may be given instead of reading `data` (tests, the demo).
     """
-    from dataprep.tokenizer import load_tokenizer
-    from tessera import config as C
-    from tessera.progress import bar
-    from trainer.rundir import RunDir, load_checkpoint
-    from trainer.schedules import warmup_cosine
+    from tessera.dataprep.tokenizer import load_tokenizer
+    from tessera.core import config as C
+    from tessera.core.progress import bar
+    from tessera.trainer.rundir import RunDir
+    from tessera.core.files import load_checkpoint
+    from tessera.trainer.schedules import warmup_cosine
 
     cfg.validate()
     if cfg.checkpoint:  # a local open_clip checkpoint replaces training: check that it loads
-        from tessera.errors import ConfigError, TesseraError
-        from trainer.openclip import load_openclip
+        from tessera.core.errors import ConfigError, TesseraError
+        from tessera.trainer.openclip import load_openclip
 
         try:
             oc = load_openclip(cfg.checkpoint).cfg
@@ -182,7 +185,7 @@ def train_clip(
     else:  # no held-out set: report retrieval on (the first) training pairs
         ev_images, ev_caps = images[: cfg.eval_samples], captions[: cfg.eval_samples]
     if root_cfg is None:
-        root_cfg = C.load_root()
+        root_cfg = load_root()
         root_cfg.clip = cfg
     run = RunDir(output, root_cfg)
     torch.manual_seed(seed)
@@ -274,7 +277,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tessera.config import load_root
+    from tessera.core.root_config import load_root
 
     root = load_root(args.config, args.overrides)
     m = train_clip(root.clip, args.data, args.tokenizer, args.output, eval_data=args.eval_data, seed=root.seed, root_cfg=root, device=args.device)

@@ -8,8 +8,8 @@ and App. B (transformer).
 from dataclasses import dataclass
 from typing import Literal, Optional
 
-from tessera.config import param
-from tessera.errors import ConfigError
+from tessera.core.config import param
+from tessera.core.errors import ConfigError
 
 
 @dataclass

@@ -30,7 +30,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from tessera.errors import InputError
+from tessera.core.errors import InputError
 
 # --------------------------------------------------------------------------------------------
 # Listing and splitting (generic: image shards and token shards alike)
@@ -38,7 +38,7 @@ from tessera.errors import InputError
 
 def _s3_client():
     try:
-        from dataprep.storage import s3_client  # type: ignore
+        from tessera.dataprep.storage import s3_client  # type: ignore
 
         return s3_client()
     except Exception:

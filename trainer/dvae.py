@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tessera.errors import CheckpointError, InputError
-from trainer.config import DVAEModelConfig
+from tessera.core.errors import CheckpointError, InputError
+from tessera.trainer.config import DVAEModelConfig
 
 LOGIT_LAPLACE_EPS = 0.1
 
@@ -236,7 +236,7 @@ def stats_to_image(stats: torch.Tensor, channels: int = 3) -> torch.Tensor:
 
 
 def model_config_from_dict(d: dict) -> DVAEModelConfig:
-    from tessera.config import from_dict
+    from tessera.core.config import from_dict
 
     return from_dict(DVAEModelConfig, d, prefix="dvae.model")
 
@@ -277,7 +277,7 @@ def load_dvae(path: str | Path, map_location: str = "cpu") -> tuple[DVAE, DVAEMo
     Export dirs (config.json + model.safetensors) usually hold only the decoder (`dvae_decoder.*`);
     then `model.has_encoder` is False and the encoder weights are untrained.
     """
-    from trainer.rundir import load_checkpoint
+    from tessera.core.files import load_checkpoint
 
     path = Path(path)
     if path.is_dir() and (path / "model.safetensors").exists():

@@ -28,16 +28,19 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from cluster.dist import DistState
-from tessera import config as C
-from tessera.errors import ConfigError, InputError
-from trainer.data import ImageStream, iter_image_batches
-from trainer.codebook_init import patch_codes, sample_centroids
-from trainer.dvae import DVAE, kl_to_uniform, map_pixels, logit_laplace_nll, stats_to_image
-from trainer.ema import EMA
-from trainer.precision import autocast_dtype
-from trainer.rundir import RunDir, atomic_write_bytes, load_checkpoint, save_image_grid
-from trainer.schedules import cosine
+from tessera.cluster.dist import DistState
+from tessera.core import config as C
+from tessera.core.root_config import load_root
+from tessera.core.errors import ConfigError, InputError
+from tessera.trainer.data import ImageStream, iter_image_batches
+from tessera.trainer.codebook_init import patch_codes, sample_centroids
+from tessera.trainer.dvae import DVAE, kl_to_uniform, map_pixels, logit_laplace_nll, stats_to_image
+from tessera.trainer.ema import EMA
+from tessera.trainer.precision import autocast_dtype
+from tessera.trainer.rundir import RunDir
+from tessera.core.files import atomic_write_bytes, load_checkpoint
+from tessera.dataprep.imaging import save_image_grid
+from tessera.trainer.schedules import cosine
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
@@ -122,7 +125,7 @@ def dvae_loss(model, x: torch.Tensor, temp: float, kl_weight: float, eps: float,
 @torch.no_grad()
 def evaluate(model: DVAE, spec: str | list[str], n: int, batch_size: int, device: torch.device, dtype=None) -> tuple[dict[str, float], torch.Tensor]:
     """Held-out PSNR/SSIM of hard reconstructions (argmax codes -> decoder), codebook perplexity and unused codes."""
-    from trainer.image_metrics import psnr, ssim
+    from tessera.trainer.image_metrics import psnr, ssim
 
     model.eval()
     V = model.cfg.vocab_size
@@ -251,7 +254,7 @@ def train_dvae(cfg_root: Any, data: str | None = None, eval_data: str | None = N
                 **({"kmeans_centroids": centroids.cpu()} if centroids is not None and at < warm_steps(tc) else {}),
             })
 
-    from tessera.progress import bar
+    from tessera.core.progress import bar
 
     start_step, t0 = step, time.time()
     pbar = bar(tc.steps, "dvae", "step") if dist.is_main else None
@@ -365,9 +368,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cluster import dist as D
+    from tessera.cluster import dist as D
 
-    cfg = C.load_root(args.config, args.overrides)
+    cfg = load_root(args.config, args.overrides)
     state = D.init(D.discover())
     try:
         summary = train_dvae(cfg, args.data, args.eval_data, args.output, state)

@@ -21,11 +21,11 @@ generated) as classes. Values in the two spaces are not comparable with each oth
 CLIP score: mean cosine similarity of each image with its caption (`clip_score`), beside the same
 figure for the reference images with theirs (`clip_score_reference`) for scale.
 
-Attributes: when captions are synthetic-dataset captions, `dataprep.detector` scores colour,
+Attributes: when captions are synthetic-dataset captions, `tessera.dataprep.detector` scores colour,
 shape, size and position agreement (`attributes`).
 
 PSNR / SSIM (`--paired`): image i against reference i (e.g. dVAE reconstructions of held-out
-images), with `trainer.image_metrics`.
+images), with `tessera.trainer.image_metrics`.
 
 Where captions come from: an images folder written by `tessera sample` (`NNN_KK.png` +
 `prompts.txt`), per-image `{stem}.txt` files, or webdataset shards (`{key}.txt`).
@@ -47,7 +47,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from tessera.errors import InputError
+from tessera.core.errors import InputError
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp"}
 SKIP_NAMES = {"grid.png"}
@@ -87,7 +87,7 @@ def load_images(spec: str | Path, size: int | None = None, limit: int | None = N
     p = Path(spec)
     tars = sorted(p.glob("*.tar")) if p.is_dir() else []
     if (p.is_file() and p.suffix == ".tar") or tars or (not p.exists() and spec.endswith(".tar")):
-        from trainer.clip_train import read_pairs
+        from tessera.trainer.clip_train import read_pairs
 
         imgs, caps = read_pairs(spec, size or 64, limit) if size else _read_pairs_native(spec, limit)
         return imgs, list(caps)
@@ -119,8 +119,8 @@ def load_images(spec: str | Path, size: int | None = None, limit: int | None = N
 
 def _read_pairs_native(spec: str, limit: int | None) -> tuple[torch.Tensor, list[str]]:
     """Shards at their own image size (the first image's side)."""
-    from trainer.clip_train import read_pairs
-    from dataprep.tokenizer import input_files
+    from tessera.trainer.clip_train import read_pairs
+    from tessera.dataprep.tokenizer import input_files
 
     first = input_files(spec)[0]
     import tarfile
@@ -202,7 +202,7 @@ class InceptionFeatures:
     """
 
     def __init__(self, path: str | Path, device: str | torch.device = "cpu", variant: str | None = None):
-        from trainer.inception import load_inception
+        from tessera.trainer.inception import load_inception
 
         p = Path(path)
         if not p.is_file():
@@ -261,8 +261,8 @@ def evaluate(
 
     clip: a ClipScorer or None; inception: an InceptionFeatures or None.
     """
-    from dataprep import detector
-    from dataprep.synthetic import parse_caption
+    from tessera.dataprep import detector
+    from tessera.dataprep.synthetic import parse_caption
 
     if len(images) == 0 or len(reference) == 0:
         raise InputError(f"eval: need images on both sides, got {len(images)} generated and {len(reference)} reference")
@@ -298,7 +298,7 @@ def evaluate(
         acc = detector.score(x[[i for i, _ in parsed]], [a for _, a in parsed])
         report["attributes"] = {k: round(v, 4) if isinstance(v, float) else v for k, v in acc.items()}
     if paired:
-        from trainer.image_metrics import psnr, ssim
+        from tessera.trainer.image_metrics import psnr, ssim
 
         if x.shape != r.shape:
             raise InputError(f"eval --paired: generated images {tuple(x.shape)} and reference {tuple(r.shape)} differ in count or size")
@@ -339,14 +339,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from trainer.rundir import atomic_write_bytes
+    from tessera.core.files import atomic_write_bytes
 
     images, caps = load_images(args.images, args.size, args.limit)
     size = images.shape[-1]
     reference, ref_caps = load_images(args.reference, size, args.limit)
     clip = None
     if args.clip:
-        from trainer.clip import load_clip
+        from tessera.trainer.clip import load_clip
 
         clip = load_clip(args.clip, "cuda" if torch.cuda.is_available() else "cpu")
     inception = InceptionFeatures(args.inception, "cuda" if torch.cuda.is_available() else "cpu") if args.inception else None

@@ -13,7 +13,7 @@ checkpoint directory (a folder with a `latest` file), from DeepSpeed's zero_to_f
 The dVAE and tokenizer are those named by the token manifest the run trained on (recorded in the
 checkpoint), unless --dvae / --tokenizer say otherwise. Every file is written to a temporary name
 and renamed; config.json is written last, so a directory with a config.json is complete.
-`trainer.inference.load(DIR)` reads it with model definitions and safetensors only.
+`tessera.trainer.inference.load(DIR)` reads it with model definitions and safetensors only.
 """
 
 from __future__ import annotations
@@ -27,9 +27,10 @@ from typing import Any
 import torch
 
 from tessera import __version__
-from tessera import config as C
-from tessera.errors import CheckpointError, InputError
-from trainer.rundir import atomic_write_bytes, load_checkpoint
+from tessera.core import config as C
+from tessera.core.root_config import from_run_dict
+from tessera.core.errors import CheckpointError, InputError
+from tessera.core.files import atomic_write_bytes, load_checkpoint
 
 EXPORT_FORMAT = "tessera-export-1"
 
@@ -53,13 +54,13 @@ def find_zero_checkpoint(run_dir: Path) -> Path | None:
 
 
 def _transformer_from_zero(run_dir: Path, zero_dir: Path, use_ema: bool) -> tuple[dict[str, torch.Tensor], dict, dict]:
-    """Consolidate ZeRO shards into one fp32 state dict (DeepSpeed's zero_to_fp32, via cluster.engine).
+    """Consolidate ZeRO shards into one fp32 state dict (DeepSpeed's zero_to_fp32, via tessera.cluster.engine).
 
     The model config and the EMA weights (ZeRO 1/2 runs that keep one) come from the client state
     saved with the checkpoint; a checkpoint without one falls back to the run's config.toml.
     """
     try:
-        from cluster.engine import consolidate_zero_checkpoint, zero_checkpoint_client_state
+        from tessera.cluster.engine import consolidate_zero_checkpoint, zero_checkpoint_client_state
     except ImportError:
         raise InputError(f"run '{run_dir}' holds a DeepSpeed ZeRO checkpoint ({zero_dir}) but deepspeed is not installed") from None
     try:
@@ -76,7 +77,7 @@ def _transformer_from_zero(run_dir: Path, zero_dir: Path, use_ema: bool) -> tupl
         cfg_path = run_dir / "config.toml"
         if not cfg_path.exists():
             raise InputError(f"run '{run_dir}': config.toml is missing (needed for the model config of a ZeRO checkpoint)")
-        model_cfg = dataclasses.asdict(C.from_run_dict(C.load_toml(cfg_path)).transformer.model)
+        model_cfg = dataclasses.asdict(from_run_dict(C.load_toml(cfg_path)).transformer.model)
     weights = sd
     if use_ema and client.get("ema"):
         weights = {**sd, **{k: v for k, v in client["ema"].items() if k in sd}}
@@ -114,10 +115,10 @@ def _tensor_bytes(tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> bytes
 def export(run_dir: str | Path, output: str | Path, *, clip: str | Path | None = None, dtype: str = "fp32",
            dvae: str | Path | None = None, tokenizer: str | Path | None = None, use_ema: bool = True) -> dict[str, Any]:
     """Write the inference directory; returns a summary (paths, tensor counts, bytes)."""
-    from dataprep.tokenizer import load_tokenizer, sidecar_path
-    from trainer.dvae import load_dvae
-    from trainer.transformer import DALLE
-    from trainer.transformer_train import model_config_from_dict
+    from tessera.dataprep.tokenizer import load_tokenizer, sidecar_path
+    from tessera.trainer.dvae import load_dvae
+    from tessera.trainer.transformer import DALLE
+    from tessera.trainer.transformer_train import model_config_from_dict
 
     run_dir, out = Path(run_dir), Path(output)
     if not run_dir.exists():
@@ -174,7 +175,7 @@ def export(run_dir: str | Path, output: str | Path, *, clip: str | Path | None =
     name = run_dir.name
     if cfg_path.exists():
         try:
-            root = C.from_run_dict(C.load_toml(cfg_path))
+            root = from_run_dict(C.load_toml(cfg_path))
             root_sample, name = dataclasses.asdict(root.sample), root.name
         except Exception:  # an older or foreign config.toml: the defaults still apply
             root_sample = {}

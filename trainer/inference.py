@@ -1,7 +1,7 @@
 """Loading an export directory and generating images: model definitions + safetensors only.
 
 No training code, no DeepSpeed, no pickle: this module imports the model definitions
-(`trainer.transformer`, `trainer.dvae`, `trainer.clip`), the tokenizer loader and the sampler.
+(`tessera.trainer.transformer`, `tessera.trainer.dvae`, `tessera.trainer.clip`), the tokenizer loader and the sampler.
 
     pipe = load("exports/demo")
     images = pipe.generate(["a small red circle at the top left on a gray background"], n=4, sample_cfg=SampleConfig())
@@ -24,16 +24,16 @@ from typing import Any, Sequence
 
 import torch
 
-from tessera.errors import CheckpointError, InputError
-from trainer.config import SampleConfig, TransformerModelConfig
-from trainer.sample import sample_codes
-from trainer.transformer import DALLE, pad_text
+from tessera.core.errors import CheckpointError, InputError
+from tessera.trainer.config import SampleConfig, TransformerModelConfig
+from tessera.trainer.sample import sample_codes
+from tessera.trainer.transformer import DALLE, pad_text
 
 REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.model", "tokenizer.model.json")
 
 
 def _from_dict(cls: type, d: dict, prefix: str) -> Any:
-    from tessera.config import from_dict
+    from tessera.core.config import from_dict
 
     return from_dict(cls, d, prefix=prefix)
 
@@ -154,9 +154,9 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> Pipeline:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from dataprep.tokenizer import load_tokenizer
-    from trainer.config import DVAEModelConfig
-    from trainer.dvae import DVAE
+    from tessera.dataprep.tokenizer import load_tokenizer
+    from tessera.trainer.config import DVAEModelConfig
+    from tessera.trainer.dvae import DVAE
 
     path = Path(path)
     config = _check_dir(path)
@@ -186,8 +186,8 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> Pipeline:
 
     clip = None
     if config.get("clip"):
-        from trainer.clip import CLIP, ClipScorer
-        from trainer.config import ClipConfig
+        from tessera.trainer.clip import CLIP, ClipScorer
+        from tessera.trainer.config import ClipConfig
 
         cm = config["clip"]
         tok_file = path / cm.get("tokenizer", "clip_tokenizer.model")

@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tessera.errors import CheckpointError, InputError
-from trainer.clip import SimilarityMethods
+from tessera.core.errors import CheckpointError, InputError
+from tessera.trainer.clip import SimilarityMethods
 
 MERGES_NAME = "bpe_simple_vocab_16e6.txt.gz"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -362,7 +362,7 @@ def model_from_openclip_state(sd: dict[str, torch.Tensor], where: str | Path = "
 
 
 class OpenClipScorer(SimilarityMethods):
-    """An open_clip CLIP with its tokenizer; the same methods as trainer.clip.ClipScorer."""
+    """An open_clip CLIP with its tokenizer; the same methods as tessera.trainer.clip.ClipScorer."""
 
     def __init__(self, model: OpenCLIP, tokenizer: ClipTokenizer, device: str | torch.device = "cpu"):
         super().__init__(model, tokenizer, device)

@@ -13,14 +13,16 @@ candidates by `sample.rerank` (the export's CLIP score, the transformer's log-li
 
 from __future__ import annotations
 
+from tessera.core.root_config import TesseraConfig
+
 import argparse
 from pathlib import Path
 
 import torch
 
-from tessera.errors import InputError
-from trainer.config import SampleConfig
-from trainer.transformer import DALLE, empty_text
+from tessera.core.errors import InputError
+from tessera.trainer.config import SampleConfig
+from tessera.trainer.transformer import DALLE, empty_text
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -146,9 +148,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tessera import config as C
-    from trainer.inference import load
-    from trainer.rundir import atomic_write_bytes, save_image_grid
+    from tessera.core import config as C
+    from tessera.trainer.inference import load
+    from tessera.core.files import atomic_write_bytes
+    from tessera.dataprep.imaging import save_image_grid
 
     if args.n < 1:
         raise InputError(f"-n: expected >= 1 images per prompt, got {args.n}")
@@ -156,7 +159,7 @@ def run(args: argparse.Namespace) -> int:
     pipe = load(args.model)
     # sampling settings: the export's [sample] (from its training run) < --config preset < overrides
     base = {"sample": {k: v for k, v in (pipe.config.get("sample") or {}).items() if k in SampleConfig.__dataclass_fields__}}
-    root = C.load(C.Root(), args.config, args.overrides, base=base)
+    root = C.load(TesseraConfig, args.config, args.overrides, base=base)
     torch.manual_seed(args.seed)
     images = pipe.generate(prompts, args.n, root.sample, generator=torch.Generator().manual_seed(args.seed))
     out = Path(args.output)

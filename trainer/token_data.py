@@ -5,7 +5,7 @@ A token-shard folder holds `{shard:05d}.tar` files with `{key}.codes.npy` (uint1
 `manifest.json` ({"grid", "image_vocab", "text_vocab", "tokenizer", "dvae", "count", "shards"}).
 
 Listing, rank/worker splitting, deterministic shuffling and exact resume come from
-`trainer.data` (shared with the dVAE's image stream); this module decodes token records and
+`tessera.trainer.data` (shared with the dVAE's image stream); this module decodes token records and
 builds (text, image) batches, with BPE-dropout (re-encoding the caption) when a tokenizer is given.
 """
 
@@ -20,9 +20,9 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from tessera.errors import InputError
-from trainer.data import consumer_stream, iter_samples, list_shards
-from trainer.transformer import pad_text
+from tessera.core.errors import InputError
+from tessera.trainer.data import consumer_stream, iter_samples, list_shards
+from tessera.trainer.transformer import pad_text
 
 MANIFEST_KEYS = ("grid", "image_vocab", "text_vocab")
 

@@ -29,9 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.attention import attention
-from kernels.layouts import Layout, inverse_order, layer_layouts, sequence_order
-from trainer.config import TransformerModelConfig
+from tessera.kernels.attention import attention
+from tessera.kernels.layouts import Layout, inverse_order, layer_layouts, sequence_order
+from tessera.trainer.config import TransformerModelConfig
 
 
 def pad_text(ids: list[int], text_len: int, text_vocab: int) -> list[int]:
@@ -52,7 +52,7 @@ def empty_text(batch: int, text_len: int, text_vocab: int, device: torch.device 
 def _block_sparse_kernel():
     """The Triton block-sparse kernel on GPU hosts that have it, else None (CPU: dense SDPA with the mask)."""
     try:
-        from kernels.block_sparse_attention import HAS_TRITON, block_sparse_attention
+        from tessera.kernels.block_sparse_attention import HAS_TRITON, block_sparse_attention
     except ImportError:
         return None
     return block_sparse_attention if HAS_TRITON else None

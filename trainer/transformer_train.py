@@ -26,16 +26,19 @@ from typing import Any
 
 import torch
 
-from tessera import config as C
-from tessera.errors import CheckpointError, ConfigError, InputError
-from tessera.progress import bar
-from trainer.config import TransformerModelConfig
-from trainer.ema import EMA
-from trainer.precision import autocast_dtype, resolve_precision
-from trainer.rundir import RunDir, load_checkpoint, save_image_grid
-from trainer.schedules import Plateau, warmup_cosine
-from trainer.token_data import TokenBatches, TokenManifest, load_token_set, read_manifest
-from trainer.transformer import DALLE, pad_text
+from tessera.core import config as C
+from tessera.core.root_config import load_root
+from tessera.core.errors import CheckpointError, ConfigError, InputError
+from tessera.core.progress import bar
+from tessera.trainer.config import TransformerModelConfig
+from tessera.trainer.ema import EMA
+from tessera.trainer.precision import autocast_dtype, resolve_precision
+from tessera.trainer.rundir import RunDir
+from tessera.core.files import load_checkpoint
+from tessera.dataprep.imaging import save_image_grid
+from tessera.trainer.schedules import Plateau, warmup_cosine
+from tessera.trainer.token_data import TokenBatches, TokenManifest, load_token_set, read_manifest
+from tessera.trainer.transformer import DALLE, pad_text
 
 KIND = "transformer"
 ZERO_DIR = "zero"  # checkpoints/zero/: DeepSpeed ZeRO checkpoints (cluster.zero_stage > 0)
@@ -52,7 +55,7 @@ def resolve_model_config(mcfg: TransformerModelConfig, manifest: TokenManifest) 
 
 
 def autocast_context(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16/fp16 autocast, or nothing (fp32), for a config value (trainer.precision)."""
+    """bf16/fp16 autocast, or nothing (fp32), for a config value (tessera.trainer.precision)."""
     dtype = autocast_dtype(precision, device)
     return contextlib.nullcontext() if dtype is None else torch.autocast(device_type=device.type, dtype=dtype)
 
@@ -74,7 +77,7 @@ def load_tokenizer_or_none(manifest: TokenManifest, bpe_dropout: float):
     if bpe_dropout <= 0 or not path or not Path(path).exists():
         return None
     try:
-        from dataprep.tokenizer import load_tokenizer
+        from tessera.dataprep.tokenizer import load_tokenizer
     except ImportError:
         return None
     return load_tokenizer(path)
@@ -118,7 +121,7 @@ class _Sampler:
         self.dvae = None
         path = manifest.resolve(manifest.dvae)
         if path and Path(path).exists():
-            from trainer.dvae import load_dvae
+            from tessera.trainer.dvae import load_dvae
 
             self.dvae, _ = load_dvae(path)
             self.dvae.to(device)
@@ -128,7 +131,7 @@ class _Sampler:
     def __call__(self, model: DALLE, run: RunDir, step: int) -> Path | None:
         if self.dvae is None:
             return None
-        from trainer.sample import sample_codes
+        from tessera.trainer.sample import sample_codes
 
         g = torch.Generator(device=self.device).manual_seed(step)
         codes = sample_codes(model, self.text.to(self.device), self.cfg, generator=g)
@@ -142,7 +145,7 @@ class _Sampler:
 
 def train_transformer(cfg_root: Any, data: str | None, output: str | Path, dist: Any = None) -> dict[str, Any]:
     """Train (or resume) a transformer run in `output` on token shards `data`; returns a summary dict."""
-    from cluster.dist import init
+    from tessera.cluster.dist import init
 
     dist = init(dist)
     tcfg = cfg_root.transformer.train
@@ -204,7 +207,7 @@ def _train(cfg_root: Any, data: str | None, output: str | Path, dist: Any) -> di
 
     if zero:
         # DeepSpeed ZeRO: the engine owns the optimizer state (sharded) and its checkpoints
-        from cluster.engine import build_engine
+        from tessera.cluster.engine import build_engine
 
         if run.latest_checkpoint() is not None:
             raise CheckpointError(f"run directory '{output}' holds a plain/DDP checkpoint (checkpoints/latest.pt); resume it with cluster.zero_stage = 0 or use a new --output")
@@ -406,7 +409,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import json
 
-    cfg = C.load_root(args.config, args.overrides)
+    cfg = load_root(args.config, args.overrides)
     summary = train_transformer(cfg, args.data, args.output)
     print(json.dumps(summary, indent=1))
     return 0

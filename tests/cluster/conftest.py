@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.dist import free_port
+from tessera.cluster.dist import free_port
 
 PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge"]
 
@@ -140,7 +140,7 @@ def slurm_cluster(tmp_path_factory):
             time.sleep(0.5)
         else:
             raise RuntimeError(f"the node never became idle (state {state!r}):\n" + c.logs())
-        os.environ["SLURM_CONF"] = str(c.conf)  # cluster.slurm's calls (sbatch, squeue, scontrol) find it
+        os.environ["SLURM_CONF"] = str(c.conf)  # tessera.cluster.slurm's calls (sbatch, squeue, scontrol) find it
         yield c
     finally:
         os.environ.pop("SLURM_CONF", None)

@@ -1,4 +1,4 @@
-"""cluster.config: DistConfig (the root [cluster] section) and SlurmConfig (sbatch options), their
+"""tessera.cluster.config: DistConfig (the root [cluster] section) and SlurmConfig (sbatch options), their
 validation messages and documentation."""
 
 import dataclasses
@@ -6,9 +6,10 @@ import json
 
 import pytest
 
-from cluster.config import DistConfig, SlurmConfig
-from tessera import config as C
-from tessera.errors import ConfigError
+from tessera.cluster.config import DistConfig, SlurmConfig
+from tessera.core import config as C
+from tessera.core.root_config import load_root
+from tessera.core.errors import ConfigError
 
 
 @pytest.mark.parametrize("cls", [DistConfig, SlurmConfig])
@@ -45,7 +46,7 @@ def test_defaults_validate():
     ],
 )
 def test_dist_valid_combinations(values):
-    cfg = C.load_root(None, [f"cluster.{k}={json.dumps(v)}" for k, v in values.items()]).cluster
+    cfg = load_root(None, [f"cluster.{k}={json.dumps(v)}" for k, v in values.items()]).cluster
     assert isinstance(cfg, DistConfig)
     assert {k: getattr(cfg, k) for k in values} == values
 
@@ -73,7 +74,7 @@ def test_dist_valid_combinations(values):
 )
 def test_dist_rejections_name_the_key(overrides, message):
     with pytest.raises(ConfigError) as e:
-        C.load_root(None, overrides)
+        load_root(None, overrides)
     assert str(e.value) == message
 
 

@@ -3,7 +3,7 @@ import subprocess
 import sys
 import textwrap
 
-from cluster.dist import DistState, discover, free_port
+from tessera.cluster.dist import DistState, discover, free_port
 
 
 def test_discover_launchers():
@@ -22,7 +22,7 @@ def test_two_gloo_ranks_all_reduce(tmp_path):
     script.write_text(textwrap.dedent(
         """
         import torch
-        from cluster.dist import discover, init, shutdown
+        from tessera.cluster.dist import discover, init, shutdown
         s = init(discover())
         t = torch.tensor([float(s.rank + 1)])
         s.all_reduce_mean(t)

@@ -1,4 +1,4 @@
-"""cluster.engine: plain, DDP (+PowerSGD) and DeepSpeed ZeRO-2/3 on two real gloo ranks.
+"""tessera.cluster.engine: plain, DDP (+PowerSGD) and DeepSpeed ZeRO-2/3 on two real gloo ranks.
 
 One pair of worker processes (this file run as a script) trains the same tiny regression model in
 every mode in turn (DeepSpeed is imported once per process, which is most of the cost), writes
@@ -39,9 +39,9 @@ def batch(rank: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def worker(out: Path) -> None:
-    from cluster.config import DistConfig
-    from cluster.dist import discover, init, shutdown
-    from cluster.engine import build_engine
+    from tessera.cluster.config import DistConfig
+    from tessera.cluster.dist import discover, init, shutdown
+    from tessera.cluster.engine import build_engine
 
     dist = init(discover(), backend="gloo")
     for mode, kw in MODES.items():
@@ -96,10 +96,10 @@ def worker(out: Path) -> None:
 
 def single_worker(out: Path) -> None:
     """DeepSpeed in one process (no launcher): a one-rank group; checkpoints pruned to the last two."""
-    from cluster.config import DistConfig
-    from cluster.dist import discover
-    from cluster.engine import build_engine
-    from tessera.errors import CheckpointError
+    from tessera.cluster.config import DistConfig
+    from tessera.cluster.dist import discover
+    from tessera.cluster.engine import build_engine
+    from tessera.core.errors import CheckpointError
 
     dist = discover()
     assert dist.world_size == 1
@@ -127,7 +127,7 @@ def single_worker(out: Path) -> None:
 
 @pytest.fixture(scope="module")
 def two_rank_run(tmp_path_factory):
-    from cluster.dist import free_port
+    from tessera.cluster.dist import free_port
 
     out = tmp_path_factory.mktemp("engine")
     for m in MODES:
@@ -171,7 +171,7 @@ def test_two_ranks_train_and_agree(two_rank_run, mode):
 
 @pytest.mark.parametrize("mode", ["zero1", "zero2", "zero3"])
 def test_consolidated_zero_checkpoint_loads_into_fresh_model(two_rank_run, mode):
-    from cluster.engine import consolidate_zero_checkpoint, zero_checkpoint_client_state
+    from tessera.cluster.engine import consolidate_zero_checkpoint, zero_checkpoint_client_state
 
     d = two_rank_run / mode
     assert zero_checkpoint_client_state(d / "ckpt") == (STEPS, {"note": mode})
@@ -191,7 +191,7 @@ def test_consolidated_zero_checkpoint_loads_into_fresh_model(two_rank_run, mode)
 
 
 def test_ddp_checkpoint_is_a_rundir_checkpoint(two_rank_run):
-    from trainer.rundir import load_checkpoint
+    from tessera.core.files import load_checkpoint
 
     ck = load_checkpoint(two_rank_run / "ddp" / "ckpt" / "latest.pt", "engine")
     assert ck["step"] == STEPS and ck["note"] == "ddp"  # client state at the top level, as the trainers write it
@@ -205,9 +205,9 @@ def test_ddp_checkpoint_is_a_rundir_checkpoint(two_rank_run):
 
 
 def test_plain_engine_single_process(tmp_path):
-    from cluster.dist import DistState
-    from cluster.engine import PlainEngine, build_engine
-    from tessera.errors import CheckpointError
+    from tessera.cluster.dist import DistState
+    from tessera.cluster.engine import PlainEngine, build_engine
+    from tessera.core.errors import CheckpointError
 
     model = make_model()
     eng = build_engine(model, torch.optim.AdamW(model.parameters(), lr=1e-2), DistState())
@@ -237,9 +237,9 @@ def test_plain_engine_single_process(tmp_path):
 
 
 def test_deepspeed_config_and_validation():
-    from cluster.config import DistConfig
-    from cluster.engine import deepspeed_config
-    from tessera.errors import ConfigError
+    from tessera.cluster.config import DistConfig
+    from tessera.cluster.engine import deepspeed_config
+    from tessera.core.errors import ConfigError
 
     c = deepspeed_config(DistConfig(zero_stage=3, precision="bf16", bucket_mb=1), world_size=4, micro_batch_size=8, grad_clip=1.0)
     assert c["zero_optimization"]["stage"] == 3 and c["train_batch_size"] == 32
@@ -257,10 +257,10 @@ def _fp16_supported() -> bool:
 
 @pytest.mark.skipif(_fp16_supported() or torch.cuda.is_available(), reason="this machine supports fp16, so it is not refused")
 def test_fp16_refused_where_cpu_lacks_it():
-    from cluster.config import DistConfig
-    from cluster.dist import DistState
-    from cluster.engine import build_engine
-    from tessera.errors import ConfigError
+    from tessera.cluster.config import DistConfig
+    from tessera.cluster.dist import DistState
+    from tessera.cluster.engine import build_engine
+    from tessera.core.errors import ConfigError
 
     model = make_model()
     with pytest.raises(ConfigError, match="fp16"):
@@ -268,7 +268,7 @@ def test_fp16_refused_where_cpu_lacks_it():
 
 
 def test_deepspeed_single_process(tmp_path):
-    from cluster.engine import consolidate_zero_checkpoint
+    from tessera.cluster.engine import consolidate_zero_checkpoint
 
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT") and not k.startswith(("SLURM_", "OMPI_", "PMI_"))}
     env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.dist import free_port
+from tessera.cluster.dist import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -35,7 +35,7 @@ def test_mpirun_two_ranks_gloo_all_reduce(tmp_path, rendezvous):
         import json, os, sys
         sys.path.insert(0, {str(REPO)!r})
         import torch
-        from cluster.dist import discover, init, shutdown
+        from tessera.cluster.dist import discover, init, shutdown
         s = discover()
         found = dict(rank=s.rank, world=s.world_size, local=s.local_rank, source=s.source)
         s = init(s, backend="gloo", timeout_s=60)

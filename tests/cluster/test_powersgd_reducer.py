@@ -12,8 +12,8 @@ import textwrap
 import pytest
 import torch
 
-from cluster.dist import free_port
-from cluster.powersgd import PowerSGDReducer, compression_floor
+from tessera.cluster.dist import free_port
+from tessera.cluster.powersgd import PowerSGDReducer, compression_floor
 
 WORKER = textwrap.dedent(
     """
@@ -22,8 +22,8 @@ WORKER = textwrap.dedent(
     if mode == "triton":
         os.environ["TRITON_INTERPRET"] = "1"  # CPU: run the Triton kernels in the interpreter
     import torch
-    from cluster.dist import discover, init, shutdown
-    from cluster.powersgd import PowerSGDReducer, ddp_comm_hook
+    from tessera.cluster.dist import discover, init, shutdown
+    from tessera.cluster.powersgd import PowerSGDReducer, ddp_comm_hook
 
     s = init(discover(), backend="gloo")
     torch.set_num_threads(1)

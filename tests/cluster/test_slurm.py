@@ -1,4 +1,4 @@
-"""cluster.slurm: rendered scripts (no cluster), then real jobs on a one-node SLURM cluster (conftest)."""
+"""tessera.cluster.slurm: rendered scripts (no cluster), then real jobs on a one-node SLURM cluster (conftest)."""
 
 import json
 import subprocess
@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from cluster import slurm
-from cluster.config import SlurmConfig
+from tessera.cluster import slurm
+from tessera.cluster.config import SlurmConfig
 
 REPO = Path(__file__).resolve().parents[2]
 PY = sys.executable
@@ -133,7 +133,7 @@ def test_array_job_runs_real_crawl_parts(slurm_cluster, tmp_path):
     import csv
     import tarfile
 
-    from dataprep import synthetic
+    from tessera.dataprep import synthetic
 
     (tmp_path / "img").mkdir()
     rows = []
@@ -177,7 +177,7 @@ def test_training_job_sees_two_ranks(slurm_cluster, tmp_path):
         import json, os, sys
         sys.path.insert(0, {str(REPO)!r})
         import torch
-        from cluster.dist import discover, init, shutdown
+        from tessera.cluster.dist import discover, init, shutdown
         s = discover()
         d = dict(rank=s.rank, world=s.world_size, local=s.local_rank, source=s.source, procid=os.environ["SLURM_PROCID"])
         s = init(s, backend="gloo", timeout_s=60)
@@ -204,7 +204,7 @@ def test_preemption_checkpoint_requeue_resume(slurm_cluster, tmp_path):
     worker.write_text(textwrap.dedent(f"""
         import json, os, sys, time
         sys.path.insert(0, {str(REPO)!r})
-        from cluster.slurm import PreemptionHandler
+        from tessera.cluster.slurm import PreemptionHandler
         out = sys.argv[1]
         ck = os.path.join(out, "counter.json")
         h = PreemptionHandler().install()
@@ -264,8 +264,8 @@ def test_torchrun_job_stops_on_batch_signal(slurm_cluster, tmp_path):
     worker.write_text(textwrap.dedent(f"""
         import json, os, sys, time
         sys.path.insert(0, {str(REPO)!r})
-        from cluster.dist import discover, init, shutdown
-        from cluster.slurm import PreemptionHandler
+        from tessera.cluster.dist import discover, init, shutdown
+        from tessera.cluster.slurm import PreemptionHandler
         out = sys.argv[1]
         s = init(discover(), backend="gloo", timeout_s=60)
         h = PreemptionHandler().install()

@@ -16,9 +16,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from dataprep.config import CrawlConfig, FilterConfig
-from dataprep.crawl import crawl
-from tessera.errors import InputError
+from tessera.dataprep.config import CrawlConfig, FilterConfig
+from tessera.dataprep.crawl import crawl
+from tessera.core.errors import InputError
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -252,7 +252,7 @@ def test_settings_mismatch_and_overwrite(tmp_path, fault_server):
 def test_cli_config_overrides_and_flags(tmp_path, fault_server):
     import argparse
 
-    from dataprep.crawl import add_arguments, config_from_args
+    from tessera.dataprep.crawl import add_arguments, config_from_args
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)

@@ -1,4 +1,4 @@
-"""dataprep.config: the data-preparation sections (synthetic, crawl + filters, tokenizer, encode).
+"""tessera.dataprep.config: the data-preparation sections (synthetic, crawl + filters, tokenizer, encode).
 
 Loaded through tessera.config as the root config's sections, so errors carry the dotted root key.
 """
@@ -7,15 +7,16 @@ import dataclasses
 
 import pytest
 
-from dataprep.config import CrawlConfig, EncodeConfig, FilterConfig, SyntheticConfig, TokenizerConfig
-from tessera import config as C
-from tessera.errors import ConfigError
+from tessera.dataprep.config import CrawlConfig, EncodeConfig, FilterConfig, SyntheticConfig, TokenizerConfig
+from tessera.core import config as C
+from tessera.core.root_config import load_root
+from tessera.core.errors import ConfigError
 
 CLASSES = (SyntheticConfig, FilterConfig, CrawlConfig, TokenizerConfig, EncodeConfig)
 
 
 def load(*overrides):
-    return C.load_root(None, list(overrides))
+    return load_root(None, list(overrides))
 
 
 @pytest.mark.parametrize("cls", CLASSES)
@@ -44,7 +45,7 @@ def test_defaults():
 def test_values_from_overrides_and_toml(tmp_path):
     p = tmp_path / "c.toml"
     p.write_text('[crawl]\nkeep_cols = ["width", "height"]\nresize = "border"\ntimeout = 3\n[crawl.filters]\nsimilarity_model = "exports/clip"\n')
-    cfg = C.load_root(p, ["crawl.filters.near_dup_bits=6", "tokenizer.kind=sentencepiece", "encode.workers=3"])
+    cfg = load_root(p, ["crawl.filters.near_dup_bits=6", "tokenizer.kind=sentencepiece", "encode.workers=3"])
     assert cfg.crawl.keep_cols == ["width", "height"] and cfg.crawl.resize == "border"
     assert cfg.crawl.timeout == 3.0 and isinstance(cfg.crawl.timeout, float)
     assert cfg.crawl.filters.similarity_model == "exports/clip" and cfg.crawl.filters.near_dup_bits == 6

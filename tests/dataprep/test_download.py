@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from dataprep.download import DownloadError, Downloader, robots_denies
+from tessera.dataprep.download import DownloadError, Downloader, robots_denies
 
 
 def dl(**kw):

@@ -11,21 +11,21 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "trainer"))
 from dvae_shapes import write_shape_shards  # noqa: E402
 
-from dataprep.encode import encode_shards, parse_part  # noqa: E402
-from tessera import config as C  # noqa: E402
+from tessera.dataprep.encode import encode_shards, parse_part  # noqa: E402
+from tessera.core import config as C  # noqa: E402
 from tessera.cli import main as cli_main  # noqa: E402
-from tessera.errors import InputError  # noqa: E402
-from trainer.config import DVAEModelConfig  # noqa: E402
-from trainer.data import decode_image, iter_samples  # noqa: E402
-from trainer.dvae import DVAE  # noqa: E402
-from trainer.rundir import save_checkpoint  # noqa: E402
+from tessera.core.errors import InputError  # noqa: E402
+from tessera.trainer.config import DVAEModelConfig  # noqa: E402
+from tessera.trainer.data import decode_image, iter_samples  # noqa: E402
+from tessera.trainer.dvae import DVAE  # noqa: E402
+from tessera.core.files import save_checkpoint  # noqa: E402
 
 CFG = DVAEModelConfig(image_size=16, n_hid=8, n_groups=3, n_blk_per_group=1, vocab_size=300, n_init=16)
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from dataprep.tokenizer import train_tokenizer
+    from tessera.dataprep.tokenizer import train_tokenizer
 
     d = tmp_path_factory.mktemp("enc")
     write_shape_shards(d / "img", n_shards=3, per_shard=10, size=16, seed=4)

@@ -6,10 +6,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from dataprep.config import CrawlConfig, FilterConfig
-from dataprep.crawl import crawl
-from dataprep.filters import DedupIndex, check_caption, decode_caption, load_scorer
-from tessera.errors import ConfigError
+from tessera.dataprep.config import CrawlConfig, FilterConfig
+from tessera.dataprep.crawl import crawl
+from tessera.dataprep.filters import DedupIndex, check_caption, decode_caption, load_scorer
+from tessera.core.errors import ConfigError
 
 
 def test_captions():

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from crawl_helpers import noisy_jpeg, png_header_bomb
-from dataprep.imaging import ImageReject, ImageSpec, dhash, process_image
+from tessera.dataprep.imaging import ImageReject, ImageSpec, dhash, process_image
 
 
 def _png(mode, size, color):

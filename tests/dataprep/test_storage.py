@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from dataprep.storage import LocalStorage, S3Storage, check_name, open_storage
-from tessera.errors import InputError
+from tessera.dataprep.storage import LocalStorage, S3Storage, check_name, open_storage
+from tessera.core.errors import InputError
 
 
 @pytest.mark.parametrize("name", ["../x.tar", "/etc/passwd", "a/b.tar", ".hidden", "x..tar", ""])

@@ -6,10 +6,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from dataprep import synthetic as S
-from dataprep.config import SyntheticConfig
+from tessera.dataprep import synthetic as S
+from tessera.dataprep.config import SyntheticConfig
 from tessera.cli import main
-from tessera.errors import InputError
+from tessera.core.errors import InputError
 
 
 def test_tables_and_split_are_deterministic_and_cover_every_value():

@@ -5,10 +5,10 @@ import tarfile
 
 import pytest
 
-from dataprep import synthetic as S
-from dataprep.tokenizer import KINDS, input_files, load_tokenizer, read_captions, tokenizer_from_bytes, train_tokenizer
+from tessera.dataprep import synthetic as S
+from tessera.dataprep.tokenizer import KINDS, input_files, load_tokenizer, read_captions, tokenizer_from_bytes, train_tokenizer
 from tessera.cli import main
-from tessera.errors import InputError
+from tessera.core.errors import InputError
 
 CAPTIONS = [S.caption(a) for a in S.all_combinations()]
 

@@ -8,8 +8,8 @@ import tarfile
 
 import pyarrow.parquet as pq
 
-from dataprep.storage import LocalStorage
-from dataprep.writer import make_key, read_dedup, write_shard
+from tessera.dataprep.storage import LocalStorage
+from tessera.dataprep.writer import make_key, read_dedup, write_shard
 
 
 def test_keys():

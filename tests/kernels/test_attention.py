@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from kernels.attention import attention, attention_reference
-from kernels.layouts import Layout, token_mask
+from tessera.kernels.attention import attention, attention_reference
+from tessera.kernels.layouts import Layout, token_mask
 
 
 @pytest.mark.parametrize("kind,transposed", [("row", False), ("column", False), ("column", True), ("conv", False), ("causal", False)])

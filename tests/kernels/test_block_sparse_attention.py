@@ -11,8 +11,8 @@ import os
 import pytest
 import torch
 
-from kernels import layouts
-from kernels.block_sparse_attention import (
+from tessera.kernels import layouts
+from tessera.kernels.block_sparse_attention import (
     BlockSparseIndex,
     attention_flops,
     block_sparse_attention,
@@ -248,7 +248,7 @@ def run_compile_check(code: str) -> str:
 @pytest.mark.skipif(not _ptxas_available(), reason="triton's bundled ptxas (CUDA backend) is not installed")
 def test_kernels_compile_for_hopper():
     code = """
-from kernels import block_sparse_attention as A
+from tessera.kernels import block_sparse_attention as A
 for dtype, block, head_dim in (("fp16", 64, 64), ("bf16", 64, 128)):
     base = {"qk_scale": "fp32", "sm_scale": "fp32", "S": "i32", "S_PAD": "i32", "Lse": "*fp32", "Delta": "*fp32", "MaskI8": "*i8", "MaskI8T": "*i8"}
     base.update({n: "*i32" for n in ("RowPtr", "ColIdx", "RowPartial", "ColPtr", "RowIdx", "ColPartial")})
@@ -267,8 +267,8 @@ for dtype, block, head_dim in (("fp16", 64, 64), ("bf16", 64, 128)):
 
 
 def test_same_result_as_dense_cpu_path_with_a_layout(device):
-    """Drop-in for kernels.attention.attention (SDPA with the bool mask), given the same Layout."""
-    from kernels.attention import attention
+    """Drop-in for tessera.kernels.attention.attention (SDPA with the bool mask), given the same Layout."""
+    from tessera.kernels.attention import attention
 
     lay = layouts.Layout("column", 6, 6, transposed=True)  # S = 42
     q, k, v = _qkv(2, 1, lay.seq_len, 16, torch.float32, device, seed=31)
@@ -278,7 +278,7 @@ def test_same_result_as_dense_cpu_path_with_a_layout(device):
 
 
 def test_index_cache_follows_the_mask_tensor(device):
-    from kernels.block_sparse_attention import _cached_index
+    from tessera.kernels.block_sparse_attention import _cached_index
 
     mask = _random_mask(40, seed=2)
     a = _cached_index(mask, 16, device)

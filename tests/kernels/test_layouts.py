@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kernels.layouts import (
+from tessera.kernels.layouts import (
     Layout,
     block_layout,
     block_partial,

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kernels.powersgd import (
+from tessera.kernels.powersgd import (
     decompress_with_error,
     decompress_with_error_reference,
     orthogonalize,
@@ -141,7 +141,7 @@ def test_kernels_compile_for_hopper():
     if not _ptxas_available():
         pytest.skip("triton's bundled ptxas (CUDA backend) is not installed")
     code = """
-from kernels import powersgd as K
+from tessera.kernels import powersgd as K
 ints = {n: "i32" for n in ["ROWS", "K", "R", "COLS"] + [f"s{a}_{b}" for a in "abcmpqoe" for b in "brkc"]}
 for kernel, sig, consts in (
     (K._project_kernel, dict(ints, A="*fp16", B="*fp32", C="*fp32"), dict(BLOCK_M=64, BLOCK_K=32, BLOCK_R=16)),

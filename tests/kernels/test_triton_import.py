@@ -1,4 +1,4 @@
-"""kernels._triton: the guarded Triton import (HAS_TRITON) and `lazy_jit`, which applies `triton.jit`
+"""tessera.kernels._triton: the guarded Triton import (HAS_TRITON) and `lazy_jit`, which applies `triton.jit`
 at the first launch rather than at import, so TRITON_INTERPRET may be set after the kernels' modules load."""
 
 import importlib.util
@@ -7,8 +7,8 @@ import sys
 import pytest
 import torch
 
-from kernels import _triton
-from kernels._triton import HAS_TRITON, lazy_jit, tl
+from tessera.kernels import _triton
+from tessera.kernels._triton import HAS_TRITON, lazy_jit, tl
 
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 

@@ -3,8 +3,9 @@ from typing import Literal, Optional
 
 import pytest
 
-from tessera import config as C
-from tessera.errors import ConfigError
+from tessera.core import config as C
+from tessera.core.root_config import TesseraConfig, load_root
+from tessera.core.errors import ConfigError
 
 
 @dataclasses.dataclass
@@ -81,14 +82,14 @@ def test_roundtrip_through_toml_text(tmp_path):
 
 def test_presets_load_and_roundtrip(tmp_path):
     for preset in ("demo", "dalle-12b"):
-        cfg = C.load_root(preset)
+        cfg = load_root(preset)
         path = tmp_path / f"{preset}.toml"
         C.write_toml(cfg, path)
-        assert C.load_root(path) == cfg
+        assert load_root(path) == cfg
 
 
 def test_paper_preset_holds_paper_values():
-    cfg = C.load_root("dalle-12b")
+    cfg = load_root("dalle-12b")
     assert cfg.tokenizer.vocab_size == 16384
     assert (cfg.dvae.model.vocab_size, cfg.dvae.model.image_size, cfg.dvae.model.grid_size) == (8192, 256, 32)
     assert cfg.dvae.train.kl_weight == 6.6 and cfg.dvae.train.kl_warmup_steps == 5000
@@ -101,13 +102,13 @@ def test_paper_preset_holds_paper_values():
 
 def test_validation_hooks_reject_bad_combinations():
     with pytest.raises(ConfigError, match="dvae.model.image_size"):
-        C.load_root(None, ["dvae.model.image_size=60", "dvae.model.n_groups=4"])
+        load_root(None, ["dvae.model.image_size=60", "dvae.model.n_groups=4"])
     with pytest.raises(ConfigError, match="transformer.model.d_model"):
-        C.load_root(None, ["transformer.model.d_model=100", "transformer.model.n_heads=3"])
+        load_root(None, ["transformer.model.d_model=100", "transformer.model.n_heads=3"])
 
 
 def test_every_field_is_documented():
-    rows = C.describe(C.Root())
+    rows = C.describe(TesseraConfig)
     assert len(rows) > 60
     undocumented = [key for key, _, _, doc in rows if not doc.strip()]
     assert undocumented == []
@@ -123,10 +124,10 @@ def test_preset_extends_another(tmp_path):
     base.write_text('name = "base"\nseed = 3\n[dvae.train]\nsteps = 10\nlr = 0.5\n')
     child = tmp_path / "child.toml"
     child.write_text(f'extends = "{base}"\nname = "child"\n[dvae.train]\nsteps = 20\n')
-    cfg = C.load_root(child, ["seed=4"])
+    cfg = load_root(child, ["seed=4"])
     assert (cfg.name, cfg.seed, cfg.dvae.train.steps, cfg.dvae.train.lr) == ("child", 4, 20, 0.5)
-    quick = C.load_root("demo-quick")
-    demo = C.load_root("demo")
+    quick = load_root("demo-quick")
+    demo = load_root("demo")
     # demo-quick sets only the dVAE's depth (8x8 tokens) of the model section; the rest comes from demo
     assert dataclasses.replace(quick.dvae.model, n_groups=demo.dvae.model.n_groups) == demo.dvae.model
     assert (quick.dvae.model.n_groups, demo.dvae.model.n_groups) == (4, 3) and quick.dvae.train.steps < demo.dvae.train.steps
@@ -137,4 +138,4 @@ def test_extends_cycle_is_rejected(tmp_path):
     a.write_text(f'extends = "{b}"\n')
     b.write_text(f'extends = "{a}"\n')
     with pytest.raises(ConfigError, match="cycle"):
-        C.load_root(a)
+        load_root(a)

@@ -10,8 +10,9 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from tessera import cli
-from tessera import config as C
-from tessera.root_config import TesseraConfig
+from tessera.core import config as C
+from tessera.core.root_config import load_root
+from tessera.core.root_config import TesseraConfig
 
 
 def run_config(capsys, *args):
@@ -92,8 +93,8 @@ def test_resolved_preset_with_overrides_reloads_to_the_same_config(tmp_path, cap
     assert "extends" not in printed
     path = tmp_path / "resolved.toml"
     path.write_text(out)
-    expected = C.load_root("demo-quick", ["transformer.train.steps=9", "sample.top_k=5", "name=x"])
-    assert C.load_root(path) == expected
+    expected = load_root("demo-quick", ["transformer.train.steps=9", "sample.top_k=5", "name=x"])
+    assert load_root(path) == expected
     code, again, _ = run_config(capsys, "--config", str(path))
     assert code == 0 and again == out
 

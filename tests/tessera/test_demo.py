@@ -23,15 +23,15 @@ def global_mean_psnr(shards):
     """PSNR of reconstructing every held-out image as the mean held-out image (a trivial baseline)."""
     import torch
 
-    from trainer.data import iter_image_batches
-    from trainer.image_metrics import psnr
+    from tessera.trainer.data import iter_image_batches
+    from tessera.trainer.image_metrics import psnr
 
     x = torch.cat([b for b, _ in iter_image_batches(str(shards), 64, batch_size=100)])
     return psnr(x.mean(0, keepdim=True).expand_as(x), x).mean().item()
 
 
 def test_demo_prompts_cover_every_colour_shape_pair():
-    from dataprep.synthetic import COLORS, SHAPES
+    from tessera.dataprep.synthetic import COLORS, SHAPES
 
     prompts = demo_prompts()
     assert {(p["color"], p["shape"]) for p in prompts} == {(c, s) for c in COLORS for s in SHAPES}

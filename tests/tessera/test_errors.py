@@ -9,8 +9,9 @@ import types
 
 import pytest
 
-from tessera import cli, errors
-from tessera.errors import CheckpointError, ConfigError, InputError, TesseraError
+from tessera import cli
+from tessera.core import errors
+from tessera.core.errors import CheckpointError, ConfigError, InputError, TesseraError
 
 
 def one_error_line(capsys) -> str:

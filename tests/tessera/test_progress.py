@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from tessera import progress
+from tessera.core import progress
 
 
 @pytest.mark.parametrize(

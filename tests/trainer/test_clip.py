@@ -7,16 +7,16 @@ import numpy as np
 import pytest
 import torch
 
-from dataprep import synthetic as S
-from dataprep.tokenizer import train_tokenizer
+from tessera.dataprep import synthetic as S
+from tessera.dataprep.tokenizer import train_tokenizer
 from tessera.cli import main
-from tessera.errors import CheckpointError, InputError
+from tessera.core.errors import CheckpointError, InputError
 from safetensors.torch import save_file
 
-from trainer.clip import CLIP, load_clip, load_scorer, pad_ids
-from trainer.clip_train import read_pairs, retrieval_accuracy, train_clip
-from trainer.config import ClipConfig
-from trainer.rundir import load_checkpoint, save_checkpoint
+from tessera.trainer.clip import CLIP, load_clip, load_scorer, pad_ids
+from tessera.trainer.clip_train import read_pairs, retrieval_accuracy, train_clip
+from tessera.trainer.config import ClipConfig
+from tessera.core.files import load_checkpoint, save_checkpoint
 
 SMALL = dict(d_model=64, n_layers=2, n_heads=4, image_width=16, image_size=32, embed_dim=64, text_len=16, batch_size=32, lr=2e-3, warmup_steps=20, log_every=25, eval_every=0, ckpt_every=0, eval_samples=400)
 
@@ -149,7 +149,7 @@ def test_cli_shards_checkpoint_and_resume(tmp_path, tok):
 
 
 def test_bad_checkpoints_and_inputs(tmp_path, tok):
-    from tessera.errors import ConfigError
+    from tessera.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="clip.checkpoint"):
         train_clip(ClipConfig(**SMALL, checkpoint="ViT-B-32.pt"), None, tok, tmp_path / "r", pairs=_pairs(S.all_combinations(), 4, seed=0))

@@ -1,4 +1,4 @@
-"""trainer.clip_train: a tiny CLIP on coloured-shape image/caption pairs (the token fixtures' captions),
+"""tessera.trainer.clip_train: a tiny CLIP on coloured-shape image/caption pairs (the token fixtures' captions),
 its run directory and "clip" checkpoints, the schedule, retrieval accuracy and reading pairs from shards.
 
 tests/trainer/test_clip.py covers the model, the scorer, the CLI and resuming; this module the
@@ -16,13 +16,14 @@ import pytest
 import torch
 from PIL import Image
 
-from tessera import config as C
-from tessera.errors import CheckpointError, InputError
-from trainer.clip import CLIP
-from trainer.clip_train import _param_groups, read_pairs, retrieval_accuracy, train_clip
-from trainer.config import ClipConfig
-from trainer.rundir import load_checkpoint
-from trainer.schedules import warmup_cosine
+from tessera.core import config as C
+from tessera.core.root_config import from_run_dict, load_root
+from tessera.core.errors import CheckpointError, InputError
+from tessera.trainer.clip import CLIP
+from tessera.trainer.clip_train import _param_groups, read_pairs, retrieval_accuracy, train_clip
+from tessera.trainer.config import ClipConfig
+from tessera.core.files import load_checkpoint
+from tessera.trainer.schedules import warmup_cosine
 
 COLORS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 50, 220), "yellow": (230, 220, 30)}
 SHAPES = ("circle", "square")  # the captions of tests/trainer/token_fixtures.py: "a {colour} {shape}"
@@ -55,7 +56,7 @@ def make_pairs(n: int, seed: int, size: int = 16) -> tuple[torch.Tensor, list[st
 
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
-    from dataprep.tokenizer import train_tokenizer
+    from tessera.dataprep.tokenizer import train_tokenizer
 
     path = tmp_path_factory.mktemp("cliptok") / "bpe.model"
     train_tokenizer([f"a {c} {s}" for c in COLORS for s in SHAPES] * 8, path, vocab_size=40, threads=1)
@@ -111,8 +112,8 @@ def test_run_dir_and_clip_checkpoints(trained, tok):
     with pytest.raises(CheckpointError, match="is a 'clip' checkpoint, expected 'transformer'"):
         load_checkpoint(run, "transformer")
     # config.toml: the default root config with this [clip] section
-    root = C.from_run_dict(C.load_toml(run / "config.toml"))
-    assert root.clip == cfg and root.dvae == C.load_root().dvae
+    root = from_run_dict(C.load_toml(run / "config.toml"))
+    assert root.clip == cfg and root.dvae == load_root().dvae
 
 
 def test_same_seed_same_weights(tmp_path, tok):

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from dvae_shapes import write_shape_shards
-from trainer.codebook_init import image_patches, kmeans, nearest, patch_codes, sample_centroids
+from tessera.trainer.codebook_init import image_patches, kmeans, nearest, patch_codes, sample_centroids
 
 
 def test_image_patches_are_the_pixel_blocks_in_raster_order():
@@ -67,7 +67,7 @@ def test_sample_centroids_clusters_patches_of_the_shards(tmp_path):
     assert c.shape == (8, 48) and torch.equal(c, again)
     assert 0 <= c.min() and c.max() <= 1  # means of pixels in [0, 1]
     # the codes reconstruct the images far better than their mean colour does
-    from trainer.data import iter_image_batches
+    from tessera.trainer.data import iter_image_batches
 
     x = torch.cat([b for b, _ in iter_image_batches(str(tmp_path / "s"), 16, 16)])
     codes = patch_codes(x, c, 4)

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from dvae_shapes import write_shape_shards
-from tessera.errors import InputError
-from trainer.data import ImageStream, consumer_stream, iter_image_batches, iter_samples, list_shards, split_shards
+from tessera.core.errors import InputError
+from tessera.trainer.data import ImageStream, consumer_stream, iter_image_batches, iter_samples, list_shards, split_shards
 
 
 @pytest.fixture(scope="module")

@@ -9,11 +9,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tessera import config as C
-from tessera.errors import CheckpointError, InputError
-from trainer.config import DVAEModelConfig
-from trainer.dvae import DVAE, gumbel_softmax, kl_to_uniform, load_dvae, logit_laplace_nll, map_pixels, unmap_pixels
-from trainer.rundir import save_checkpoint
+from tessera.core import config as C
+from tessera.core.errors import CheckpointError, InputError
+from tessera.trainer.config import DVAEModelConfig
+from tessera.trainer.dvae import DVAE, gumbel_softmax, kl_to_uniform, load_dvae, logit_laplace_nll, map_pixels, unmap_pixels
+from tessera.core.files import save_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 SMALL = DVAEModelConfig(image_size=32, n_hid=8, n_groups=4, n_blk_per_group=2, vocab_size=64, n_init=16)

@@ -4,15 +4,16 @@ import os
 import pytest
 import torch
 
-from cluster import dist as D
+from tessera.cluster import dist as D
 from dvae_shapes import write_shape_shards
-from tessera import config as C
+from tessera.core import config as C
+from tessera.core.root_config import load_root
 from tessera.cli import main as cli_main
-from tessera.errors import CheckpointError, InputError
-from trainer.data import consumer_stream, list_shards
-from trainer.dvae import load_dvae
-from trainer.dvae_train import kmeans_centroids, train_dvae
-from trainer.rundir import load_checkpoint, save_checkpoint
+from tessera.core.errors import CheckpointError, InputError
+from tessera.trainer.data import consumer_stream, list_shards
+from tessera.trainer.dvae import load_dvae
+from tessera.trainer.dvae_train import kmeans_centroids, train_dvae
+from tessera.core.files import load_checkpoint, save_checkpoint
 
 # The paper's objective (the demo preset adds a diversity term, a squared-error term and a k-means
 # warm start, tested on their own below).
@@ -34,7 +35,7 @@ def data(tmp_path_factory):
 
 
 def cfg(*extra):
-    return C.load_root("demo", TINY + list(extra))
+    return load_root("demo", TINY + list(extra))
 
 
 def test_training_lowers_the_loss_and_writes_the_run(data, tmp_path):
@@ -166,7 +167,7 @@ def test_code_diversity_gap_is_zero_only_for_confident_diverse_codes():
 
     import torch
 
-    from trainer.dvae_train import code_diversity_gap
+    from tessera.trainer.dvae_train import code_diversity_gap
 
     V = 8
     # every position confident, the batch using all 8 codes equally: gap ~ 0

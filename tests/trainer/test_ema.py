@@ -1,6 +1,6 @@
 import torch
 
-from trainer.ema import EMA
+from tessera.trainer.ema import EMA
 
 
 def test_ema_tracks_exponential_average_and_copies():

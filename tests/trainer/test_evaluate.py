@@ -8,14 +8,14 @@ import pytest
 import torch
 from PIL import Image
 
-from dataprep import synthetic as S
-from dataprep.tokenizer import train_tokenizer
+from tessera.dataprep import synthetic as S
+from tessera.dataprep.tokenizer import train_tokenizer
 from tessera.cli import main
-from tessera.errors import InputError
-from trainer.clip import load_clip
-from trainer.clip_train import train_clip
-from trainer.config import ClipConfig
-from trainer.evaluate import evaluate, frechet_distance, inception_score, load_images
+from tessera.core.errors import InputError
+from tessera.trainer.clip import load_clip
+from tessera.trainer.clip_train import train_clip
+from tessera.trainer.config import ClipConfig
+from tessera.trainer.evaluate import evaluate, frechet_distance, inception_score, load_images
 
 
 def test_frechet_distance_closed_forms():

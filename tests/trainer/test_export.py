@@ -12,11 +12,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 from token_fixtures import make_token_shards, one_thread, tiny_root  # noqa: E402,F401
 
 from tessera.cli import main  # noqa: E402
-from tessera.errors import CheckpointError, InputError, TesseraError  # noqa: E402
-from trainer.config import SampleConfig  # noqa: E402
-from trainer.export import export  # noqa: E402
-from trainer.inference import load  # noqa: E402
-from trainer.transformer_train import load_transformer, train_transformer  # noqa: E402
+from tessera.core.errors import CheckpointError, InputError, TesseraError  # noqa: E402
+from tessera.trainer.config import SampleConfig  # noqa: E402
+from tessera.trainer.export import export  # noqa: E402
+from tessera.trainer.inference import load  # noqa: E402
+from tessera.trainer.transformer_train import load_transformer, train_transformer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -31,10 +31,10 @@ def trained(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def clip_ckpt(trained):
-    from trainer.clip import CLIP, checkpoint_state
-    from trainer.config import ClipConfig
-    from trainer.rundir import save_checkpoint
-    from dataprep.tokenizer import load_tokenizer
+    from tessera.trainer.clip import CLIP, checkpoint_state
+    from tessera.trainer.config import ClipConfig
+    from tessera.core.files import save_checkpoint
+    from tessera.dataprep.tokenizer import load_tokenizer
 
     tok_path = trained / "tokens" / "bpe.model"
     cfg = ClipConfig(d_model=32, n_layers=1, n_heads=2, image_width=8, image_size=16, embed_dim=16, text_len=8)
@@ -65,13 +65,13 @@ def test_export_files_and_fresh_process_load(trained, tmp_path):
     assert (d.top_k, d.candidates, d.guidance_scale) == (32, 16, 1.0) and cfg["sample"]["top_k"] == 32
     code = (
         "import sys, torch\n"
-        "from trainer.inference import load\n"
-        "from trainer.config import SampleConfig\n"
+        "from tessera.trainer.inference import load\n"
+        "from tessera.trainer.config import SampleConfig\n"
         f"p = load({str(out)!r})\n"
         "imgs = p.generate(['a red square', 'a blue circle'], 2, SampleConfig(top_k=4, guidance_scale=2.0), generator=torch.Generator().manual_seed(0))\n"
         "assert imgs.shape == (4, 3, 16, 16), imgs.shape\n"
         "assert 0 <= float(imgs.min()) and float(imgs.max()) <= 1\n"
-        "bad = [m for m in sys.modules if m.startswith('deepspeed') or m == 'trainer.transformer_train' or m == 'trainer.export']\n"
+        "bad = [m for m in sys.modules if m.startswith('deepspeed') or m == 'tessera.trainer.transformer_train' or m == 'tessera.trainer.export']\n"
         "print('BAD', bad)\n"
     )
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
@@ -105,7 +105,7 @@ def test_clip_reranking_keeps_the_best_candidates(trained, clip_ckpt, tmp_path):
 
 
 def test_clip_plus_logp_reranking_keeps_the_best_combined_score(trained, clip_ckpt, tmp_path):
-    from trainer.inference import rerank_scores
+    from tessera.trainer.inference import rerank_scores
 
     out = tmp_path / "withclip"
     export(trained / "run", out, clip=clip_ckpt)
@@ -133,7 +133,7 @@ def test_sample_cli_with_prompts_file(trained, tmp_path, capsys):
     assert main(["sample", "--model", str(out), "--prompts", str(tmp_path / "missing.txt"), "--output", str(tmp_path / "s2")]) == 2
     assert "prompts file" in capsys.readouterr().err
     paper = REPO / "configs" / "prompts" / "paper_eval.txt"
-    from trainer.sample import read_prompts
+    from tessera.trainer.sample import read_prompts
 
     assert len(read_prompts(paper)) == 6
 

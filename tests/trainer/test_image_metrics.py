@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from tessera.errors import InputError
-from trainer.image_metrics import psnr, ssim
+from tessera.core.errors import InputError
+from tessera.trainer.image_metrics import psnr, ssim
 
 
 def test_psnr_known_values():

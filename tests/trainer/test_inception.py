@@ -22,9 +22,9 @@ import torch
 from PIL import Image
 
 from tessera.cli import main
-from tessera.errors import InputError
-from trainer.evaluate import InceptionFeatures, frechet_distance
-from trainer.inception import InceptionV3, _same_pool, load_inception
+from tessera.core.errors import InputError
+from tessera.trainer.evaluate import InceptionFeatures, frechet_distance
+from tessera.trainer.inception import InceptionV3, _same_pool, load_inception
 
 TORCHVISION_KEYS = 580  # with AuxLogits: 96 conv+bn units x 6 tensors + AuxLogits.fc (2) + fc (2)
 TORCHVISION_DIGEST = "f17cfe285ae356390f277b6ceb7da560c8eb96172e734ab071157bf6a30ce53e"

@@ -1,6 +1,6 @@
-"""trainer.inference: loading an export directory, encoding prompts, generating images, bad exports.
+"""tessera.trainer.inference: loading an export directory, encoding prompts, generating images, bad exports.
 
-The export is made as tests/trainer/test_export.py makes it (trainer.export.export), from a tiny
+The export is made as tests/trainer/test_export.py makes it (tessera.trainer.export.export), from a tiny
 untrained transformer checkpoint written directly, to keep the module fast.
 """
 
@@ -17,19 +17,19 @@ sys.path.insert(0, str(Path(__file__).parent))
 from token_fixtures import IMAGE_VOCAB, make_token_shards, one_thread  # noqa: E402,F401
 
 from tessera.cli import main  # noqa: E402
-from tessera.errors import CheckpointError, ConfigError, InputError  # noqa: E402
-from trainer.config import SampleConfig, TransformerModelConfig  # noqa: E402
-from trainer.inference import REQUIRED_FILES, Pipeline, load, rerank_scores  # noqa: E402
+from tessera.core.errors import CheckpointError, ConfigError, InputError  # noqa: E402
+from tessera.trainer.config import SampleConfig, TransformerModelConfig  # noqa: E402
+from tessera.trainer.inference import REQUIRED_FILES, Pipeline, load, rerank_scores  # noqa: E402
 
 TEXT_LEN = 6
 
 
 @pytest.fixture(scope="module")
 def export_dir(tmp_path_factory):
-    from trainer.export import export
-    from trainer.rundir import save_checkpoint
-    from trainer.token_data import read_manifest
-    from trainer.transformer import DALLE
+    from tessera.trainer.export import export
+    from tessera.core.files import save_checkpoint
+    from tessera.trainer.token_data import read_manifest
+    from tessera.trainer.transformer import DALLE
 
     root = tmp_path_factory.mktemp("inf")
     tokens = make_token_shards(root / "tokens", n=32, per_shard=32)

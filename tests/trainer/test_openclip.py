@@ -1,6 +1,6 @@
-"""trainer.openclip: open_clip / OpenAI CLIP ViT checkpoints in plain torch - key names and shapes,
+"""tessera.trainer.openclip: open_clip / OpenAI CLIP ViT checkpoints in plain torch - key names and shapes,
 architecture inference, CLIP's BPE tokenizer on a tiny merges file, the end_of_text readout, the
-scorer, and the hooks in trainer.clip / trainer.clip_train."""
+scorer, and the hooks in tessera.trainer.clip / tessera.trainer.clip_train."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import gzip
 import pytest
 import torch
 
-from tessera.errors import CheckpointError, ConfigError, InputError
-from trainer.clip import load_clip, load_scorer
-from trainer.config import ClipConfig
-from trainer.openclip import (
+from tessera.core.errors import CheckpointError, ConfigError, InputError
+from tessera.trainer.clip import load_clip, load_scorer
+from tessera.trainer.config import ClipConfig
+from tessera.trainer.openclip import (
     MERGES_NAME,
     ClipTokenizer,
     OpenCLIP,
@@ -240,7 +240,7 @@ def test_load_scorer_and_errors(files, tmp_path):
 
 
 def test_train_clip_uses_checkpoint(files, tmp_path):
-    from trainer.clip_train import train_clip
+    from tessera.trainer.clip_train import train_clip
 
     d, _ = files
     small = dict(image_size=32, embed_dim=16)

@@ -1,8 +1,8 @@
-"""trainer.precision: config precision values resolved per device (dVAE, transformer and CLIP trainers)."""
+"""tessera.trainer.precision: config precision values resolved per device (dVAE, transformer and CLIP trainers)."""
 
 import torch
 
-from trainer.precision import autocast_dtype, native_bf16, resolve_precision
+from tessera.trainer.precision import autocast_dtype, native_bf16, resolve_precision
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 

@@ -3,13 +3,16 @@ import json
 import pytest
 import torch
 
-from tessera import config as C
-from tessera.errors import CheckpointError, InputError
-from trainer.rundir import RunDir, load_checkpoint, save_checkpoint, save_image_grid
+from tessera.core import config as C
+from tessera.core.root_config import load_root
+from tessera.core.errors import CheckpointError, InputError
+from tessera.trainer.rundir import RunDir
+from tessera.core.files import load_checkpoint, save_checkpoint
+from tessera.dataprep.imaging import save_image_grid
 
 
 def test_run_dir_layout_metrics_and_checkpoints(tmp_path):
-    cfg = C.load_root("demo", ["dvae.train.steps=3"])
+    cfg = load_root("demo", ["dvae.train.steps=3"])
     run = RunDir(tmp_path / "run", cfg)
     run.metrics.log(1, loss=2.5, lr=torch.tensor(0.1))
     run.metrics.log(2, loss=1.5)
@@ -17,7 +20,7 @@ def test_run_dir_layout_metrics_and_checkpoints(tmp_path):
         run.save_checkpoint("dvae", step, {"step": step, "model": {"w": torch.full((2,), float(step))}}, keep_last=2)
     run.close()
     p = tmp_path / "run"
-    assert C.load_root(p / "config.toml").dvae.train.steps == 3
+    assert load_root(p / "config.toml").dvae.train.steps == 3
     rows = [json.loads(x) for x in (p / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2] and rows[0]["lr"] == pytest.approx(0.1)
     assert list((p / "tb").glob("events.out.tfevents.*"))

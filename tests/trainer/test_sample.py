@@ -14,10 +14,10 @@ def one_thread():
     yield
     torch.set_num_threads(n)
 
-from tessera.errors import InputError
-from trainer.config import SampleConfig, TransformerModelConfig
-from trainer.sample import _guided, next_token, read_prompts, sample_codes, sample_codes_batched
-from trainer.transformer import DALLE, empty_text
+from tessera.core.errors import InputError
+from tessera.trainer.config import SampleConfig, TransformerModelConfig
+from tessera.trainer.sample import _guided, next_token, read_prompts, sample_codes, sample_codes_batched
+from tessera.trainer.transformer import DALLE, empty_text
 
 
 def model(seed=0, **kw):
@@ -80,7 +80,7 @@ def test_read_prompts(tmp_path):
 
 
 def test_sample_config_validation():
-    from tessera.errors import ConfigError
+    from tessera.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="temperature"):
         SampleConfig(temperature=0.0).validate()

@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from trainer.schedules import Plateau, cosine, warmup_cosine
+from tessera.trainer.schedules import Plateau, cosine, warmup_cosine
 
 
 def test_cosine_endpoints_and_midpoint():

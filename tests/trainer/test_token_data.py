@@ -1,4 +1,4 @@
-"""trainer.token_data: token-shard manifests, records, and the resumable (text, image) batch stream.
+"""tessera.trainer.token_data: token-shard manifests, records, and the resumable (text, image) batch stream.
 
 Most tests use shards whose samples are identifiable: sample j's image codes spell j in base 16, so
 a batch row tells which sample it came from (rank splits, shuffling, resume). The BPE-dropout test
@@ -18,8 +18,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from token_fixtures import make_token_shards, one_thread  # noqa: E402,F401
 
-from tessera.errors import InputError  # noqa: E402
-from trainer.token_data import TokenBatches, decode_record, iter_token_records, load_token_set, read_manifest  # noqa: E402
+from tessera.core.errors import InputError  # noqa: E402
+from tessera.trainer.token_data import TokenBatches, decode_record, iter_token_records, load_token_set, read_manifest  # noqa: E402
 
 GRID = 2  # 4 codes per image: up to 16**4 distinct samples
 TEXT_VOCAB = 50
@@ -211,7 +211,7 @@ def test_state_after_epoch_boundary(shards):
 
 
 def test_bpe_dropout_reencodes_the_caption(tmp_path):
-    from dataprep.tokenizer import load_tokenizer
+    from tessera.dataprep.tokenizer import load_tokenizer
 
     folder = make_token_shards(tmp_path / "bpe", n=64, per_shard=32, dvae=False)
     m = read_manifest(folder)

@@ -1,13 +1,14 @@
-"""trainer.config: the training-stage sections (dvae, transformer, clip, sample): paper defaults,
+"""tessera.trainer.config: the training-stage sections (dvae, transformer, clip, sample): paper defaults,
 types, validate() ranges with the dotted key in the message, and documentation of every field."""
 
 import dataclasses
 
 import pytest
 
-from tessera import config as C
-from tessera.errors import ConfigError
-from trainer.config import (
+from tessera.core import config as C
+from tessera.core.root_config import load_root
+from tessera.core.errors import ConfigError
+from tessera.trainer.config import (
     ClipConfig,
     DVAEConfig,
     DVAEModelConfig,
@@ -22,7 +23,7 @@ CLASSES = (DVAEModelConfig, DVAETrainConfig, DVAEConfig, TransformerModelConfig,
 
 
 def load(*overrides):
-    return C.load_root(None, list(overrides))
+    return load_root(None, list(overrides))
 
 
 def error(*overrides) -> str:

@@ -15,10 +15,10 @@ def one_thread():
     torch.set_num_threads(n)
 import torch.nn.functional as F
 
-from kernels.layouts import token_mask
-from trainer.config import SampleConfig, TransformerModelConfig
-from trainer.sample import filter_logits, sample_codes
-from trainer.transformer import DALLE, empty_text, pad_text
+from tessera.kernels.layouts import token_mask
+from tessera.trainer.config import SampleConfig, TransformerModelConfig
+from tessera.trainer.sample import filter_logits, sample_codes
+from tessera.trainer.transformer import DALLE, empty_text, pad_text
 
 
 def tiny(**kw) -> TransformerModelConfig:

@@ -11,11 +11,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 from token_fixtures import make_token_shards, one_thread, tiny_root  # noqa: E402,F401
 
 from tessera.cli import main  # noqa: E402
-from tessera.errors import CheckpointError, InputError  # noqa: E402
-from trainer.rundir import save_checkpoint  # noqa: E402
-from trainer.token_data import TokenBatches, read_manifest  # noqa: E402
-from trainer.precision import resolve_precision  # noqa: E402
-from trainer.transformer_train import load_transformer, train_transformer  # noqa: E402
+from tessera.core.errors import CheckpointError, InputError  # noqa: E402
+from tessera.core.files import save_checkpoint  # noqa: E402
+from tessera.trainer.token_data import TokenBatches, read_manifest  # noqa: E402
+from tessera.trainer.precision import resolve_precision  # noqa: E402
+from tessera.trainer.transformer_train import load_transformer, train_transformer  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ STEPS = 8
 
 def worker(out: Path) -> None:
     torch.set_num_threads(1)
-    from trainer.transformer_train import train_transformer
+    from tessera.trainer.transformer_train import train_transformer
 
     shards = str(out / "tokens")
     rank = int(os.environ["RANK"])
@@ -40,7 +40,7 @@ def worker(out: Path) -> None:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    from cluster.dist import free_port
+    from tessera.cluster.dist import free_port
 
     out = tmp_path_factory.mktemp("zero")
     make_token_shards(out / "tokens")
@@ -63,14 +63,14 @@ def runs(tmp_path_factory):
 
 
 def _consolidated(run: Path) -> dict[str, torch.Tensor]:
-    from cluster.engine import consolidate_zero_checkpoint
+    from tessera.cluster.engine import consolidate_zero_checkpoint
 
     sd = consolidate_zero_checkpoint(run / "checkpoints" / "zero")
     return {k.removeprefix("module."): v for k, v in sd.items()}
 
 
 def test_zero3_sharded_checkpoint_and_resume_match_ddp(runs):
-    from trainer.transformer_train import load_transformer
+    from tessera.trainer.transformer_train import load_transformer
 
     res = json.loads((runs / "result0.json").read_text())
     assert res["zero3_half"]["steps"] == STEPS // 2 and res["zero3"]["steps"] == STEPS
@@ -98,9 +98,9 @@ def test_zero3_sharded_checkpoint_and_resume_match_ddp(runs):
 def _fresh_weights(cfg, runs: Path) -> dict[str, torch.Tensor]:
     import dataclasses
 
-    from trainer.token_data import read_manifest
-    from trainer.transformer import DALLE
-    from trainer.transformer_train import resolve_model_config
+    from tessera.trainer.token_data import read_manifest
+    from tessera.trainer.transformer import DALLE
+    from tessera.trainer.transformer_train import resolve_model_config
 
     mcfg = resolve_model_config(cfg.transformer.model, read_manifest(runs / "tokens"))
     torch.manual_seed(cfg.seed + 1000)
@@ -108,7 +108,7 @@ def _fresh_weights(cfg, runs: Path) -> dict[str, torch.Tensor]:
 
 
 def test_export_consolidates_zero_shards_and_loads_without_deepspeed(runs, tmp_path):
-    from trainer.export import export
+    from tessera.trainer.export import export
 
     out = tmp_path / "export"
     export(runs / "zero3", out)
@@ -117,7 +117,7 @@ def test_export_consolidates_zero_shards_and_loads_without_deepspeed(runs, tmp_p
     code = (
         "import sys, json, torch\n"
         "from safetensors.torch import load_file\n"
-        "from trainer.inference import load\n"
+        "from tessera.trainer.inference import load\n"
         f"p = load({str(out)!r})\n"
         "assert 'deepspeed' not in sys.modules\n"
         "imgs = p.generate(['a red circle', 'a blue square'], generator=torch.Generator().manual_seed(0))\n"
@@ -139,7 +139,7 @@ def test_export_consolidates_zero_shards_and_loads_without_deepspeed(runs, tmp_p
 def test_export_of_zero2_run_uses_its_ema(runs, tmp_path):
     from safetensors.torch import load_file
 
-    from trainer.export import export
+    from tessera.trainer.export import export
 
     out = tmp_path / "export"
     export(runs / "zero2", out)
@@ -152,8 +152,8 @@ def test_export_of_zero2_run_uses_its_ema(runs, tmp_path):
 
 
 def test_zero_config_refusals(tmp_path):
-    from tessera.errors import CheckpointError, ConfigError
-    from trainer.transformer_train import train_transformer
+    from tessera.core.errors import CheckpointError, ConfigError
+    from tessera.trainer.transformer_train import train_transformer
 
     shards = make_token_shards(tmp_path / "tokens", n=64, per_shard=64)
     cfg = tiny_root(("cluster.zero_stage=3",), steps=2, ema_decay=0.9)

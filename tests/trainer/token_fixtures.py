@@ -3,6 +3,8 @@ youtokentome tokenizer and a tiny (untrained) dVAE checkpoint named by its manif
 
 from __future__ import annotations
 
+from tessera.core.root_config import load_root
+
 import dataclasses
 import io
 import json
@@ -41,9 +43,9 @@ def _add(tf: tarfile.TarFile, name: str, data: bytes) -> None:
 
 
 def make_dvae(path: Path) -> Path:
-    from trainer.config import DVAEModelConfig
-    from trainer.dvae import DVAE
-    from trainer.rundir import save_checkpoint
+    from tessera.trainer.config import DVAEModelConfig
+    from tessera.trainer.dvae import DVAE
+    from tessera.core.files import save_checkpoint
 
     kw = dict(image_size=16, n_hid=8, n_groups=3, n_blk_per_group=1, vocab_size=IMAGE_VOCAB)
     if "n_init" in DVAEModelConfig.__dataclass_fields__:
@@ -57,7 +59,7 @@ def make_dvae(path: Path) -> Path:
 
 def make_token_shards(folder: Path, n: int = 256, per_shard: int = 128, seed: int = 0, dvae: bool = True) -> Path:
     """Write {shard}.tar token shards + manifest.json (+ tokenizer and dVAE) into `folder`."""
-    from dataprep.tokenizer import train_tokenizer
+    from tessera.dataprep.tokenizer import train_tokenizer
 
     folder.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
@@ -86,7 +88,7 @@ def make_token_shards(folder: Path, n: int = 256, per_shard: int = 128, seed: in
 
 def tiny_root(extra: tuple[str, ...] = (), **train):
     """The demo root config shrunk to a tiny transformer and a few steps (`extra`: more key=value overrides)."""
-    from tessera import config as C
+    from tessera.core import config as C
 
     over = ["transformer.model.text_len=8", "transformer.model.d_model=32", "transformer.model.n_layers=4", "transformer.model.n_heads=2",
             "transformer.model.conv_kernel=3", "transformer.train.batch_size=16", "transformer.train.warmup_steps=5",
@@ -94,7 +96,7 @@ def tiny_root(extra: tuple[str, ...] = (), **train):
             "transformer.train.time_budget_s=0", "transformer.train.lr=3e-3", "transformer.train.shuffle_buffer=64",
             "sample.batch_size=8", "transformer.train.precision=fp32"]  # the demo's "fast" would be bf16 on some CPUs
     over += [f"transformer.train.{k}={v}" for k, v in train.items()]
-    return C.load_root("demo", [*over, *extra])
+    return load_root("demo", [*over, *extra])
 
 
 import pytest  # noqa: E402

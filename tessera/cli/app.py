@@ -13,24 +13,24 @@ import os
 import sys
 
 from tessera import __version__
-from tessera.errors import TesseraError
+from tessera.core.errors import TesseraError
 
 # (words) -> (module, one-line help)
 COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
-    ("prep", "crawl"): ("dataprep.crawl", "download, filter, resize and shard a (url, caption) list"),
-    ("prep", "tokenizer"): ("dataprep.tokenizer", "train a BPE tokenizer on the captions of shards"),
-    ("prep", "encode"): ("dataprep.encode", "encode image shards to dVAE token shards"),
-    ("prep", "synthetic"): ("dataprep.synthetic", "write the embedded synthetic shapes dataset and its url list"),
-    ("train", "dvae"): ("trainer.dvae_train", "train the discrete VAE (image tokenizer)"),
-    ("train", "transformer"): ("trainer.transformer_train", "train the sparse-attention transformer on token shards"),
-    ("train", "clip"): ("trainer.clip_train", "train the small CLIP used for reranking and evaluation"),
-    ("export",): ("trainer.export", "write a self-contained inference directory from a run"),
-    ("sample",): ("trainer.sample", "sample images from an exported model"),
-    ("eval",): ("trainer.evaluate", "FID, IS, CLIP score, PSNR/SSIM of generated or reconstructed images"),
+    ("prep", "crawl"): ("tessera.dataprep.crawl", "download, filter, resize and shard a (url, caption) list"),
+    ("prep", "tokenizer"): ("tessera.dataprep.tokenizer", "train a BPE tokenizer on the captions of shards"),
+    ("prep", "encode"): ("tessera.dataprep.encode", "encode image shards to dVAE token shards"),
+    ("prep", "synthetic"): ("tessera.dataprep.synthetic", "write the embedded synthetic shapes dataset and its url list"),
+    ("train", "dvae"): ("tessera.trainer.dvae_train", "train the discrete VAE (image tokenizer)"),
+    ("train", "transformer"): ("tessera.trainer.transformer_train", "train the sparse-attention transformer on token shards"),
+    ("train", "clip"): ("tessera.trainer.clip_train", "train the small CLIP used for reranking and evaluation"),
+    ("export",): ("tessera.trainer.export", "write a self-contained inference directory from a run"),
+    ("sample",): ("tessera.trainer.sample", "sample images from an exported model"),
+    ("eval",): ("tessera.trainer.evaluate", "FID, IS, CLIP score, PSNR/SSIM of generated or reconstructed images"),
     ("demo",): ("tessera.demo", "run the whole pipeline end to end on the embedded dataset"),
-    ("cluster", "submit-train"): ("cluster.cli", "render and submit a requeueable SLURM training job"),
-    ("cluster", "submit-array"): ("cluster.cli", "render and submit a SLURM array job of prep crawl/encode parts"),
-    ("config",): ("tessera.config_cli", "print a resolved config, or every key with its type and documentation"),
+    ("cluster", "submit-train"): ("tessera.cluster.cli", "render and submit a requeueable SLURM training job"),
+    ("cluster", "submit-array"): ("tessera.cluster.cli", "render and submit a SLURM array job of prep crawl/encode parts"),
+    ("config",): ("tessera.cli.config", "print a resolved config, or every key with its type and documentation"),
 }
 
 GROUP_HELP = {

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from tessera import config as C
+from tessera.core import config as C
+from tessera.core.root_config import TesseraConfig, load_root
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -16,8 +17,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.keys:
-        print(C.format_keys(C.Root()), end="")
+        print(C.format_keys(TesseraConfig), end="")
         return 0
-    cfg = C.load_root(args.config, args.overrides)
+    cfg = load_root(args.config, args.overrides)
     print(C.dumps_toml(cfg), end="")
     return 0

@@ -6,7 +6,7 @@ prints. Unknown keys and values of the wrong type are rejected with the key's do
 the expected type.
 
 The stage dataclasses live beside their stages (`dataprep/config.py`, `trainer/config.py`);
-this module only composes them into the root `TesseraConfig` and implements loading.
+`tessera.core.root_config` composes them into the root `TesseraConfig`; this module implements loading.
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-from tessera.errors import ConfigError
+from tessera.core.errors import ConfigError
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 PRESET_DIR = REPO_ROOT / "configs"
 
 
@@ -289,26 +289,6 @@ def format_keys(cls: type) -> str:
     return buf.getvalue()
 
 
-# --------------------------------------------------------------------------------------------
-# The root config (tessera/root_config.py), imported lazily so that stage modules can import this one.
-
-
-def Root() -> type:  # noqa: N802 (a class accessor)
-    from tessera.root_config import TesseraConfig
-
-    return TesseraConfig
-
-
-def load_root(preset: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Any:
-    """The whole pipeline config: defaults < preset < overrides."""
-    return load(Root(), preset, overrides)
-
-
-def from_run_dict(data: dict[str, Any]) -> Any:
-    """Rebuild the root config from a run directory's config.toml contents."""
-    return from_dict(Root(), data)
-
-
 __all__ = [
     "param",
     "from_dict",
@@ -317,11 +297,8 @@ __all__ = [
     "write_toml",
     "parse_override",
     "load",
-    "load_root",
     "load_toml",
     "resolve_preset",
     "describe",
     "format_keys",
-    "Root",
-    "from_run_dict",
 ]

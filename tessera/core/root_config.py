@@ -1,11 +1,13 @@
 """The root config: one section per pipeline stage. A preset in configs/ fills some or all of them."""
 
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
-from cluster.config import DistConfig
-from dataprep.config import CrawlConfig, EncodeConfig, SyntheticConfig, TokenizerConfig
-from tessera.config import param
-from trainer.config import ClipConfig, DVAEConfig, SampleConfig, TransformerConfig
+from tessera.cluster.config import DistConfig
+from tessera.dataprep.config import CrawlConfig, EncodeConfig, SyntheticConfig, TokenizerConfig
+from tessera.core.config import from_dict, load, param
+from tessera.trainer.config import ClipConfig, DVAEConfig, SampleConfig, TransformerConfig
 
 
 @dataclass
@@ -23,3 +25,13 @@ class TesseraConfig:
     clip: ClipConfig = param(doc="The small CLIP used for reranking, filtering and evaluation.", factory=ClipConfig)
     sample: SampleConfig = param(doc="Sampling: temperature, top-k/p, guidance, candidates.", factory=SampleConfig)
     cluster: DistConfig = param(doc="Distributed training: DDP or DeepSpeed ZeRO stage, PowerSGD, backend.", factory=DistConfig)
+
+
+def load_root(preset: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TesseraConfig:
+    """The whole pipeline config: defaults < preset < overrides."""
+    return load(TesseraConfig, preset, overrides)
+
+
+def from_run_dict(data: dict[str, Any]) -> TesseraConfig:
+    """Rebuild the root config from a run directory's config.toml contents."""
+    return from_dict(TesseraConfig, data)

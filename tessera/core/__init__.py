@@ -1,0 +1,1 @@
+"""The bottom layer: config machinery, errors, atomic files and checkpoint files, progress bars."""
