@@ -48,17 +48,19 @@ def ceilings(block: int, flex_block: int = 128) -> list[dict]:
     for name, lay in LAYOUTS.items():
         mask = lay.mask()
         idx = build_index(mask, block)
-        rows.append({
-            "kind": name,
-            "seq_len": lay.seq_len,
-            "density": mask.float().mean().item(),
-            "blocks": idx.nnz_blocks,
-            "partial_blocks": int(idx.partial.sum()),
-            "ceiling": dense_over_sparse(mask, block),
-            "ceiling_flex": dense_over_sparse(mask, flex_block),
-            "block_efficiency": idx.allowed_pairs / (idx.nnz_blocks * block * block),
-            "allowed_pairs": idx.allowed_pairs,
-        })
+        rows.append(
+            {
+                "kind": name,
+                "seq_len": lay.seq_len,
+                "density": mask.float().mean().item(),
+                "blocks": idx.nnz_blocks,
+                "partial_blocks": int(idx.partial.sum()),
+                "ceiling": dense_over_sparse(mask, block),
+                "ceiling_flex": dense_over_sparse(mask, flex_block),
+                "block_efficiency": idx.allowed_pairs / (idx.nnz_blocks * block * block),
+                "allowed_pairs": idx.allowed_pairs,
+            }
+        )
     return rows
 
 
@@ -73,21 +75,27 @@ def floors(allowed_pairs: int, s: int, b: int, h: int, d: int, elem: int = 2) ->
 def print_ceilings(args) -> list[dict]:
     rows = ceilings(args.block)
     print(f"layouts at S = {TEXT_LEN} + {GRID}x{GRID} = {TEXT_LEN + GRID * GRID}, block {args.block} (FlexAttention ceiling at block 128)")
-    print(f"{'kind':8} {'density':>8} {'blocks':>7} {'partial':>8} {'useful/computed':>16} {'ceiling':>8} {'ceil@128':>9} "
-          f"{'fwd GFLOP':>10} {'fwd+bwd GFLOP':>14} {'fwd MB':>7}")
+    print(
+        f"{'kind':8} {'density':>8} {'blocks':>7} {'partial':>8} {'useful/computed':>16} {'ceiling':>8} {'ceil@128':>9} "
+        f"{'fwd GFLOP':>10} {'fwd+bwd GFLOP':>14} {'fwd MB':>7}"
+    )
     for r in rows:
         f = floors(r["allowed_pairs"], r["seq_len"], args.batch, args.heads, args.head_dim)
-        print(f"{r['kind']:8} {r['density']:8.4f} {r['blocks']:7d} {r['partial_blocks']:8d} {r['block_efficiency']:16.3f} "
-              f"{r['ceiling']:7.2f}x {r['ceiling_flex']:8.2f}x {f['fwd_flops'] / 1e9:10.2f} {f['fwdbwd_flops'] / 1e9:14.2f} "
-              f"{f['fwd_bytes'] / 1e6:7.1f}")
-    print(f"(FLOPs/bytes for batch {args.batch} x {args.heads} heads x {args.head_dim} dims; 'useful/computed' = allowed pairs "
-          "over pairs in non-empty tiles)")
+        print(
+            f"{r['kind']:8} {r['density']:8.4f} {r['blocks']:7d} {r['partial_blocks']:8d} {r['block_efficiency']:16.3f} "
+            f"{r['ceiling']:7.2f}x {r['ceiling_flex']:8.2f}x {f['fwd_flops'] / 1e9:10.2f} {f['fwdbwd_flops'] / 1e9:14.2f} "
+            f"{f['fwd_bytes'] / 1e6:7.1f}"
+        )
+    print(
+        f"(FLOPs/bytes for batch {args.batch} x {args.heads} heads x {args.head_dim} dims; 'useful/computed' = allowed pairs "
+        "over pairs in non-empty tiles)"
+    )
     return rows
 
 
 def bench_gpu(args, rows):
-    import triton.testing
     import torch.nn.functional as F
+    import triton.testing
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
@@ -119,8 +127,10 @@ def bench_gpu(args, rows):
     base_fwd, base_both = timed(sdpa_causal)
     fc = floors(causal_pairs, s, b, h, d)
     print(f"\n{torch.cuda.get_device_name()} {args.dtype}, B={b} H={h} S={s} D={d}, block {args.block}")
-    print(f"SDPA causal (flash): fwd {base_fwd:.3f} ms ({fc['fwd_flops'] / base_fwd / 1e9:.1f} TFLOP/s), "
-          f"fwd+bwd {base_both:.3f} ms ({fc['fwdbwd_flops'] / base_both / 1e9:.1f} TFLOP/s)")
+    print(
+        f"SDPA causal (flash): fwd {base_fwd:.3f} ms ({fc['fwd_flops'] / base_fwd / 1e9:.1f} TFLOP/s), "
+        f"fwd+bwd {base_both:.3f} ms ({fc['fwdbwd_flops'] / base_both / 1e9:.1f} TFLOP/s)"
+    )
     print(f"{'kind':8} {'impl':12} {'fwd ms':>8} {'TFLOP/s':>8} {'fwd+bwd ms':>11} {'TFLOP/s':>8} {'speedup fwd+bwd':>16} {'ceiling':>8}")
     for r in rows:
         mask = LAYOUTS[r["kind"]].mask(dev)
@@ -138,8 +148,10 @@ def bench_gpu(args, rows):
                 print(f"{r['kind']:8} {name:12} failed: {type(exc).__name__}: {str(exc).splitlines()[0][:100]}")
                 continue
             ceil = r["ceiling"] if name == "block-sparse" else r["ceiling_flex"]
-            print(f"{r['kind']:8} {name:12} {t_fwd:8.3f} {f['fwd_flops'] / t_fwd / 1e9:8.1f} {t_both:11.3f} "
-                  f"{f['fwdbwd_flops'] / t_both / 1e9:8.1f} {base_both / t_both:15.2f}x {ceil:7.2f}x")
+            print(
+                f"{r['kind']:8} {name:12} {t_fwd:8.3f} {f['fwd_flops'] / t_fwd / 1e9:8.1f} {t_both:11.3f} "
+                f"{f['fwdbwd_flops'] / t_both / 1e9:8.1f} {base_both / t_both:15.2f}x {ceil:7.2f}x"
+            )
 
 
 def bench_cpu_reference(args, rows):
@@ -150,8 +162,10 @@ def bench_cpu_reference(args, rows):
 
     s = TEXT_LEN + GRID * GRID
     q, k, v = (torch.randn(1, 1, s, args.head_dim, requires_grad=True) for _ in range(3))
-    print(f"\nCPU torch reference (fp32, B=1, H=1, S={s}, D={args.head_dim}, {torch.get_num_threads()} threads): "
-          "dense masked math, same cost for every layout")
+    print(
+        f"\nCPU torch reference (fp32, B=1, H=1, S={s}, D={args.head_dim}, {torch.get_num_threads()} threads): "
+        "dense masked math, same cost for every layout"
+    )
     for r in rows:
         mask = LAYOUTS[r["kind"]].mask()
         best = math.inf
@@ -171,7 +185,9 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="fp16", choices=sorted(DTYPES))
     ap.add_argument("--ceilings-only", action="store_true", help="print layouts, ceilings and floors, no timing")
     ap.add_argument("--cpu-reference", action="store_true", help="also time the torch reference on CPU")
-    ap.add_argument("--launch-file", default=None, help="JSON of launch settings per 'kernel,block,head_dim' (bench_attention_kernels.py --write-best)")
+    ap.add_argument(
+        "--launch-file", default=None, help="JSON of launch settings per 'kernel,block,head_dim' (bench_attention_kernels.py --write-best)"
+    )
     args = ap.parse_args(argv)
     rows = print_ceilings(args)
     if args.cpu_reference:
@@ -179,9 +195,12 @@ def main(argv=None) -> int:
     if args.ceilings_only:
         return 0
     if not torch.cuda.is_available():
-        print("\nbench_attention: no CUDA device. Kernel timings need a GPU; Triton's CPU interpreter "
-              "(TRITON_INTERPRET=1) runs kernels with numpy and is not a speed measure. "
-              "Use --ceilings-only (or --cpu-reference) on CPU.", file=sys.stderr)
+        print(
+            "\nbench_attention: no CUDA device. Kernel timings need a GPU; Triton's CPU interpreter "
+            "(TRITON_INTERPRET=1) runs kernels with numpy and is not a speed measure. "
+            "Use --ceilings-only (or --cpu-reference) on CPU.",
+            file=sys.stderr,
+        )
         return 1
     if args.launch_file:
         import json

@@ -45,7 +45,9 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="fp16", choices=("fp16", "bf16"))
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--profile", action="store_true", help="torch.profiler tables of the row layout's fwd+bwd")
-    ap.add_argument("--write-best", default=None, help="with --sweep: write the best setting per kernel (JSON) for bench_attention.py --launch-file")
+    ap.add_argument(
+        "--write-best", default=None, help="with --sweep: write the best setting per kernel (JSON) for bench_attention.py --launch-file"
+    )
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_attention_kernels: needs a CUDA device", file=sys.stderr)
@@ -60,7 +62,7 @@ def main(argv=None) -> int:
     s = TEXT_LEN + GRID * GRID
     g = torch.Generator(device=dev).manual_seed(0)
     q, k, v, do = (torch.randn(b, h, s, d, device=dev, dtype=dtype, generator=g) for _ in range(4))
-    scale = d ** -0.5
+    scale = d**-0.5
     qk = scale * A._LOG2E
     bench = lambda fn: triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")  # noqa: E731
 
@@ -85,15 +87,72 @@ def main(argv=None) -> int:
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         delta = torch.empty(b * h, sp, device=dev, dtype=torch.float32)
         launches = {
-            "fwd": lambda o: A._bsa_fwd_kernel[grid](q, k, v, out, lse, idx.mask_i8, idx.row_ptr, idx.col_idx, idx.row_partial,
-                                                     qk, s, sp, BLOCK=blk, HEAD_DIM=d, PREC="tf32", **o),
-            "dkdv": lambda o: A._bsa_bwd_dkdv_kernel[grid](q, k, v, do, lse, delta, dk, dv, idx.mask_i8_t, idx.col_ptr, idx.row_idx,
-                                                           idx.col_partial, scale, qk, s, sp, BLOCK=blk, HEAD_DIM=d, PREC="tf32", **o),
-            "dq": lambda o: A._bsa_bwd_dq_kernel[grid](q, k, v, do, lse, delta, dq, idx.mask_i8, idx.row_ptr, idx.col_idx,
-                                                       idx.row_partial, scale, qk, s, sp, BLOCK=blk, HEAD_DIM=d, PREC="tf32", **o),
+            "fwd": lambda o: A._bsa_fwd_kernel[grid](
+                q,
+                k,
+                v,
+                out,
+                lse,
+                idx.mask_i8,
+                idx.row_ptr,
+                idx.col_idx,
+                idx.row_partial,
+                qk,
+                s,
+                sp,
+                BLOCK=blk,
+                HEAD_DIM=d,
+                PREC="tf32",
+                **o,
+            ),
+            "dkdv": lambda o: A._bsa_bwd_dkdv_kernel[grid](
+                q,
+                k,
+                v,
+                do,
+                lse,
+                delta,
+                dk,
+                dv,
+                idx.mask_i8_t,
+                idx.col_ptr,
+                idx.row_idx,
+                idx.col_partial,
+                scale,
+                qk,
+                s,
+                sp,
+                BLOCK=blk,
+                HEAD_DIM=d,
+                PREC="tf32",
+                **o,
+            ),
+            "dq": lambda o: A._bsa_bwd_dq_kernel[grid](
+                q,
+                k,
+                v,
+                do,
+                lse,
+                delta,
+                dq,
+                idx.mask_i8,
+                idx.row_ptr,
+                idx.col_idx,
+                idx.row_partial,
+                scale,
+                qk,
+                s,
+                sp,
+                BLOCK=blk,
+                HEAD_DIM=d,
+                PREC="tf32",
+                **o,
+            ),
         }
         launches["fwd"](A._launch_opts("fwd", blk, d))  # lse for the backward kernels
-        delta_launch = lambda: A._bsa_bwd_delta_kernel[grid](out, do, delta, s, sp, BLOCK=blk, HEAD_DIM=d, **A._launch_opts("delta", blk, d))  # noqa: E731
+        delta_launch = lambda: A._bsa_bwd_delta_kernel[grid](
+            out, do, delta, s, sp, BLOCK=blk, HEAD_DIM=d, **A._launch_opts("delta", blk, d)
+        )  # noqa: E731
         delta_launch()
         line = [f"{kind:7} nnz {idx.nnz_blocks:3d}  delta {bench(delta_launch):.3f}"]
         for name, launch in launches.items():
@@ -112,8 +171,13 @@ def main(argv=None) -> int:
                     best, t_best = o, t
             line.append(f"{name} {t_def:.3f} (best {t_best:.3f} w{best['num_warps']}s{best['num_stages']})")
         print("  ".join(line))
-        t_full = triton.testing.do_bench(lambda: A.block_sparse_attention(qq, kk, vv, idx, block=blk).backward(do),
-                                         warmup=10, rep=50, grad_to_none=[qq, kk, vv], return_mode="median")
+        t_full = triton.testing.do_bench(
+            lambda: A.block_sparse_attention(qq, kk, vv, idx, block=blk).backward(do),
+            warmup=10,
+            rep=50,
+            grad_to_none=[qq, kk, vv],
+            return_mode="median",
+        )
         print(f"  {kind} fwd+bwd through autograd: {t_full:.3f} ms (SDPA causal {t_sdpa:.3f})")
         if args.profile and kind == "row":
             from torch.profiler import ProfilerActivity, profile

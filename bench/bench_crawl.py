@@ -113,10 +113,35 @@ def ensure_i2d() -> Path | None:
 
 def run_i2d(exe: Path, url_list: Path, out: Path, processes: int, threads: int, shard: int) -> dict:
     cmd = [
-        str(exe), "--url_list", str(url_list), "--input_format", "parquet", "--url_col", "url", "--caption_col", "caption",
-        "--output_format", "webdataset", "--output_folder", str(out), "--processes_count", str(processes),
-        "--thread_count", str(threads), "--image_size", "64", "--resize_mode", "center_crop",
-        "--number_sample_per_shard", str(shard), "--enable_wandb", "False", "--retries", "0", "--timeout", "10",
+        str(exe),
+        "--url_list",
+        str(url_list),
+        "--input_format",
+        "parquet",
+        "--url_col",
+        "url",
+        "--caption_col",
+        "caption",
+        "--output_format",
+        "webdataset",
+        "--output_folder",
+        str(out),
+        "--processes_count",
+        str(processes),
+        "--thread_count",
+        str(threads),
+        "--image_size",
+        "64",
+        "--resize_mode",
+        "center_crop",
+        "--number_sample_per_shard",
+        str(shard),
+        "--enable_wandb",
+        "False",
+        "--retries",
+        "0",
+        "--timeout",
+        "10",
     ]
     t = time.perf_counter()
     r = subprocess.run(cmd, capture_output=True, text=True)
@@ -129,9 +154,30 @@ def run_i2d(exe: Path, url_list: Path, out: Path, processes: int, threads: int, 
 
 def run_tessera(url_list: Path, out: Path, processes: int, threads: int, shard: int) -> dict:
     cmd = [
-        str(REPO / ".venv" / "bin" / "python"), "-m", "tessera.cli", "prep", "crawl", "--input", str(url_list), "--output", str(out),
-        "--image-size", "64", "--resize", "center_crop", "--processes", str(processes), "--threads", str(threads),
-        "--shard-size", str(shard), "--retries", "0", "--timeout", "10", "--no-progress",
+        str(REPO / ".venv" / "bin" / "python"),
+        "-m",
+        "tessera.cli",
+        "prep",
+        "crawl",
+        "--input",
+        str(url_list),
+        "--output",
+        str(out),
+        "--image-size",
+        "64",
+        "--resize",
+        "center_crop",
+        "--processes",
+        str(processes),
+        "--threads",
+        str(threads),
+        "--shard-size",
+        str(shard),
+        "--retries",
+        "0",
+        "--timeout",
+        "10",
+        "--no-progress",
     ]
     t = time.perf_counter()
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)))
@@ -162,10 +208,15 @@ def main() -> None:
     try:
         names = sorted(p.name for p in images.glob("*.jpg"))[: args.n]
         url_list = work / "urls.parquet"
-        pq.write_table(pa.table({"url": [f"http://127.0.0.1:{port}/{n}" for n in names], "caption": [f"noisy image {n[:-4]}" for n in names]}), url_list)
+        pq.write_table(
+            pa.table({"url": [f"http://127.0.0.1:{port}/{n}" for n in names], "caption": [f"noisy image {n[:-4]}" for n in names]}),
+            url_list,
+        )
         sizes = [os.path.getsize(images / n) for n in names]
-        print(f"{len(names)} JPEGs 512x384, mean {np.mean(sizes) / 1024:.0f} KiB, nginx on 127.0.0.1:{port}; "
-              f"{args.processes} processes x {args.threads} threads, 64px center crop, shards of {args.shard_size}; {os.cpu_count()} cores")
+        print(
+            f"{len(names)} JPEGs 512x384, mean {np.mean(sizes) / 1024:.0f} KiB, nginx on 127.0.0.1:{port}; "
+            f"{args.processes} processes x {args.threads} threads, 64px center crop, shards of {args.shard_size}; {os.cpu_count()} cores"
+        )
         exe = None if args.skip_i2d else ensure_i2d()
         results: dict[str, list[dict]] = {"img2dataset": [], "tessera": []}
         for rep in range(args.repeat):
@@ -179,7 +230,9 @@ def main() -> None:
         summary = {}
         for tool, runs in results.items():
             for i, r in enumerate(runs):
-                print(f"{tool:12s} run {i}: {r['wall_s']:6.2f} s wall, {r['successes']} successes, {r['successes'] / r['wall_s']:7.1f} images/s")
+                print(
+                    f"{tool:12s} run {i}: {r['wall_s']:6.2f} s wall, {r['successes']} successes, {r['successes'] / r['wall_s']:7.1f} images/s"
+                )
             if runs:
                 best = max(r["successes"] / r["wall_s"] for r in runs)
                 summary[tool] = best

@@ -39,7 +39,11 @@ def run_one(kind: str, out: Path) -> dict:
         print(r.stderr[-3000:], file=sys.stderr)
         raise SystemExit(f"demo ({kind}) failed with exit code {r.returncode}")
     report = json.loads((out / "report.json").read_text())
-    res = {"kind": kind, "wall_s": round(wall, 1), **{k: report[k] for k in ("dvae_psnr", "color_acc", "shape_acc", "position_acc", "size_acc")}}
+    res = {
+        "kind": kind,
+        "wall_s": round(wall, 1),
+        **{k: report[k] for k in ("dvae_psnr", "color_acc", "shape_acc", "position_acc", "size_acc")},
+    }
     res["stage_seconds"] = report["stage_seconds"]
     tgt = TARGETS[kind]
     res["meets_targets"] = wall <= tgt["seconds"] and all(report[k] >= v for k, v in tgt.items() if k != "seconds")

@@ -10,18 +10,17 @@ torch.compile. Not a test; prints a table.
 
 from __future__ import annotations
 
-from tessera.core.root_config import load_root
-
 import argparse
 import sys
 import time
 from pathlib import Path
 
+from tessera.core.root_config import load_root
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from tessera.core import config as C  # noqa: E402
 from tessera.trainer.dvae import DVAE  # noqa: E402
 from tessera.trainer.dvae_train import dvae_loss  # noqa: E402
 
@@ -71,10 +70,16 @@ def main() -> None:
     cfg = load_root(args.config, args.overrides)
     dev = torch.device(args.device)
     m = cfg.dvae.model
-    print(f"dVAE {m.image_size}px n_hid={m.n_hid} groups={m.n_groups}x{m.n_blk_per_group} vocab={m.vocab_size} n_init={m.n_init}; "
-          f"batch {args.batch}, {args.steps} timed steps, device {dev}, threads {torch.get_num_threads()}, torch {torch.__version__}")
-    settings = [("fp32 eager (baseline)", False, None, False), ("fp32 channels_last", True, None, False),
-                ("bf16 autocast", False, torch.bfloat16, False), ("bf16 autocast + channels_last", True, torch.bfloat16, False)]
+    print(
+        f"dVAE {m.image_size}px n_hid={m.n_hid} groups={m.n_groups}x{m.n_blk_per_group} vocab={m.vocab_size} n_init={m.n_init}; "
+        f"batch {args.batch}, {args.steps} timed steps, device {dev}, threads {torch.get_num_threads()}, torch {torch.__version__}"
+    )
+    settings = [
+        ("fp32 eager (baseline)", False, None, False),
+        ("fp32 channels_last", True, None, False),
+        ("bf16 autocast", False, torch.bfloat16, False),
+        ("bf16 autocast + channels_last", True, torch.bfloat16, False),
+    ]
     if dev.type == "cuda":
         settings += [("bf16 + channels_last + torch.compile", True, torch.bfloat16, True)]
     base = None

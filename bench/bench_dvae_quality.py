@@ -16,14 +16,14 @@ updates and the codebook collapsed (bench/results/dvae.md).
 
 from __future__ import annotations
 
-from tessera.core.root_config import load_root
-
 import argparse
 import json
 import platform
 import sys
 import time
 from pathlib import Path
+
+from tessera.core.root_config import load_root
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -46,15 +46,20 @@ def main() -> None:
     import pyarrow.parquet as pq
 
     from tessera.dataprep import detector
-    from tessera.core import config as C
     from tessera.trainer.data import iter_image_batches
     from tessera.trainer.dvae import load_dvae
     from tessera.trainer.dvae_train import train_dvae
 
     d = Path(a.demo_dir)
-    over = [f"dvae.train.steps={a.steps}", f"dvae.train.lr_decay_steps={a.steps}",
-            f"dvae.train.time_budget_s={a.budget}", f"dvae.train.eval_every={max(a.steps // 6, 1)}", f"dvae.train.sample_every={max(a.steps // 6, 1)}",
-            f"dvae.train.ckpt_every={max(a.steps // 6, 1)}", *a.overrides]
+    over = [
+        f"dvae.train.steps={a.steps}",
+        f"dvae.train.lr_decay_steps={a.steps}",
+        f"dvae.train.time_budget_s={a.budget}",
+        f"dvae.train.eval_every={max(a.steps // 6, 1)}",
+        f"dvae.train.sample_every={max(a.steps // 6, 1)}",
+        f"dvae.train.ckpt_every={max(a.steps // 6, 1)}",
+        *a.overrides,
+    ]
     cfg = load_root("demo", over)
     t0 = time.time()
     s = train_dvae(cfg, str(d / "shards" / "train"), str(d / "shards" / "eval"), a.output)
@@ -74,14 +79,22 @@ def main() -> None:
     with torch.no_grad():
         rec = model.reconstruct(x)
     acc = detector.score(rec, attrs)
-    res = {"steps": s["steps"], "train_s": round(wall), "eval_psnr": round(s["eval_psnr"], 2), "eval_ssim": round(s["eval_ssim"], 3),
-           "perplexity": round(s["perplexity"], 1), "unused_codes": s["unused_codes"],
-           **{f"recon_{k}": round(v, 3) for k, v in acc.items() if k.endswith("_acc")}}
+    res = {
+        "steps": s["steps"],
+        "train_s": round(wall),
+        "eval_psnr": round(s["eval_psnr"], 2),
+        "eval_ssim": round(s["eval_ssim"], 3),
+        "perplexity": round(s["perplexity"], 1),
+        "unused_codes": s["unused_codes"],
+        **{f"recon_{k}": round(v, 3) for k, v in acc.items() if k.endswith("_acc")},
+    }
     print(json.dumps(res))
     if a.report:
-        line = (f"| {platform.processor() or platform.machine()}, {torch.get_num_threads()} thread(s) | {a.budget:.0f} s budget, horizon {a.steps} "
-                f"| {res['steps']} | {res['eval_psnr']} | {res['eval_ssim']} | {res['perplexity']} | {res['unused_codes']} "
-                f"| {res['recon_color_acc']} | {res['recon_shape_acc']} | {' '.join(a.overrides) or '-'} |\n")
+        line = (
+            f"| {platform.processor() or platform.machine()}, {torch.get_num_threads()} thread(s) | {a.budget:.0f} s budget, horizon {a.steps} "
+            f"| {res['steps']} | {res['eval_psnr']} | {res['eval_ssim']} | {res['perplexity']} | {res['unused_codes']} "
+            f"| {res['recon_color_acc']} | {res['recon_shape_acc']} | {' '.join(a.overrides) or '-'} |\n"
+        )
         with open(a.report, "a") as f:
             f.write(line)
 

@@ -53,10 +53,14 @@ def print_floor(args) -> dict:
     f = compression_floor(args.m, args.cols, args.rank)
     flops, bytes_ = f["flops"] * args.n, f["bytes"] * args.n
     t_floor = max(flops / (args.peak_tflops * 1e12), bytes_ / (args.bandwidth_tbs * 1e12)) * 1e3
-    print(f"{args.n} matrices of {args.m}x{args.cols}, rank {args.rank}: sends {f['sent_elements'] * args.n / 1e6:.2f} M "
-          f"elements instead of {f['dense_elements'] * args.n / 1e6:.1f} M ({f['dense_elements'] / f['sent_elements']:.0f}x less)")
-    print(f"floor per step: {flops / 1e9:.2f} GFLOP, {bytes_ / 1e9:.2f} GB (5 passes over fp32 M) -> "
-          f"{t_floor:.3f} ms at {args.peak_tflops} TFLOP/s fp32 and {args.bandwidth_tbs} TB/s (assumed peaks)")
+    print(
+        f"{args.n} matrices of {args.m}x{args.cols}, rank {args.rank}: sends {f['sent_elements'] * args.n / 1e6:.2f} M "
+        f"elements instead of {f['dense_elements'] * args.n / 1e6:.1f} M ({f['dense_elements'] / f['sent_elements']:.0f}x less)"
+    )
+    print(
+        f"floor per step: {flops / 1e9:.2f} GFLOP, {bytes_ / 1e9:.2f} GB (5 passes over fp32 M) -> "
+        f"{t_floor:.3f} ms at {args.peak_tflops} TFLOP/s fp32 and {args.bandwidth_tbs} TB/s (assumed peaks)"
+    )
     return {"flops": flops, "bytes": bytes_, "t_floor_ms": t_floor}
 
 
@@ -81,9 +85,11 @@ def bench_kernels(args):
         Q = proj(M, P, transpose=True)
         t_d = _time_ms(lambda: dec(M, P, Q, out=out, error=err), True)
         gbytes = M.numel() * 4 / 1e9
-        print(f"{name:7} P=MQ {t_p:7.3f} ms ({gbytes / t_p:6.1f} TB/s)  orth {t_o:7.3f} ms  Q=M^TP {t_q:7.3f} ms "
-              f"({gbytes / t_q:6.1f} TB/s)  decompress+error {t_d:7.3f} ms ({3 * gbytes / t_d:6.1f} TB/s)  "
-              f"total {t_p + t_o + t_q + t_d:7.3f} ms")
+        print(
+            f"{name:7} P=MQ {t_p:7.3f} ms ({gbytes / t_p:6.1f} TB/s)  orth {t_o:7.3f} ms  Q=M^TP {t_q:7.3f} ms "
+            f"({gbytes / t_q:6.1f} TB/s)  decompress+error {t_d:7.3f} ms ({3 * gbytes / t_d:6.1f} TB/s)  "
+            f"total {t_p + t_o + t_q + t_d:7.3f} ms"
+        )
 
 
 class _Params(torch.nn.Module):
@@ -111,9 +117,14 @@ def bench_hooks(args, cuda: bool):
         model = _Params(args.n, args.m, args.cols).to(dev)
         ddp = DDP(model, device_ids=[0] if cuda else None)
         if hook_name == "torch powerSGD_hook":
-            state = torch_psgd.PowerSGDState(process_group=None, matrix_approximation_rank=args.rank,
-                                             start_powerSGD_iter=2, min_compression_rate=2,
-                                             orthogonalization_epsilon=1e-6, batch_tensors_with_same_shape=True)
+            state = torch_psgd.PowerSGDState(
+                process_group=None,
+                matrix_approximation_rank=args.rank,
+                start_powerSGD_iter=2,
+                min_compression_rate=2,
+                orthogonalization_epsilon=1e-6,
+                batch_tensors_with_same_shape=True,
+            )
             ddp.register_comm_hook(state, torch_psgd.powerSGD_hook)
         elif hook_name == "tessera reducer":
             ddp.register_comm_hook(PowerSGDReducer(rank=args.rank), ddp_comm_hook)
@@ -159,8 +170,11 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     cuda = torch.cuda.is_available()
     if not cuda and not args.cpu:
-        print("bench_powersgd: no CUDA device. The Triton kernels need a GPU to be timed (Triton's CPU "
-              "interpreter is not a speed measure); use --cpu for the torch-path hook comparison.", file=sys.stderr)
+        print(
+            "bench_powersgd: no CUDA device. The Triton kernels need a GPU to be timed (Triton's CPU "
+            "interpreter is not a speed measure); use --cpu for the torch-path hook comparison.",
+            file=sys.stderr,
+        )
         return 1
     if not cuda:
         args.n, args.m, args.cols = min(args.n, 4), min(args.m, 512), min(args.cols, 512)

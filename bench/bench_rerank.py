@@ -21,8 +21,6 @@ one draw keeps only 72 images, whose shape accuracy has a binomial spread of abo
 
 from __future__ import annotations
 
-from tessera.core.root_config import TesseraConfig
-
 import argparse
 import dataclasses
 import json
@@ -30,6 +28,8 @@ import platform
 import sys
 import time
 from pathlib import Path
+
+from tessera.core.root_config import TesseraConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -62,7 +62,9 @@ def one_draw(pipe, prompts: list[dict], caps: list[str], k: int, keep: int, seed
     for i, p in enumerate(prompts):
         per.setdefault(f"{p['size']} {p['shape']}", []).extend(dets[i * k + j]["shape"] == p["shape"] for j in range(k))
     rankings = {
-        "oracle (detector-correct shape first)": torch.tensor([float(d["shape"] == prompts[i // k]["shape"]) + 1e-3 * torch.rand(()).item() for i, d in enumerate(dets)]),
+        "oracle (detector-correct shape first)": torch.tensor(
+            [float(d["shape"] == prompts[i // k]["shape"]) + 1e-3 * torch.rand(()).item() for i, d in enumerate(dets)]
+        ),
         "random": torch.rand(len(dets), generator=torch.Generator().manual_seed(seed + 1)),
         "transformer log P(image given caption)": logp,
     }
@@ -70,7 +72,9 @@ def one_draw(pipe, prompts: list[dict], caps: list[str], k: int, keep: int, seed
         clip = torch.cat([pipe.clip.score(images[i * k : (i + 1) * k], [c] * k) for i, c in enumerate(caps)])
         rankings["export CLIP (the demo)"] = clip
         # what sample.rerank = "clip+logp" keeps: the two z-scores over each prompt's candidates, added
-        rankings["CLIP + log P (z-scores per prompt)"] = torch.cat([rerank_scores(clip[i * k : (i + 1) * k], logp[i * k : (i + 1) * k]) for i in range(len(caps))])
+        rankings["CLIP + log P (z-scores per prompt)"] = torch.cat(
+            [rerank_scores(clip[i * k : (i + 1) * k], logp[i * k : (i + 1) * k]) for i in range(len(caps))]
+        )
     return {"generate_s": gen_s, "per": per, "tops": {name: top_accuracy(s, dets, prompts, k, keep) for name, s in rankings.items()}}
 
 
@@ -87,14 +91,15 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
 
+    from tessera.core import config as C
     from tessera.dataprep import synthetic
     from tessera.demo import demo_prompts
     from tessera.trainer.inference import load
 
-    from tessera.core import config as C
-
     pipe = load(Path(a.demo_dir) / "export")
-    scfg = C.load(TesseraConfig, None, [f"sample.{kv}" for kv in a.set], base={"sample": dataclasses.asdict(pipe.default_sample_config)}).sample
+    scfg = C.load(
+        TesseraConfig, None, [f"sample.{kv}" for kv in a.set], base={"sample": dataclasses.asdict(pipe.default_sample_config)}
+    ).sample
     prompts = demo_prompts()
     caps = [synthetic.caption(p) for p in prompts]
     k = a.candidates
@@ -106,17 +111,31 @@ def main() -> None:
             per.setdefault(key, []).extend(v)
     per_candidate = {key: round(sum(v) / len(v), 3) for key, v in sorted(per.items())}
     overall = round(sum(sum(v) for v in per.values()) / sum(len(v) for v in per.values()), 3)
-    tops = {name: {attr: round(sum(d["tops"][name][attr] for d in draws) / len(draws), 3) for attr in draws[0]["tops"][name]}
-            for name in draws[0]["tops"]}
+    tops = {
+        name: {attr: round(sum(d["tops"][name][attr] for d in draws) / len(draws), 3) for attr in draws[0]["tops"][name]}
+        for name in draws[0]["tops"]
+    }
 
-    res = {"demo_dir": str(a.demo_dir), "candidates": k, "keep": a.keep, "seed": a.seed, "seeds": a.seeds, "set": a.set, "generate_s": round(gen_s, 1),
-           "per_candidate_shape": overall, "per_candidate_shape_by_size": per_candidate, "top": tops}
+    res = {
+        "demo_dir": str(a.demo_dir),
+        "candidates": k,
+        "keep": a.keep,
+        "seed": a.seed,
+        "seeds": a.seeds,
+        "set": a.set,
+        "generate_s": round(gen_s, 1),
+        "per_candidate_shape": overall,
+        "per_candidate_shape_by_size": per_candidate,
+        "top": tops,
+    }
     print(json.dumps(res, indent=1))
     if a.report:
-        lines = [f"\n### rerank study: {a.demo_dir}, {k} candidates per prompt, keep {a.keep}, seeds {a.seed}..{a.seed + a.seeds - 1}{' ' + ' '.join(a.set) if a.set else ''} "
-                 f"({platform.processor() or platform.machine()}, {a.threads} threads)\n",
-                 f"\nPer-candidate shape {overall}: " + ", ".join(f"{key} {v}" for key, v in per_candidate.items()) + "\n\n",
-                 "| ranking | shape | colour | size |\n|---|---|---|---|\n"]
+        lines = [
+            f"\n### rerank study: {a.demo_dir}, {k} candidates per prompt, keep {a.keep}, seeds {a.seed}..{a.seed + a.seeds - 1}{' ' + ' '.join(a.set) if a.set else ''} "
+            f"({platform.processor() or platform.machine()}, {a.threads} threads)\n",
+            f"\nPer-candidate shape {overall}: " + ", ".join(f"{key} {v}" for key, v in per_candidate.items()) + "\n\n",
+            "| ranking | shape | colour | size |\n|---|---|---|---|\n",
+        ]
         lines += [f"| {name} | {t['shape']} | {t['color']} | {t['size']} |\n" for name, t in tops.items()]
         with open(a.report, "a") as f:
             f.writelines(lines)

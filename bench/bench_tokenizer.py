@@ -34,7 +34,36 @@ TEMPLATES = [
     "the {m} of {c}, seen from {a} {n2}",
     "{n} #{k} for sale - {a} {n2} ({y})",
 ]
-ONSETS = ["b", "c", "d", "f", "g", "h", "j", "k", "l", "m", "n", "p", "r", "s", "t", "v", "w", "z", "br", "ch", "cl", "dr", "gr", "pl", "sh", "st", "th", "tr"]
+ONSETS = [
+    "b",
+    "c",
+    "d",
+    "f",
+    "g",
+    "h",
+    "j",
+    "k",
+    "l",
+    "m",
+    "n",
+    "p",
+    "r",
+    "s",
+    "t",
+    "v",
+    "w",
+    "z",
+    "br",
+    "ch",
+    "cl",
+    "dr",
+    "gr",
+    "pl",
+    "sh",
+    "st",
+    "th",
+    "tr",
+]
 VOWELS = ["a", "e", "i", "o", "u", "ai", "ea", "ou", "oo", "y"]
 CODAS = ["", "", "n", "r", "s", "t", "l", "nd", "ng", "st", "ck", "m"]
 
@@ -43,7 +72,11 @@ def _words(rng: np.random.Generator, n: int) -> list[str]:
     out = set()
     while len(out) < n:
         k = rng.integers(1, 4)
-        out.add("".join(ONSETS[rng.integers(len(ONSETS))] + VOWELS[rng.integers(len(VOWELS))] + CODAS[rng.integers(len(CODAS))] for _ in range(k)))
+        out.add(
+            "".join(
+                ONSETS[rng.integers(len(ONSETS))] + VOWELS[rng.integers(len(VOWELS))] + CODAS[rng.integers(len(CODAS))] for _ in range(k)
+            )
+        )
     return sorted(out)
 
 
@@ -52,6 +85,7 @@ def make_corpus(n: int, seed: int = 0) -> list[str]:
     nouns, adjs, places, cities = _words(rng, 6000), _words(rng, 2000), _words(rng, 1500), _words(rng, 800)
     preps = ["on", "under", "beside", "behind", "inside", "above", "next to", "in front of"]
     synth = [S.caption(a) for a in S.all_combinations()]
+
     # Zipf-like word frequencies, as in real captions
     def pick(words):
         return words[min(int(rng.zipf(1.3)) - 1, len(words) - 1) if rng.random() < 0.7 else int(rng.integers(len(words)))]
@@ -64,7 +98,17 @@ def make_corpus(n: int, seed: int = 0) -> list[str]:
         t = TEMPLATES[int(rng.integers(len(TEMPLATES)))]
         a = pick(adjs)
         out.append(
-            t.format(a=a, A=a.capitalize(), n=pick(nouns), n2=pick(nouns), p=preps[int(rng.integers(len(preps)))], m=pick(places), c=pick(cities).capitalize(), y=int(rng.integers(1950, 2025)), k=int(rng.integers(1, 10000)))
+            t.format(
+                a=a,
+                A=a.capitalize(),
+                n=pick(nouns),
+                n2=pick(nouns),
+                p=preps[int(rng.integers(len(preps)))],
+                m=pick(places),
+                c=pick(cities).capitalize(),
+                y=int(rng.integers(1950, 2025)),
+                k=int(rng.integers(1, 10000)),
+            )
         )
     return out
 

@@ -45,17 +45,28 @@ def main(argv=None) -> int:
     torch.backends.cuda.matmul.allow_tf32 = True
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, bf16 autocast, batch {args.batch}")
     for kind in args.attention:
-        cfg = TransformerModelConfig(text_len=256, text_vocab=16384, image_grid=32, image_vocab=8192, d_model=args.d_model,
-                                     n_layers=args.layers, n_heads=args.heads, attention=kind, conv_kernel=11)
+        cfg = TransformerModelConfig(
+            text_len=256,
+            text_vocab=16384,
+            image_grid=32,
+            image_vocab=8192,
+            d_model=args.d_model,
+            n_layers=args.layers,
+            n_heads=args.heads,
+            attention=kind,
+            conv_kernel=11,
+        )
         torch.manual_seed(0)
         model = DALLE(cfg).to(dev)
         n_all = sum(p.numel() for p in model.parameters())
-        n_emb = sum(p.numel() for n, p in model.named_parameters() if n.startswith(("text_emb", "text_pos", "image_emb", "image_row", "image_col")))
+        n_emb = sum(
+            p.numel() for n, p in model.named_parameters() if n.startswith(("text_emb", "text_pos", "image_emb", "image_row", "image_col"))
+        )
         n = n_all - n_emb
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-        b, s = args.batch, cfg.text_len + cfg.image_grid ** 2
+        b, s = args.batch, cfg.text_len + cfg.image_grid**2
         text = torch.randint(0, cfg.text_vocab, (b, cfg.text_len), device=dev)
-        image = torch.randint(0, cfg.image_vocab, (b, cfg.image_grid ** 2), device=dev)
+        image = torch.randint(0, cfg.image_vocab, (b, cfg.image_grid**2), device=dev)
 
         def step():
             with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -77,9 +88,11 @@ def main(argv=None) -> int:
         mfu = 6 * n * tps / (args.peak_tflops * 1e12)
         pairs = sum(int(lay.mask().sum()) for lay in layer_layouts(cfg.n_layers, cfg.text_len, cfg.image_grid, cfg.conv_kernel, kind))
         attn_flops = 3 * 4 * (cfg.d_model // cfg.n_heads) * cfg.n_heads * pairs * b  # fwd 4*D per pair, fwd+bwd 3x
-        print(f"{kind:6} params {n_all / 1e6:.1f}M ({n / 1e6:.1f}M outside embeddings): {dt * 1e3:.1f} ms/step, "
-              f"{tps:,.0f} tokens/s, MFU(6N) {100 * mfu:.1f}%, attention {attn_flops / dt / 1e12:.1f} TFLOP/s useful, "
-              f"loss {loss.item():.3f}, peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+        print(
+            f"{kind:6} params {n_all / 1e6:.1f}M ({n / 1e6:.1f}M outside embeddings): {dt * 1e3:.1f} ms/step, "
+            f"{tps:,.0f} tokens/s, MFU(6N) {100 * mfu:.1f}%, attention {attn_flops / dt / 1e12:.1f} TFLOP/s useful, "
+            f"loss {loss.item():.3f}, peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB"
+        )
         del model, opt
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()

@@ -32,7 +32,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--cpus-per-task", type=int, default=d.cpus_per_task, help="CPU cores per task (default: %(default)s)")
     g.add_argument("--mem", default=d.mem, help="memory per node, e.g. 64G")
     g.add_argument("--output-log", default=None, help="sbatch --output pattern")
-    g.add_argument("--sbatch", action="append", default=[], metavar="OPTION", help="another #SBATCH option, e.g. --sbatch=--constraint=a100 (repeatable)")
+    g.add_argument(
+        "--sbatch",
+        action="append",
+        default=[],
+        metavar="OPTION",
+        help="another #SBATCH option, e.g. --sbatch=--constraint=a100 (repeatable)",
+    )
     g.add_argument("--setup", action="append", default=[], metavar="LINE", help="a shell line run before the launch (repeatable)")
     g.add_argument("--chdir", default=None, help="directory the job starts in (default: the current one)")
     g.add_argument("--dry-run", action="store_true", help="print the rendered script instead of submitting it")
@@ -40,12 +46,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--parts", type=int, required=True, help="number of array tasks; task i gets --part i/N")
         parser.add_argument("--max-parallel", type=int, default=0, help="at most this many tasks at once (0 = no limit)")
     else:
-        parser.add_argument("--config", default=None, help="the training config (preset or TOML), passed to the training command as --config")
+        parser.add_argument(
+            "--config", default=None, help="the training config (preset or TOML), passed to the training command as --config"
+        )
         g.add_argument("--nodes", type=int, default=d.nodes, help="nodes (default: %(default)s)")
         g.add_argument("--gpus-per-node", type=int, default=d.gpus_per_node, help="GPUs (= ranks) per node; 0 = CPU job")
         g.add_argument("--tasks-per-node", type=int, default=d.tasks_per_node, help="ranks per node of a CPU job (default: %(default)s)")
         g.add_argument("--launcher", choices=("srun", "torchrun"), default=d.launcher, help="one srun task per rank, or torchrun per node")
-        g.add_argument("--signal-before", type=int, default=d.signal_before_s, help="seconds before the time limit to send SIGUSR1 (default: %(default)s)")
+        g.add_argument(
+            "--signal-before",
+            type=int,
+            default=d.signal_before_s,
+            help="seconds before the time limit to send SIGUSR1 (default: %(default)s)",
+        )
         g.add_argument("--no-requeue", action="store_true", help="do not make the job requeueable")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="-- then the tessera command to run")
 
@@ -59,8 +72,14 @@ def run(args: argparse.Namespace) -> int:
     if not command:
         raise InputError("no command given: put it after '--', e.g. -- tessera prep crawl ...")
     cfg = SlurmConfig(
-        job_name=args.job_name, time=args.time, partition=args.partition, account=args.account,
-        cpus_per_task=args.cpus_per_task, mem=args.mem, extra_sbatch=list(args.sbatch), setup=list(args.setup),
+        job_name=args.job_name,
+        time=args.time,
+        partition=args.partition,
+        account=args.account,
+        cpus_per_task=args.cpus_per_task,
+        mem=args.mem,
+        extra_sbatch=list(args.sbatch),
+        setup=list(args.setup),
     )
     if args.output_log:
         cfg.output = args.output_log

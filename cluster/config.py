@@ -15,11 +15,15 @@ class DistConfig:
     """How a training loop's model is wrapped: plain, DDP, or DeepSpeed ZeRO (see tessera.cluster.engine)."""
 
     backend: Literal["auto", "gloo", "nccl"] = param("auto", "torch.distributed backend; auto = nccl with CUDA, else gloo.")
-    zero_stage: int = param(0, "0 = DDP (plain in a single process); 1, 2, 3 = DeepSpeed ZeRO stage (optimizer, + gradient, + parameter sharding).")
+    zero_stage: int = param(
+        0, "0 = DDP (plain in a single process); 1, 2, 3 = DeepSpeed ZeRO stage (optimizer, + gradient, + parameter sharding)."
+    )
     precision: Literal["fp32", "bf16", "fp16"] = param(
         "fp32", "DeepSpeed's training precision at ZeRO stages 1-3 (fp16 with dynamic loss scaling); DDP leaves the model as built."
     )
-    powersgd_rank: int = param(0, "PowerSGD rank of the DDP gradient all-reduce (0 = uncompressed); DDP only, DeepSpeed has no gradient hook.")
+    powersgd_rank: int = param(
+        0, "PowerSGD rank of the DDP gradient all-reduce (0 = uncompressed); DDP only, DeepSpeed has no gradient hook."
+    )
     powersgd_start_iter: int = param(10, "Steps of uncompressed all-reduce before PowerSGD compression starts.")
     powersgd_min_compression_rate: float = param(2.0, "Matrices that compress less than this are all-reduced uncompressed.")
     bucket_mb: int = param(25, "Gradient bucket size in MiB (DDP bucket_cap_mb, DeepSpeed reduce/allgather bucket sizes).")
@@ -37,7 +41,9 @@ class DistConfig:
                 f"config key 'cluster.powersgd_rank': PowerSGD needs DDP (zero_stage = 0), DeepSpeed ZeRO stage {self.zero_stage} has no gradient hook"
             )
         if self.precision != "fp32" and self.zero_stage == 0:
-            raise ConfigError(f"config key 'cluster.precision': {self.precision!r} is applied by DeepSpeed only (zero_stage >= 1); use the trainer's autocast with DDP")
+            raise ConfigError(
+                f"config key 'cluster.precision': {self.precision!r} is applied by DeepSpeed only (zero_stage >= 1); use the trainer's autocast with DDP"
+            )
         if self.bucket_mb < 1:
             raise ConfigError(f"config key 'cluster.bucket_mb': expected >= 1, got {self.bucket_mb}")
 

@@ -119,7 +119,9 @@ class Engine:
         path = Path(directory) / "latest.pt"
         if not path.exists():
             if (Path(directory) / "latest").exists():
-                raise CheckpointError(f"checkpoint directory '{directory}' holds a DeepSpeed ZeRO checkpoint; set cluster.zero_stage to load it or consolidate it")
+                raise CheckpointError(
+                    f"checkpoint directory '{directory}' holds a DeepSpeed ZeRO checkpoint; set cluster.zero_stage to load it or consolidate it"
+                )
             return 0, {}
         ck = load_checkpoint(path, self.checkpoint_kind, map_location=str(self.dist.device) if self.dist.device.type != "cpu" else "cpu")
         self.module.load_state_dict(ck["model"])
@@ -205,8 +207,14 @@ class DeepSpeedEngine(Engine):
 
             params = list(self.module.parameters())
             with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-                return {k: v.detach().float().cpu().clone() if v.is_floating_point() else v.detach().cpu().clone() for k, v in self.module.state_dict().items()}
-        return {k: v.detach().float().cpu().clone() if v.is_floating_point() else v.detach().cpu().clone() for k, v in self.module.state_dict().items()}
+                return {
+                    k: v.detach().float().cpu().clone() if v.is_floating_point() else v.detach().cpu().clone()
+                    for k, v in self.module.state_dict().items()
+                }
+        return {
+            k: v.detach().float().cpu().clone() if v.is_floating_point() else v.detach().cpu().clone()
+            for k, v in self.module.state_dict().items()
+        }
 
     def save_checkpoint(self, directory: str | Path, step: int, client_state: dict[str, Any] | None = None, keep_last: int = 2) -> Path:
         """Every rank writes its shard under `directory/step_XXXXXXXX/`; `directory/latest` names it."""
@@ -225,7 +233,9 @@ class DeepSpeedEngine(Engine):
         directory = Path(directory)
         if not (directory / "latest").exists():
             if (directory / "latest.pt").exists():
-                raise CheckpointError(f"checkpoint directory '{directory}' holds a DDP/plain checkpoint (latest.pt), not a ZeRO one; set cluster.zero_stage = 0")
+                raise CheckpointError(
+                    f"checkpoint directory '{directory}' holds a DDP/plain checkpoint (latest.pt), not a ZeRO one; set cluster.zero_stage = 0"
+                )
             return 0, {}
         path, state = self.ds.load_checkpoint(str(directory))
         if path is None:
@@ -262,7 +272,13 @@ def deepspeed_config(cfg: DistConfig, world_size: int, micro_batch_size: int = 1
         "allgather_bucket_size": bucket,
     }
     if cfg.zero_stage == 3:
-        zero.update({"stage3_prefetch_bucket_size": bucket, "stage3_param_persistence_threshold": 0, "stage3_gather_16bit_weights_on_model_save": False})
+        zero.update(
+            {
+                "stage3_prefetch_bucket_size": bucket,
+                "stage3_param_persistence_threshold": 0,
+                "stage3_gather_16bit_weights_on_model_save": False,
+            }
+        )
     if cfg.offload_optimizer and cfg.zero_stage >= 2:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     out: dict[str, Any] = {
@@ -318,7 +334,9 @@ def build_engine(
     backend = _backend(cfg)
     if cfg.zero_stage == 0:
         dist = init(dist, backend=backend, timeout_s=cfg.timeout_s)
-        eng: Engine = DDPEngine(model, optimizer, dist, cfg, grad_clip) if dist.world_size > 1 else PlainEngine(model, optimizer, dist, grad_clip)
+        eng: Engine = (
+            DDPEngine(model, optimizer, dist, cfg, grad_clip) if dist.world_size > 1 else PlainEngine(model, optimizer, dist, grad_clip)
+        )
         eng.checkpoint_kind = checkpoint_kind
         return eng
 
@@ -354,7 +372,9 @@ def consolidate_zero_checkpoint(directory: str | Path, tag: str | None = None) -
     try:
         sd = get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=tag)
     except (FileNotFoundError, ValueError) as e:
-        raise CheckpointError(f"DeepSpeed checkpoint in '{directory}' is incomplete ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        raise CheckpointError(
+            f"DeepSpeed checkpoint in '{directory}' is incomplete ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+        ) from None
     return {k: v.detach().clone() for k, v in sd.items()}
 
 

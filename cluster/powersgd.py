@@ -33,7 +33,6 @@ Until `start_iter` steps have passed, gradients are all-reduced uncompressed (as
 powerSGD_hook does: early gradients change fast and the error feedback has nothing to build on).
 """
 
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -219,7 +218,7 @@ def _scatter(flat: torch.Tensor, tensors: list[torch.Tensor]) -> None:
     offset = 0
     for t in tensors:
         n = t.numel()
-        t.copy_(flat[offset: offset + n].view(t.shape))
+        t.copy_(flat[offset : offset + n].view(t.shape))
         offset += n
 
 

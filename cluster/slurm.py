@@ -138,7 +138,9 @@ def submit(script: str, workdir: str | Path | None = None, extra_args: Sequence[
     """Submit `script` (text) with `sbatch --parsable`; returns the job id (the array's id for arrays)."""
     r = _run(["sbatch", "--parsable", *extra_args], input=script, cwd=workdir)
     if r.returncode != 0:
-        raise SlurmError(f"sbatch refused the job: {(r.stderr or r.stdout).strip().splitlines()[-1] if (r.stderr or r.stdout).strip() else r.returncode}")
+        raise SlurmError(
+            f"sbatch refused the job: {(r.stderr or r.stdout).strip().splitlines()[-1] if (r.stderr or r.stdout).strip() else r.returncode}"
+        )
     return r.stdout.strip().split(";")[0]
 
 

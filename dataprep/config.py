@@ -1,6 +1,5 @@
 """Config dataclasses of the data-preparation stages (see tessera.config for loading rules)."""
 
-
 from dataclasses import dataclass
 from typing import Literal, Optional
 
@@ -39,7 +38,9 @@ class FilterConfig:
     near_dup_bits: int = param(4, "Maximum Hamming distance of 64-bit perceptual hashes counted as a near duplicate.")
     similarity_threshold: float = param(0.0, "Minimum image-text similarity (LAION used 0.28 with CLIP ViT-B/32); 0 disables.")
     similarity_model: Optional[str] = param(None, "Scorer for the similarity filter: a Tessera CLIP export dir or an open_clip checkpoint.")
-    reject_non_utf8_captions: bool = param(True, "Reject rows whose caption bytes are not valid UTF-8 (False: decode them with replacement characters).")
+    reject_non_utf8_captions: bool = param(
+        True, "Reject rows whose caption bytes are not valid UTF-8 (False: decode them with replacement characters)."
+    )
 
 
 @dataclass

@@ -27,8 +27,6 @@ filtered, with a reason code and a message, in the shard's parquet.
 
 from __future__ import annotations
 
-from tessera.core.root_config import load_root
-
 import argparse
 import dataclasses
 import io
@@ -43,8 +41,9 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, Thr
 from pathlib import Path
 from typing import Any
 
-from tessera.dataprep.config import CrawlConfig
 from tessera.core.errors import ConfigError, InputError
+from tessera.core.root_config import load_root
+from tessera.dataprep.config import CrawlConfig
 
 CRAWL_META = "crawl.json"
 META_FORMAT = 1
@@ -147,7 +146,9 @@ def _process_row(shard: int, idx: int, row: tuple, progress: _Progress) -> tuple
         "extra": extra,
     }
     sample = None
-    rej = check_caption(caption, valid, min_chars=f.min_caption_chars, max_chars=f.max_caption_chars, reject_non_utf8=f.reject_non_utf8_captions)
+    rej = check_caption(
+        caption, valid, min_chars=f.min_caption_chars, max_chars=f.max_caption_chars, reject_non_utf8=f.reject_non_utf8_captions
+    )
     if rej is not None:
         rec.update(status="filtered", reason=rej[0], error_message=rej[1])
     else:
@@ -161,14 +162,23 @@ def _process_row(shard: int, idx: int, row: tuple, progress: _Progress) -> tuple
         except Exception as e:  # a URL or response nobody foresaw must cost one row, not the crawl
             rec.update(status="failed_to_download", reason="unexpected_error", error_message=f"{type(e).__name__}: {str(e)[:200]}")
         else:
-            rec.update(width=img.width, height=img.height, original_width=img.original_width, original_height=img.original_height, sha256=img.sha256)
+            rec.update(
+                width=img.width,
+                height=img.height,
+                original_width=img.original_width,
+                original_height=img.original_height,
+                sha256=img.sha256,
+            )
             sample = {"key": rec["key"], "image": img.data, "caption": caption, "phash": img.phash}
     progress.add(sample is not None)
     return rec, sample
 
 
 def _sample_json(rec: dict, phash: int | None) -> dict:
-    j = {k: rec[k] for k in ("url", "caption", "key", "status", "error_message", "width", "height", "original_width", "original_height", "sha256")}
+    j = {
+        k: rec[k]
+        for k in ("url", "caption", "key", "status", "error_message", "width", "height", "original_width", "original_height", "sha256")
+    }
     if phash is not None:
         j["phash"] = f"{phash:016x}"
     for k, v in rec["extra"].items():
@@ -191,7 +201,9 @@ def _score(samples: list[dict], rows_by_key: dict[str, dict], threshold: float) 
             if float(sc) >= threshold:
                 kept.append(s)
             else:
-                rows_by_key[s["key"]].update(status="filtered", reason="low_similarity", error_message=f"image-text similarity {float(sc):.3f} < {threshold:g}")
+                rows_by_key[s["key"]].update(
+                    status="filtered", reason="low_similarity", error_message=f"image-text similarity {float(sc):.3f} < {threshold:g}"
+                )
     return kept
 
 
@@ -265,7 +277,10 @@ def part_shards(n_shards: int, part: tuple[int, int]) -> range:
 
 
 def _meta(urls: Any, cfg: CrawlConfig) -> dict:
-    shaping = {k: getattr(cfg, k) for k in ("url_col", "caption_col", "keep_cols", "image_size", "resize", "output_format", "quality", "shard_size")}
+    shaping = {
+        k: getattr(cfg, k)
+        for k in ("url_col", "caption_col", "keep_cols", "image_size", "resize", "output_format", "quality", "shard_size")
+    }
     shaping["filters"] = dataclasses.asdict(cfg.filters)
     return {"format": META_FORMAT, "input": urls.fingerprint(), "settings": shaping}
 
@@ -353,11 +368,11 @@ def crawl(
     Returns the stats of this part: rows, shards (written and already complete), successes,
     counts by status and by reason, duration and images/s of this invocation.
     """
+    from tessera.core.progress import bar
     from tessera.dataprep.filters import load_scorer
     from tessera.dataprep.readers import read_url_list
     from tessera.dataprep.storage import open_storage
     from tessera.dataprep.writer import shard_names, write_shard
-    from tessera.core.progress import bar
 
     cfg = cfg or CrawlConfig()
     cfg.validate()
@@ -422,7 +437,11 @@ def crawl(
     gindex = _GlobalIndex(storage, cfg)
     ext = cfg.output_format
     total_rows = sum(min(n_rows, (s + 1) * cfg.shard_size) - s * cfg.shard_size for s in mine)
-    pbar = bar(total=total_rows, desc=f"crawl{'' if pn == 1 else f' part {pi}/{pn}'}", unit="row", initial=done_rows) if progress else _NullBar()
+    pbar = (
+        bar(total=total_rows, desc=f"crawl{'' if pn == 1 else f' part {pi}/{pn}'}", unit="row", initial=done_rows)
+        if progress
+        else _NullBar()
+    )
 
     import multiprocessing as mp
 
@@ -564,12 +583,20 @@ _FLAG_FIELDS = {
     "user_agent": "user_agent",
     "s3_endpoint_url": "s3_endpoint_url",
 }
-_FILTER_FLAGS = ("min_image_size", "max_aspect_ratio", "min_caption_chars", "max_caption_chars", "max_pixels", "near_dup_bits", "similarity_threshold", "similarity_model")
+_FILTER_FLAGS = (
+    "min_image_size",
+    "max_aspect_ratio",
+    "min_caption_chars",
+    "max_caption_chars",
+    "max_pixels",
+    "near_dup_bits",
+    "similarity_threshold",
+    "similarity_model",
+)
 
 
 def config_from_args(args: argparse.Namespace) -> CrawlConfig:
     """Defaults < --config preset < key=value overrides < explicit flags."""
-    from tessera.core import config as C
     from tessera.core.root_config import TesseraConfig
 
     roots = {f.name for f in dataclasses.fields(TesseraConfig)}

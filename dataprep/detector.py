@@ -23,8 +23,8 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from tessera.dataprep.synthetic import BACKGROUNDS, COLORS, POSITIONS, SIZES
 from tessera.core.errors import InputError
+from tessera.dataprep.synthetic import BACKGROUNDS, COLORS, POSITIONS, SIZES
 
 # A foreground needs some pixel at least this far (RGB Euclidean) from the background.
 MIN_CONTRAST = 45.0
@@ -190,7 +190,13 @@ def _nearest(rgb: np.ndarray, names: list[str], table: np.ndarray) -> str:
 def detect(image: Any) -> dict[str, str | None]:
     """{"color", "shape", "size", "position", "background"} of one image (PIL, uint8 HxWx3, float in [0, 1])."""
     f = features(image)
-    result: dict[str, str | None] = {"color": None, "shape": None, "size": None, "position": None, "background": _nearest(f["bg_rgb"], _BG_NAMES, _BG_RGB)}
+    result: dict[str, str | None] = {
+        "color": None,
+        "shape": None,
+        "size": None,
+        "position": None,
+        "background": _nearest(f["bg_rgb"], _BG_NAMES, _BG_RGB),
+    }
     if "area" not in f:
         return result
     result["color"] = _nearest(f["fg_rgb"], _FG_NAMES, _FG_RGB)

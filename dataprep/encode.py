@@ -14,12 +14,9 @@ write the same file and together produce exactly what one run produces. Each par
 
 from __future__ import annotations
 
-from tessera.core.root_config import load_root
-
 import argparse
 import io
 import json
-import os
 import tarfile
 from pathlib import Path
 from typing import Any
@@ -29,6 +26,7 @@ import torch
 
 from tessera.core.errors import InputError
 from tessera.core.files import atomic_write_bytes
+from tessera.core.root_config import load_root
 
 
 def parse_part(text: str | None) -> tuple[int, int]:
@@ -60,15 +58,24 @@ def _manifest_parts(out: Path, n: int) -> list[Path]:
 
 
 @torch.no_grad()
-def encode_shards(dvae: str | Path, tokenizer: str | Path, input: str | list[str], output: str | Path, *, batch_size: int | None = None,
-                  part: tuple[int, int] | str | None = None, device: str | torch.device | None = None, cfg: Any = None) -> dict[str, Any]:
+def encode_shards(
+    dvae: str | Path,
+    tokenizer: str | Path,
+    input: str | list[str],
+    output: str | Path,
+    *,
+    batch_size: int | None = None,
+    part: tuple[int, int] | str | None = None,
+    device: str | torch.device | None = None,
+    cfg: Any = None,
+) -> dict[str, Any]:
     """Encode (this part of) the input shards; returns this part's manifest (or the full one when complete).
 
     `cfg` (tessera.dataprep.config.EncodeConfig) supplies the batch size when `batch_size` is not given.
     """
     batch_size = batch_size or (cfg.batch_size if cfg is not None else 64)
-    from tessera.dataprep.tokenizer import load_tokenizer
     from tessera.core.progress import bar
+    from tessera.dataprep.tokenizer import load_tokenizer
     from tessera.trainer.data import caption_of, decode_image, iter_samples, list_shards, split_shards
     from tessera.trainer.dvae import load_dvae
 
@@ -118,8 +125,13 @@ def encode_shards(dvae: str | Path, tokenizer: str | Path, input: str | list[str
         entries.append({"name": name, "count": count, "input": url})
     pbar.close()
 
-    common = {"grid": mcfg.grid_size, "image_vocab": mcfg.vocab_size, "text_vocab": int(tok.vocab_size),
-              "tokenizer": str(Path(tokenizer).resolve()), "dvae": str(Path(dvae).resolve())}
+    common = {
+        "grid": mcfg.grid_size,
+        "image_vocab": mcfg.vocab_size,
+        "text_vocab": int(tok.vocab_size),
+        "tokenizer": str(Path(tokenizer).resolve()),
+        "dvae": str(Path(dvae).resolve()),
+    }
     part_manifest = {**common, "part": [i_part, n_part], "count": sum(e["count"] for e in entries), "entries": entries}
     if n_part == 1:
         return _write_manifest(out, common, entries)
@@ -135,8 +147,12 @@ def encode_shards(dvae: str | Path, tokenizer: str | Path, input: str | list[str
 
 def _write_manifest(out: Path, common: dict, entries: list[dict]) -> dict:
     entries = sorted(entries, key=lambda e: e["name"])
-    manifest = {**common, "count": sum(e["count"] for e in entries), "shards": [e["name"] for e in entries],
-                "counts": {e["name"]: e["count"] for e in entries}}
+    manifest = {
+        **common,
+        "count": sum(e["count"] for e in entries),
+        "shards": [e["name"] for e in entries],
+        "counts": {e["name"]: e["count"] for e in entries},
+    }
     atomic_write_bytes(out / "manifest.json", (json.dumps(manifest, indent=2) + "\n").encode())
     return manifest
 
@@ -154,9 +170,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tessera.core import config as C
 
     cfg = load_root(args.config, args.overrides)
-    m = encode_shards(args.dvae, args.tokenizer, args.input, args.output, batch_size=cfg.encode.batch_size, part=args.part, device=args.device)
+    m = encode_shards(
+        args.dvae, args.tokenizer, args.input, args.output, batch_size=cfg.encode.batch_size, part=args.part, device=args.device
+    )
     print(json.dumps({k: v for k, v in m.items() if k not in ("entries", "counts")}, indent=2))
     return 0

@@ -147,7 +147,9 @@ def process_image(data: bytes, spec: ImageSpec) -> ProcessedImage:
     if spec.min_image_size and min(w, h) < spec.min_image_size:
         raise ImageReject("filtered", "too_small", f"shorter side {min(w, h)} < min_image_size {spec.min_image_size}")
     if spec.max_aspect_ratio and max(w, h) / min(w, h) > spec.max_aspect_ratio:
-        raise ImageReject("filtered", "aspect_ratio", f"aspect ratio {max(w, h) / min(w, h):.2f} > max_aspect_ratio {spec.max_aspect_ratio:g}")
+        raise ImageReject(
+            "filtered", "aspect_ratio", f"aspect ratio {max(w, h) / min(w, h):.2f} > max_aspect_ratio {spec.max_aspect_ratio:g}"
+        )
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

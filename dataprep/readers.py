@@ -107,7 +107,9 @@ def _read_delimited(path: Path, gz: bool, delimiter: str, cols: list[str], what:
             ),
         )
     except Exception as e:
-        raise InputError(f"URL list '{path}' cannot be parsed as {'TSV' if delimiter == chr(9) else 'CSV'}: {str(e).splitlines()[0]}") from None
+        raise InputError(
+            f"URL list '{path}' cannot be parsed as {'TSV' if delimiter == chr(9) else 'CSV'}: {str(e).splitlines()[0]}"
+        ) from None
 
 
 def _read_jsonl(path: Path, gz: bool, cols: list[str], what: dict[str, str], text_cols: list[str]) -> pa.Table:
@@ -211,7 +213,9 @@ def _to_caption_binary(col: pa.ChunkedArray) -> pa.Array:
     return pa.array([None if v is None else str(v).encode() for v in col.to_pylist()], type=pa.binary())
 
 
-def read_url_list(path: str | Path, url_col: str = "url", caption_col: str = "caption", keep_cols: list[str] | tuple[str, ...] = ()) -> UrlList:
+def read_url_list(
+    path: str | Path, url_col: str = "url", caption_col: str = "caption", keep_cols: list[str] | tuple[str, ...] = ()
+) -> UrlList:
     """Read a url list (file or folder); raise InputError naming what is wrong with it."""
     files = list_files(path)
     keep = [c for c in keep_cols if c not in (url_col, caption_col)]

@@ -122,7 +122,7 @@ class S3Storage:
         paginator = self.client.get_paginator("list_objects_v2")
         for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix):
             for obj in page.get("Contents", []):
-                rest = obj["Key"][len(self.prefix):]
+                rest = obj["Key"][len(self.prefix) :]
                 if rest and "/" not in rest:
                     names.append(rest)
         return sorted(names)

@@ -30,8 +30,8 @@ from typing import Any, Iterable
 import numpy as np
 from PIL import Image, ImageDraw
 
-from tessera.dataprep.config import SyntheticConfig
 from tessera.core.errors import InputError
+from tessera.dataprep.config import SyntheticConfig
 
 # --------------------------------------------------------------------------------------------
 # Attribute tables (the single source of truth)
@@ -254,7 +254,6 @@ def generate(out_dir: str | Path, cfg: SyntheticConfig | None = None, seed: int 
 
         # a daemonic process (e.g. a pool worker) may not start children: render serially there
         if n_proc > 1 and len(jobs) >= 200 and not mp.current_process().daemon:
-
             with mp.get_context("fork" if hasattr(os, "fork") else "spawn").Pool(n_proc) as pool:
                 for _ in pool.imap_unordered(_render_job, jobs, chunksize=64):
                     pb.update(1)
@@ -353,7 +352,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from tessera.cli import add_config_arguments
 
     parser.add_argument("--output", required=True, help="folder for images/, train.parquet, eval.parquet, synthetic.json")
-    parser.add_argument("--base-url", default=None, help="also write train_urls.parquet/eval_urls.parquet with absolute URLs under this base")
+    parser.add_argument(
+        "--base-url", default=None, help="also write train_urls.parquet/eval_urls.parquet with absolute URLs under this base"
+    )
     parser.add_argument("--seed", type=int, default=None, help="random seed (default: the config's seed)")
     add_config_arguments(parser, default="demo")
 

@@ -244,7 +244,9 @@ class SentencePieceTokenizer(Tokenizer):
 
                 m = re.search(r"(\d+) vs (\d+)", msg)
                 need = f"at least {m.group(2)}" if m else "more"
-                raise InputError(f"tokenizer vocab_size {vocab_size} is too small for the corpus's characters plus {NUM_SPECIAL} specials (needs {need}); increase --vocab-size") from None
+                raise InputError(
+                    f"tokenizer vocab_size {vocab_size} is too small for the corpus's characters plus {NUM_SPECIAL} specials (needs {need}); increase --vocab-size"
+                ) from None
             raise InputError(f"sentencepiece training failed: {msg[:200]}") from None
         model_path.write_bytes(buf.getvalue())
 
@@ -285,7 +287,17 @@ class YouTokenToMeTokenizer(Tokenizer):
         # exits; training in a child process keeps that out of our stdout.
         import subprocess
 
-        kw = dict(data=str(text_file), model=str(model_path), vocab_size=vocab_size, coverage=character_coverage, n_threads=threads, pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID)
+        kw = dict(
+            data=str(text_file),
+            model=str(model_path),
+            vocab_size=vocab_size,
+            coverage=character_coverage,
+            n_threads=threads,
+            pad_id=PAD_ID,
+            unk_id=UNK_ID,
+            bos_id=BOS_ID,
+            eos_id=EOS_ID,
+        )
         code = "import json, sys, youtokentome as y\ntry:\n    y.BPE.train(**json.loads(sys.argv[1]))\nexcept ValueError as e:\n    sys.stderr.write('ValueError: ' + str(e).splitlines()[0] + '\\n'); sys.exit(3)\n"
         proc = subprocess.run([sys.executable, "-c", code, json.dumps(kw)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         if proc.returncode != 0:
@@ -293,7 +305,9 @@ class YouTokenToMeTokenizer(Tokenizer):
             msg = lines[-1] if lines else f"exit code {proc.returncode}"
             if "too small" in msg:
                 need = msg.split("Set ")[-1].split(".")[0] if "Set " in msg else "more"
-                raise InputError(f"tokenizer vocab_size {vocab_size} is too small for the corpus's characters ({need}); increase --vocab-size")
+                raise InputError(
+                    f"tokenizer vocab_size {vocab_size} is too small for the corpus's characters ({need}); increase --vocab-size"
+                )
             raise InputError(f"youtokentome training failed: {msg[:200]}")
 
 
@@ -389,7 +403,9 @@ def train_tokenizer(
         actual = TOKENIZERS[kind](tmp_model, lowercase=lowercase).vocab_size
         tmp_model.replace(output)
     if actual < vocab_size:
-        log.warning("tokenizer: the corpus (%d captions) supports only %d tokens; vocabulary is %d (requested %d)", n, actual, actual, vocab_size)
+        log.warning(
+            "tokenizer: the corpus (%d captions) supports only %d tokens; vocabulary is %d (requested %d)", n, actual, actual, vocab_size
+        )
     meta = {
         "kind": kind,
         "vocab_size": actual,
@@ -409,12 +425,21 @@ def train_tokenizer(
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from tessera.cli import add_config_arguments
 
-    parser.add_argument("--input", required=True, help="webdataset shards (folder of *.tar, a tar, a glob or brace pattern) or a text file with one caption per line")
+    parser.add_argument(
+        "--input",
+        required=True,
+        help="webdataset shards (folder of *.tar, a tar, a glob or brace pattern) or a text file with one caption per line",
+    )
     parser.add_argument("--output", required=True, help="model file to write (FILE and FILE.json)")
     parser.add_argument("--vocab-size", type=int, default=None, help="vocabulary size, specials included (default: tokenizer.vocab_size)")
     parser.add_argument("--kind", choices=KINDS, default=None, help="BPE implementation (default: tokenizer.kind)")
     parser.add_argument("--no-lowercase", action="store_true", help="keep the captions' case (the paper lower-cases)")
-    parser.add_argument("--character-coverage", type=float, default=1.0, help="fraction of characters kept as symbols, the rarest mapped to unk (sentencepiece suggests 0.9995 for large web corpora)")
+    parser.add_argument(
+        "--character-coverage",
+        type=float,
+        default=1.0,
+        help="fraction of characters kept as symbols, the rarest mapped to unk (sentencepiece suggests 0.9995 for large web corpora)",
+    )
     add_config_arguments(parser)
 
 
@@ -427,7 +452,9 @@ def run(args: argparse.Namespace) -> int:
     lowercase = cfg.lowercase and not args.no_lowercase
     input_files(args.input)  # fail early, naming the input
     logging.basicConfig(level=logging.INFO, format="tessera: %(message)s")
-    tok = train_tokenizer(read_captions(args.input), args.output, kind=kind, vocab_size=vocab, lowercase=lowercase, character_coverage=args.character_coverage)
+    tok = train_tokenizer(
+        read_captions(args.input), args.output, kind=kind, vocab_size=vocab, lowercase=lowercase, character_coverage=args.character_coverage
+    )
     meta = json.loads(sidecar_path(args.output).read_text())
     print(f"wrote {kind} tokenizer {args.output} ({tok.vocab_size} tokens, trained on {meta['num_captions']} captions)")
     return 0

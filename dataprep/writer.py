@@ -26,7 +26,19 @@ import pyarrow.parquet as pq
 # Samples carry no meaningful mtime; a constant keeps shards byte-identical across re-runs.
 TAR_MTIME = 946684800  # 2000-01-01
 
-ROW_FIELDS = ["key", "url", "caption", "status", "reason", "error_message", "width", "height", "original_width", "original_height", "sha256"]
+ROW_FIELDS = [
+    "key",
+    "url",
+    "caption",
+    "status",
+    "reason",
+    "error_message",
+    "width",
+    "height",
+    "original_width",
+    "original_height",
+    "sha256",
+]
 
 
 def key_width(shard_size: int) -> int:
@@ -54,7 +66,9 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 def build_tar(samples: list[dict[str, Any]], ext: str) -> bytes:
     """`samples`: dicts with key, image (bytes), caption, json (dict), in key order."""
     buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT if all(len(s["key"]) < 90 for s in samples) else tarfile.PAX_FORMAT) as tar:
+    with tarfile.open(
+        fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT if all(len(s["key"]) < 90 for s in samples) else tarfile.PAX_FORMAT
+    ) as tar:
         for s in samples:
             _add(tar, f"{s['key']}.{ext}", s["image"])
             _add(tar, f"{s['key']}.txt", s["caption"].encode("utf-8"))
@@ -124,13 +138,17 @@ def build_stats(rows: list[dict[str, Any]], shard: int, start_time: float) -> di
     }
 
 
-def write_shard(storage, shard: int, samples: list[dict[str, Any]], rows: list[dict[str, Any]], keep_cols: list[str], ext: str, start_time: float) -> dict[str, Any]:
+def write_shard(
+    storage, shard: int, samples: list[dict[str, Any]], rows: list[dict[str, Any]], keep_cols: list[str], ext: str, start_time: float
+) -> dict[str, Any]:
     """Write the four files of a shard (stats last) and return its stats."""
     names = shard_names(shard)
     kept = [s for s in samples]
     storage.write_bytes(names["tar"], build_tar(kept, ext))
     storage.write_bytes(names["parquet"], build_parquet(rows, keep_cols))
-    storage.write_bytes(names["dedup"], build_dedup([s["key"] for s in kept], [s["json"]["sha256"] for s in kept], [s.get("phash") for s in kept]))
+    storage.write_bytes(
+        names["dedup"], build_dedup([s["key"] for s in kept], [s["json"]["sha256"] for s in kept], [s.get("phash") for s in kept])
+    )
     stats = build_stats(rows, shard, start_time)
     storage.write_bytes(names["stats"], json.dumps(stats, indent=1).encode())
     return stats

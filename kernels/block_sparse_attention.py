@@ -31,9 +31,9 @@ from dataclasses import dataclass
 
 import torch
 
+from tessera.kernels._triton import HAS_TRITON, tl, triton  # noqa: F401
+from tessera.kernels._triton import lazy_jit as _lazy_jit
 from tessera.kernels.layouts import Layout, block_layout, block_partial
-
-from tessera.kernels._triton import HAS_TRITON, lazy_jit as _lazy_jit, tl, triton  # noqa: F401
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 SUPPORTED_BLOCKS = (16, 32, 64, 128)
@@ -105,10 +105,20 @@ def build_index(mask: torch.Tensor, block: int = 64) -> BlockSparseIndex:
     row_ptr, col_idx, row_partial = csr(layout, partial)
     col_ptr, row_idx, col_partial = csr(layout.t(), partial.t())
     return BlockSparseIndex(
-        seq_len=s, block=block, n_blocks=nb, layout=layout, partial=partial,
-        row_ptr=row_ptr, col_idx=col_idx, row_partial=row_partial,
-        col_ptr=col_ptr, row_idx=row_idx, col_partial=col_partial,
-        mask_i8=padded.to(torch.int8).contiguous(), mask_i8_t=padded.t().to(torch.int8).contiguous(), allowed_pairs=int(mask.sum()),
+        seq_len=s,
+        block=block,
+        n_blocks=nb,
+        layout=layout,
+        partial=partial,
+        row_ptr=row_ptr,
+        col_idx=col_idx,
+        row_partial=row_partial,
+        col_ptr=col_ptr,
+        row_idx=row_idx,
+        col_partial=col_partial,
+        mask_i8=padded.to(torch.int8).contiguous(),
+        mask_i8_t=padded.t().to(torch.int8).contiguous(),
+        allowed_pairs=int(mask.sum()),
     )
 
 
@@ -117,9 +127,21 @@ def build_index(mask: torch.Tensor, block: int = 64) -> BlockSparseIndex:
 # ----------------------------------------------------------------------------------------------
 @_lazy_jit
 def _bsa_fwd_kernel(
-    Q, K, V, Out, Lse, MaskI8, RowPtr, ColIdx, RowPartial,
-    qk_scale, S, S_PAD,
-    BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, PREC: tl.constexpr,
+    Q,
+    K,
+    V,
+    Out,
+    Lse,
+    MaskI8,
+    RowPtr,
+    ColIdx,
+    RowPartial,
+    qk_scale,
+    S,
+    S_PAD,
+    BLOCK: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     m_blk = tl.program_id(0)
     bh = tl.program_id(1)
@@ -166,9 +188,25 @@ def _bsa_fwd_kernel(
 
 @_lazy_jit
 def _bsa_bwd_dkdv_kernel(
-    Q, K, V, DO, Lse, Delta, DK, DV, MaskI8T, ColPtr, RowIdx, ColPartial,
-    sm_scale, qk_scale, S, S_PAD,
-    BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, PREC: tl.constexpr,
+    Q,
+    K,
+    V,
+    DO,
+    Lse,
+    Delta,
+    DK,
+    DV,
+    MaskI8T,
+    ColPtr,
+    RowIdx,
+    ColPartial,
+    sm_scale,
+    qk_scale,
+    S,
+    S_PAD,
+    BLOCK: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     n_blk = tl.program_id(0)
     bh = tl.program_id(1)
@@ -211,9 +249,24 @@ def _bsa_bwd_dkdv_kernel(
 
 @_lazy_jit
 def _bsa_bwd_dq_kernel(
-    Q, K, V, DO, Lse, Delta, DQ, MaskI8, RowPtr, ColIdx, RowPartial,
-    sm_scale, qk_scale, S, S_PAD,
-    BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, PREC: tl.constexpr,
+    Q,
+    K,
+    V,
+    DO,
+    Lse,
+    Delta,
+    DQ,
+    MaskI8,
+    RowPtr,
+    ColIdx,
+    RowPartial,
+    sm_scale,
+    qk_scale,
+    S,
+    S_PAD,
+    BLOCK: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     m_blk = tl.program_id(0)
     bh = tl.program_id(1)
@@ -324,8 +377,22 @@ class BlockSparseAttentionFunction(torch.autograd.Function):
         lse = torch.empty(b * h, sp, device=q.device, dtype=torch.float32)
         grid = (nb, b * h)
         _bsa_fwd_kernel[grid](
-            q, k, v, out, lse, index.mask_i8, index.row_ptr, index.col_idx, index.row_partial,
-            sm_scale * _LOG2E, s, sp, BLOCK=blk, HEAD_DIM=d, PREC=_precision(q.dtype), **_launch_opts("fwd", blk, d),
+            q,
+            k,
+            v,
+            out,
+            lse,
+            index.mask_i8,
+            index.row_ptr,
+            index.col_idx,
+            index.row_partial,
+            sm_scale * _LOG2E,
+            s,
+            sp,
+            BLOCK=blk,
+            HEAD_DIM=d,
+            PREC=_precision(q.dtype),
+            **_launch_opts("fwd", blk, d),
         )
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.index = index
@@ -346,12 +413,47 @@ class BlockSparseAttentionFunction(torch.autograd.Function):
         prec = _precision(q.dtype)
         qk_scale = ctx.sm_scale * _LOG2E
         _bsa_bwd_dkdv_kernel[grid](
-            q, k, v, dout, lse, delta, dk, dv, index.mask_i8_t, index.col_ptr, index.row_idx, index.col_partial,
-            ctx.sm_scale, qk_scale, s, sp, BLOCK=blk, HEAD_DIM=d, PREC=prec, **_launch_opts("dkdv", blk, d),
+            q,
+            k,
+            v,
+            dout,
+            lse,
+            delta,
+            dk,
+            dv,
+            index.mask_i8_t,
+            index.col_ptr,
+            index.row_idx,
+            index.col_partial,
+            ctx.sm_scale,
+            qk_scale,
+            s,
+            sp,
+            BLOCK=blk,
+            HEAD_DIM=d,
+            PREC=prec,
+            **_launch_opts("dkdv", blk, d),
         )
         _bsa_bwd_dq_kernel[grid](
-            q, k, v, dout, lse, delta, dq, index.mask_i8, index.row_ptr, index.col_idx, index.row_partial,
-            ctx.sm_scale, qk_scale, s, sp, BLOCK=blk, HEAD_DIM=d, PREC=prec, **_launch_opts("dq", blk, d),
+            q,
+            k,
+            v,
+            dout,
+            lse,
+            delta,
+            dq,
+            index.mask_i8,
+            index.row_ptr,
+            index.col_idx,
+            index.row_partial,
+            ctx.sm_scale,
+            qk_scale,
+            s,
+            sp,
+            BLOCK=blk,
+            HEAD_DIM=d,
+            PREC=prec,
+            **_launch_opts("dq", blk, d),
         )
         return dq, dk, dv, None, None
 

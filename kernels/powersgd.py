@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import torch
 
-from tessera.kernels._triton import HAS_TRITON, lazy_jit as _lazy_jit, tl, triton  # noqa: F401
+from tessera.kernels._triton import HAS_TRITON, tl, triton  # noqa: F401
+from tessera.kernels._triton import lazy_jit as _lazy_jit
 
 EPS = 1e-6
 MAX_RANK = 64
@@ -43,9 +44,24 @@ def _rank_block(r: int) -> int:
 # ----------------------------------------------------------------------------------------------
 @_lazy_jit
 def _project_kernel(
-    A, B, C, ROWS, K, R,
-    sa_b, sa_r, sa_k, sb_b, sb_k, sb_r, sc_b, sc_r, sc_c,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    A,
+    B,
+    C,
+    ROWS,
+    K,
+    R,
+    sa_b,
+    sa_r,
+    sa_k,
+    sb_b,
+    sb_k,
+    sb_r,
+    sc_b,
+    sc_r,
+    sc_c,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -55,13 +71,14 @@ def _project_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + offs_k
-        a = tl.load(A + b * sa_b + rows[:, None] * sa_r + ks[None, :] * sa_k,
-                    mask=(rows[:, None] < ROWS) & (ks[None, :] < K), other=0.0).to(tl.float32)
-        bb = tl.load(B + b * sb_b + ks[:, None] * sb_k + offs_r[None, :] * sb_r,
-                     mask=(ks[:, None] < K) & (offs_r[None, :] < R), other=0.0).to(tl.float32)
+        a = tl.load(
+            A + b * sa_b + rows[:, None] * sa_r + ks[None, :] * sa_k, mask=(rows[:, None] < ROWS) & (ks[None, :] < K), other=0.0
+        ).to(tl.float32)
+        bb = tl.load(
+            B + b * sb_b + ks[:, None] * sb_k + offs_r[None, :] * sb_r, mask=(ks[:, None] < K) & (offs_r[None, :] < R), other=0.0
+        ).to(tl.float32)
         acc += tl.dot(a, bb, input_precision="ieee")
-    tl.store(C + b * sc_b + rows[:, None] * sc_r + offs_r[None, :] * sc_c, acc,
-             mask=(rows[:, None] < ROWS) & (offs_r[None, :] < R))
+    tl.store(C + b * sc_b + rows[:, None] * sc_r + offs_r[None, :] * sc_c, acc, mask=(rows[:, None] < ROWS) & (offs_r[None, :] < R))
 
 
 def project(M: torch.Tensor, X: torch.Tensor, transpose: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -79,8 +96,20 @@ def project(M: torch.Tensor, X: torch.Tensor, transpose: bool = False, out: torc
     block_m = 64 if rows >= 64 else 16
     grid = (triton.cdiv(rows, block_m), n_mat)
     _project_kernel[grid](
-        M, X, out, rows, k, r, sa_b, sa_r, sa_k, *X.stride(), *out.stride(),
-        BLOCK_M=block_m, BLOCK_K=32, BLOCK_R=br,
+        M,
+        X,
+        out,
+        rows,
+        k,
+        r,
+        sa_b,
+        sa_r,
+        sa_k,
+        *X.stride(),
+        *out.stride(),
+        BLOCK_M=block_m,
+        BLOCK_K=32,
+        BLOCK_R=br,
     )
     return out
 
@@ -99,9 +128,16 @@ def project_reference(M: torch.Tensor, X: torch.Tensor, transpose: bool = False,
 # ----------------------------------------------------------------------------------------------
 @_lazy_jit
 def _householder_kernel(
-    P, V, ROWS, R, eps,
-    sp_b, sp_r, sp_c,
-    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
+    P,
+    V,
+    ROWS,
+    R,
+    eps,
+    sp_b,
+    sp_r,
+    sp_c,
+    BLOCK_M: tl.constexpr,
+    BLOCK_R: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     Pb = P + b * sp_b
@@ -224,9 +260,32 @@ def orthogonalize_reference(P: torch.Tensor, eps: float = EPS) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 @_lazy_jit
 def _decompress_kernel(
-    M, P, Q, Out, Err, ROWS, COLS, R,
-    sm_b, sm_r, sm_c, sp_b, sp_r, sp_k, sq_b, sq_r, sq_k, so_b, so_r, so_c, se_b, se_r, se_c,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    M,
+    P,
+    Q,
+    Out,
+    Err,
+    ROWS,
+    COLS,
+    R,
+    sm_b,
+    sm_r,
+    sm_c,
+    sp_b,
+    sp_r,
+    sp_k,
+    sq_b,
+    sq_r,
+    sq_k,
+    so_b,
+    so_r,
+    so_c,
+    se_b,
+    se_r,
+    se_c,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -234,10 +293,8 @@ def _decompress_kernel(
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     ks = tl.arange(0, BLOCK_R)
-    p = tl.load(P + b * sp_b + rows[:, None] * sp_r + ks[None, :] * sp_k,
-                mask=(rows[:, None] < ROWS) & (ks[None, :] < R), other=0.0)
-    q = tl.load(Q + b * sq_b + cols[:, None] * sq_r + ks[None, :] * sq_k,
-                mask=(cols[:, None] < COLS) & (ks[None, :] < R), other=0.0)
+    p = tl.load(P + b * sp_b + rows[:, None] * sp_r + ks[None, :] * sp_k, mask=(rows[:, None] < ROWS) & (ks[None, :] < R), other=0.0)
+    q = tl.load(Q + b * sq_b + cols[:, None] * sq_r + ks[None, :] * sq_k, mask=(cols[:, None] < COLS) & (ks[None, :] < R), other=0.0)
     approx = tl.dot(p, tl.trans(q), input_precision="ieee")  # [BLOCK_M, BLOCK_N] fp32
     ok = (rows[:, None] < ROWS) & (cols[None, :] < COLS)
     m = tl.load(M + b * sm_b + rows[:, None] * sm_r + cols[None, :] * sm_c, mask=ok, other=0.0).to(tl.float32)
@@ -261,9 +318,22 @@ def decompress_with_error(M, P, Q, out=None, error=None):
     bm, bn = 64, 64
     grid = (triton.cdiv(m, bm), triton.cdiv(n, bn), n_mat)
     _decompress_kernel[grid](
-        M, P, Q, out, error, m, n, r,
-        *M.stride(), *P.stride(), *Q.stride(), *out.stride(), *error.stride(),
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_R=br,
+        M,
+        P,
+        Q,
+        out,
+        error,
+        m,
+        n,
+        r,
+        *M.stride(),
+        *P.stride(),
+        *Q.stride(),
+        *out.stride(),
+        *error.stride(),
+        BLOCK_M=bm,
+        BLOCK_N=bn,
+        BLOCK_R=br,
     )
     return out, error
 

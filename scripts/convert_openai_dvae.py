@@ -38,7 +38,9 @@ def read_state_dict(path: str | Path, trust_pickle: bool = False) -> dict[str, t
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         if not trust_pickle:
-            raise CheckpointError(f"'{path}' is not a plain state dict ({type(e).__name__}); if it is OpenAI's pickled module, pass --trust-pickle (with their dall_e package importable)") from None
+            raise CheckpointError(
+                f"'{path}' is not a plain state dict ({type(e).__name__}); if it is OpenAI's pickled module, pass --trust-pickle (with their dall_e package importable)"
+            ) from None
         try:
             obj = torch.load(path, map_location="cpu", weights_only=False)
         except Exception as e2:
@@ -68,8 +70,15 @@ def infer_config(enc: dict[str, torch.Tensor], dec: dict[str, torch.Tensor], ima
     n_blk = _count(enc, r"blocks\.group_1\.block_(\d+)\.")
     if dec["blocks.input.w"].shape[1] != vocab:
         raise CheckpointError(f"decoder vocabulary {dec['blocks.input.w'].shape[1]} differs from the encoder's {vocab}")
-    return DVAEModelConfig(image_size=image_size, channels=int(channels), n_hid=int(n_hid), n_groups=n_groups,
-                           n_blk_per_group=n_blk, vocab_size=int(vocab), n_init=int(n_init))
+    return DVAEModelConfig(
+        image_size=image_size,
+        channels=int(channels),
+        n_hid=int(n_hid),
+        n_groups=n_groups,
+        n_blk_per_group=n_blk,
+        vocab_size=int(vocab),
+        n_init=int(n_init),
+    )
 
 
 def convert(enc: dict[str, torch.Tensor], dec: dict[str, torch.Tensor], image_size: int = 256):

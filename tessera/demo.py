@@ -24,9 +24,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tessera.core import config as C
-from tessera.core.root_config import load_root
 from tessera.core.errors import InputError
+from tessera.core.root_config import load_root
 
 STAGE_DIRS = ("source", "urls", "shards", "tokenizer", "dvae", "tokens", "transformer", "export", "samples")
 SAMPLES_PER_PROMPT = 4
@@ -49,7 +48,13 @@ def demo_prompts() -> list[dict[str, str]]:
     prompts = []
     for i, (color, shape) in enumerate(itertools.product(COLORS, SHAPES)):
         prompts.append(
-            {"shape": shape, "color": color, "size": sizes[i % len(sizes)], "position": positions[i % len(positions)], "background": backgrounds[i % len(backgrounds)]}
+            {
+                "shape": shape,
+                "color": color,
+                "size": sizes[i % len(sizes)],
+                "position": positions[i % len(positions)],
+                "background": backgrounds[i % len(backgrounds)],
+            }
         )
     return prompts
 
@@ -108,16 +113,16 @@ def _heldout_psnr(dvae_dir: Path, eval_shards: Path) -> float:
 def run_demo(cfg: Any, out: Path, samples_per_prompt: int = SAMPLES_PER_PROMPT) -> dict[str, Any]:
     import torch
 
+    from tessera.core.progress import bar
+    from tessera.core.progress import enabled as progress_enabled
     from tessera.dataprep import detector, synthetic
     from tessera.dataprep.crawl import crawl
     from tessera.dataprep.encode import encode_shards
+    from tessera.dataprep.imaging import save_image_grid
     from tessera.dataprep.tokenizer import read_captions, train_tokenizer
-    from tessera.core.progress import bar
-    from tessera.core.progress import enabled as progress_enabled
     from tessera.trainer.dvae_train import train_dvae
     from tessera.trainer.export import export
     from tessera.trainer.inference import load as load_inference
-    from tessera.dataprep.imaging import save_image_grid
     from tessera.trainer.transformer_train import train_transformer
 
     out.mkdir(parents=True, exist_ok=True)
@@ -131,13 +136,23 @@ def run_demo(cfg: Any, out: Path, samples_per_prompt: int = SAMPLES_PER_PROMPT) 
         urls = synthetic.write_url_lists(out / "source", base_url, out / "urls")
         crawl_stats = {}
         for split in ("train", "eval"):
-            crawl_stats[split] = st.run(f"crawl {split}", crawl, urls[split], str(out / "shards" / split), cfg.crawl, progress=progress_enabled())
+            crawl_stats[split] = st.run(
+                f"crawl {split}", crawl, urls[split], str(out / "shards" / split), cfg.crawl, progress=progress_enabled()
+            )
     finally:
         server.stop()
 
     captions = list(read_captions(out / "shards" / "train"))
     tok_path = out / "tokenizer" / "bpe.model"
-    st.run("tokenizer", train_tokenizer, captions, tok_path, kind=cfg.tokenizer.kind, vocab_size=cfg.tokenizer.vocab_size, lowercase=cfg.tokenizer.lowercase)
+    st.run(
+        "tokenizer",
+        train_tokenizer,
+        captions,
+        tok_path,
+        kind=cfg.tokenizer.kind,
+        vocab_size=cfg.tokenizer.vocab_size,
+        lowercase=cfg.tokenizer.lowercase,
+    )
 
     dvae_summary = st.run("train dvae", train_dvae, cfg, str(out / "shards" / "train"), str(out / "shards" / "eval"), out / "dvae")
     st.run("encode", encode_shards, out / "dvae", tok_path, str(out / "shards" / "train"), out / "tokens", cfg=cfg.encode)
@@ -147,8 +162,17 @@ def run_demo(cfg: Any, out: Path, samples_per_prompt: int = SAMPLES_PER_PROMPT) 
         from tessera.trainer.clip_train import train_clip
 
         clip_dir = out / "clip"
-        clip_summary = st.run("train clip", train_clip, cfg.clip, str(out / "shards" / "train"), tok_path, clip_dir,
-                              eval_data=str(out / "shards" / "eval"), seed=cfg.seed, root_cfg=cfg)
+        clip_summary = st.run(
+            "train clip",
+            train_clip,
+            cfg.clip,
+            str(out / "shards" / "train"),
+            tok_path,
+            clip_dir,
+            eval_data=str(out / "shards" / "eval"),
+            seed=cfg.seed,
+            root_cfg=cfg,
+        )
     st.run("export", export, out / "transformer", out / "export", clip=clip_dir)
 
     prompts = demo_prompts()
@@ -219,7 +243,10 @@ def format_report(report: dict[str, Any]) -> str:
         ("shape_acc", report["shape_acc"]),
         ("position_acc", report["position_acc"]),
         ("size_acc", report["size_acc"]),
-        ("heldout color/shape acc", f"{report['heldout_color_acc']} / {report['heldout_shape_acc']} ({report['heldout_prompt_images']} images)"),
+        (
+            "heldout color/shape acc",
+            f"{report['heldout_color_acc']} / {report['heldout_shape_acc']} ({report['heldout_prompt_images']} images)",
+        ),
         ("prompts x samples", f"{report['num_prompts']} x {report['samples_per_prompt']}"),
     ]
     rows += [(f"time: {k}", f"{v:.1f} s") for k, v in report["stage_seconds"].items()]

@@ -66,7 +66,14 @@ class ImageTower(nn.Module):
         width = w
         while side > self.FINAL:
             nxt = min(width * 2, 4 * w)
-            stages.append(nn.Sequential(ResBlock(width), nn.Conv2d(width, nxt, 3, stride=2, padding=1, bias=False), nn.GroupNorm(math.gcd(8, nxt), nxt), nn.GELU()))
+            stages.append(
+                nn.Sequential(
+                    ResBlock(width),
+                    nn.Conv2d(width, nxt, 3, stride=2, padding=1, bias=False),
+                    nn.GroupNorm(math.gcd(8, nxt), nxt),
+                    nn.GELU(),
+                )
+            )
             width, side = nxt, side // 2
         self.stages = nn.Sequential(*stages)
         self.final = ResBlock(width)
@@ -248,7 +255,9 @@ class ClipScorer(SimilarityMethods):
             w, h = im.size
             if (w, h) != (s, s):
                 side = min(w, h)
-                im = im.crop(((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side)).resize((s, s), Image.Resampling.BICUBIC)
+                im = im.crop(((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side)).resize(
+                    (s, s), Image.Resampling.BICUBIC
+                )
             out.append(torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1))
         if not out:
             return torch.zeros(0, 3, s, s)
@@ -276,16 +285,20 @@ class ClipScorer(SimilarityMethods):
 
     @torch.no_grad()
     def text_embeddings(self, captions: Sequence[str], batch_size: int = 512) -> torch.Tensor:
-        out = [self.model.encode_text(self.tokenize(captions[i : i + batch_size]).to(self.device)).cpu() for i in range(0, len(captions), batch_size)]
+        out = [
+            self.model.encode_text(self.tokenize(captions[i : i + batch_size]).to(self.device)).cpu()
+            for i in range(0, len(captions), batch_size)
+        ]
         return torch.cat(out) if out else torch.zeros(0, self.cfg.embed_dim)
-
 
 
 def _tokenizer_from_state(state: dict[str, Any], where: Path) -> Any:
     from tessera.dataprep.tokenizer import tokenizer_from_bytes
 
     try:
-        return tokenizer_from_bytes(state["tokenizer_bytes"].numpy().tobytes(), state["tokenizer_meta"], f"{where}:{state.get('tokenizer_name', 'tokenizer.model')}")
+        return tokenizer_from_bytes(
+            state["tokenizer_bytes"].numpy().tobytes(), state["tokenizer_meta"], f"{where}:{state.get('tokenizer_name', 'tokenizer.model')}"
+        )
     except InputError as e:
         raise CheckpointError(f"CLIP checkpoint '{where}' holds an unusable tokenizer: {e}") from None
 
@@ -298,7 +311,9 @@ def model_from_state(state: dict[str, Any], where: str | Path = "<state>") -> CL
         model = CLIP(cfg, int(state["vocab_size"]))
         model.load_state_dict(state["model"])
     except (KeyError, RuntimeError, TypeError, AttributeError) as e:
-        raise CheckpointError(f"CLIP checkpoint '{where}' does not match the model ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+        raise CheckpointError(
+            f"CLIP checkpoint '{where}' does not match the model ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
+        ) from None
     return model
 
 
@@ -306,8 +321,8 @@ def load_clip(path: str | Path, device: str | torch.device = "cpu") -> ClipScore
     """A ClipScorer from a `tessera train clip` run directory, one of its checkpoint files, or an
     export directory holding a CLIP (config.json "clip" entry, `clip.*` tensors, clip_tokenizer.model);
     or, for a local open_clip / OpenAI CLIP checkpoint file, a tessera.trainer.openclip.OpenClipScorer."""
-    from tessera.trainer.openclip import is_openclip_checkpoint, load_openclip
     from tessera.core.files import load_checkpoint
+    from tessera.trainer.openclip import is_openclip_checkpoint, load_openclip
 
     path = Path(path)
     if is_openclip_checkpoint(path):
@@ -348,4 +363,15 @@ def load_scorer(path: str | Path) -> ClipScorer:
     return load_clip(path, "cuda" if torch.cuda.is_available() else "cpu")
 
 
-__all__ = ["CLIP", "ClipScorer", "ImageTower", "TextTower", "load_clip", "load_scorer", "pad_ids", "checkpoint_state", "model_from_state", "PAD_ID"]
+__all__ = [
+    "CLIP",
+    "ClipScorer",
+    "ImageTower",
+    "TextTower",
+    "load_clip",
+    "load_scorer",
+    "pad_ids",
+    "checkpoint_state",
+    "model_from_state",
+    "PAD_ID",
+]

@@ -17,8 +17,6 @@ A run directory (tessera.trainer.rundir.RunDir) gets config.toml, metrics.jsonl,
 
 from __future__ import annotations
 
-from tessera.core.root_config import load_root
-
 import argparse
 import io
 import math
@@ -32,6 +30,7 @@ import torch
 from PIL import Image
 
 from tessera.core.errors import InputError
+from tessera.core.root_config import load_root
 from tessera.trainer.clip import CLIP, ClipScorer, checkpoint_state, model_from_state, pad_ids
 from tessera.trainer.config import ClipConfig
 from tessera.trainer.precision import autocast_dtype
@@ -155,11 +154,10 @@ def train_clip(
 
     `pairs` (uint8 images, captions) may be given instead of reading `data` (tests, the demo).
     """
-    from tessera.dataprep.tokenizer import load_tokenizer
-    from tessera.core import config as C
-    from tessera.core.progress import bar
-    from tessera.trainer.rundir import RunDir
     from tessera.core.files import load_checkpoint
+    from tessera.core.progress import bar
+    from tessera.dataprep.tokenizer import load_tokenizer
+    from tessera.trainer.rundir import RunDir
     from tessera.trainer.schedules import warmup_cosine
 
     cfg.validate()
@@ -172,14 +170,20 @@ def train_clip(
         except TesseraError as e:
             raise ConfigError(f"config key 'clip.checkpoint': {e}") from None
         return {
-            "checkpoint": str(cfg.checkpoint), "open_clip": True,
+            "checkpoint": str(cfg.checkpoint),
+            "open_clip": True,
             "summary": f"clip: not training; the open_clip checkpoint {cfg.checkpoint} (ViT, image {oc.image_size}px, embed {oc.embed_dim}) will be used",
         }
     dev = _device(device)
     tok = load_tokenizer(tokenizer)
     images, captions = pairs if pairs is not None else read_pairs(data, cfg.image_size, cfg.max_train_samples)
     if images.shape[-1] != cfg.image_size:
-        images = torch.nn.functional.interpolate(images.float(), size=(cfg.image_size,) * 2, mode="bilinear", antialias=True).round().clamp(0, 255).to(torch.uint8)
+        images = (
+            torch.nn.functional.interpolate(images.float(), size=(cfg.image_size,) * 2, mode="bilinear", antialias=True)
+            .round()
+            .clamp(0, 255)
+            .to(torch.uint8)
+        )
     if eval_data:
         ev_images, ev_caps = read_pairs(eval_data, cfg.image_size, cfg.eval_samples)
     else:  # no held-out set: report retrieval on (the first) training pairs
@@ -280,7 +284,9 @@ def run(args: argparse.Namespace) -> int:
     from tessera.core.root_config import load_root
 
     root = load_root(args.config, args.overrides)
-    m = train_clip(root.clip, args.data, args.tokenizer, args.output, eval_data=args.eval_data, seed=root.seed, root_cfg=root, device=args.device)
+    m = train_clip(
+        root.clip, args.data, args.tokenizer, args.output, eval_data=args.eval_data, seed=root.seed, root_cfg=root, device=args.device
+    )
     if m.get("open_clip"):
         print(m["summary"])
         return 0

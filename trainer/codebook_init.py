@@ -35,7 +35,7 @@ def nearest(points: torch.Tensor, centroids: torch.Tensor, chunk: int = 65536) -
     c2 = (centroids * centroids).sum(1)
     out = []
     for i in range(0, points.shape[0], chunk):
-        p = points[i:i + chunk]
+        p = points[i : i + chunk]
         # |p - c|^2 = |p|^2 - 2 p.c + |c|^2; |p|^2 does not change the argmin
         out.append((c2[None, :] - 2 * p @ centroids.T).argmin(1))
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.long, device=points.device)

@@ -4,7 +4,6 @@ Paper references: Ramesh et al. 2021, "Zero-Shot Text-to-Image Generation" (DALL
 and App. B (transformer).
 """
 
-
 from dataclasses import dataclass
 from typing import Literal, Optional
 
@@ -29,7 +28,9 @@ class DVAEModelConfig:
             raise ConfigError(f"config key 'dvae.model.n_groups': expected >= 1, got {self.n_groups}")
         down = 2 ** (self.n_groups - 1)
         if self.image_size < down or self.image_size % down:
-            raise ConfigError(f"config key 'dvae.model.image_size': expected a multiple of {down} for {self.n_groups} groups, got {self.image_size}")
+            raise ConfigError(
+                f"config key 'dvae.model.image_size': expected a multiple of {down} for {self.n_groups} groups, got {self.image_size}"
+            )
         for key in ("n_hid", "n_groups", "n_blk_per_group", "vocab_size", "n_init"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"config key 'dvae.model.{key}': expected >= 1, got {getattr(self, key)}")
@@ -60,10 +61,21 @@ class DVAETrainConfig:
     temp_anneal_steps: int = param(150_000, "Updates over which the temperature anneals (cosine).")
     logit_laplace_eps: float = param(0.1, "epsilon of the pixel map phi(x) = (1 - 2 eps) x + eps.")
     ema_decay: float = param(0.999, "Parameter EMA decay; the EMA weights are used for evaluation and export.")
-    diversity_weight: float = param(0.0, "Weight of log V - H(batch-mean code distribution), against codebook collapse in short runs; 0 = the paper's objective.")
-    mse_weight: float = param(0.0, "Weight of the mean squared error of the relaxed reconstruction (pixels in [0, 1]) added to the per-dimension loss; 0 = the paper's objective. PSNR is a squared-error metric and the logit-Laplace term alone fits edges slowly (bench/results/dvae.md).")
-    codebook_init: Literal["none", "kmeans"] = param("none", "none: the paper's random initialisation; kmeans: warm start from k-means codes of image patches (trainer/codebook_init.py).")
-    init_steps: int = param(0, "kmeans: updates of the warm start (decoder from k-means codes, encoder predicting them) before the gumbel-softmax objective; the temperature and KL schedules start after them.")
+    diversity_weight: float = param(
+        0.0, "Weight of log V - H(batch-mean code distribution), against codebook collapse in short runs; 0 = the paper's objective."
+    )
+    mse_weight: float = param(
+        0.0,
+        "Weight of the mean squared error of the relaxed reconstruction (pixels in [0, 1]) added to the per-dimension loss; 0 = the paper's objective. PSNR is a squared-error metric and the logit-Laplace term alone fits edges slowly (bench/results/dvae.md).",
+    )
+    codebook_init: Literal["none", "kmeans"] = param(
+        "none",
+        "none: the paper's random initialisation; kmeans: warm start from k-means codes of image patches (trainer/codebook_init.py).",
+    )
+    init_steps: int = param(
+        0,
+        "kmeans: updates of the warm start (decoder from k-means codes, encoder predicting them) before the gumbel-softmax objective; the temperature and KL schedules start after them.",
+    )
     init_images: int = param(1000, "kmeans: training images whose patches are clustered.")
     init_iters: int = param(20, "kmeans: Lloyd iterations.")
     grad_clip: float = param(0.0, "Gradient-norm clipping; 0 disables.")
@@ -78,7 +90,10 @@ class DVAETrainConfig:
     eval_data: str = param("", "Held-out shards for evaluation (optional).")
     time_budget_s: float = param(0.0, "Stop after this many seconds of training (0: no limit); the step count still bounds it.")
     eval_samples: int = param(512, "Held-out images used per evaluation (the first ones of eval_data).")
-    channels_last: bool = param(True, "Use the channels_last memory format for activations and weights (1.25x faster dVAE training on CPU, see bench/results/dvae.md).")
+    channels_last: bool = param(
+        True,
+        "Use the channels_last memory format for activations and weights (1.25x faster dVAE training on CPU, see bench/results/dvae.md).",
+    )
     compile: bool = param(False, "torch.compile the model (GPU runs).")
 
     def validate(self) -> None:
@@ -89,7 +104,9 @@ class DVAETrainConfig:
             if self.init_steps < 1:
                 raise ConfigError(f"config key 'dvae.train.init_steps': expected >= 1 with codebook_init = 'kmeans', got {self.init_steps}")
             if self.init_images < 1 or self.init_iters < 1:
-                raise ConfigError(f"config key 'dvae.train.init_images': expected init_images >= 1 and init_iters >= 1, got {self.init_images} and {self.init_iters}")
+                raise ConfigError(
+                    f"config key 'dvae.train.init_images': expected init_images >= 1 and init_iters >= 1, got {self.init_images} and {self.init_iters}"
+                )
 
 
 @dataclass
@@ -113,7 +130,9 @@ class TransformerModelConfig:
     n_heads: int = param(62, "Attention heads.")
     mlp_ratio: float = param(4.0, "MLP hidden width over d_model.")
     dropout: float = param(0.0, "Dropout on residual branches.")
-    attention: Literal["dalle", "dense"] = param("dalle", "dalle: the paper's row/column/convolutional layer pattern; dense: causal everywhere.")
+    attention: Literal["dalle", "dense"] = param(
+        "dalle", "dalle: the paper's row/column/convolutional layer pattern; dense: causal everywhere."
+    )
     conv_kernel: int = param(11, "Side k of the causal k x k neighbourhood of the convolutional mask.")
 
     def validate(self) -> None:
@@ -157,7 +176,9 @@ class TransformerTrainConfig:
     train_data: str = param("", "Token shards from `tessera prep encode`.")
     eval_data: str = param("", "Held-out token shards (optional).")
     time_budget_s: float = param(0.0, "Stop after this many seconds of training (0: no limit).")
-    threads: int = param(0, "Intra-op CPU threads during training (0: torch's default); 1 avoids OpenMP stalls when other jobs share the cores.")
+    threads: int = param(
+        0, "Intra-op CPU threads during training (0: torch's default); 1 avoids OpenMP stalls when other jobs share the cores."
+    )
 
 
 @dataclass

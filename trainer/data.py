@@ -192,7 +192,9 @@ def decode_image(sample: dict[str, Any], size: int) -> torch.Tensor:
     try:
         img = Image.open(io.BytesIO(raw)).convert("RGB")
     except Exception as e:
-        raise InputError(f"shard '{sample.get('__shard__')}': image of sample '{sample['__key__']}' is undecodable ({type(e).__name__})") from None
+        raise InputError(
+            f"shard '{sample.get('__shard__')}': image of sample '{sample['__key__']}' is undecodable ({type(e).__name__})"
+        ) from None
     if img.size != (size, size):
         w, h = img.size
         s = size / min(w, h)
@@ -274,8 +276,20 @@ class ImageBatches(torch.utils.data.IterableDataset):
     so `ImageStream.state()` can record exactly where each worker stands.
     """
 
-    def __init__(self, shards: list[str], *, image_size: int, batch_size: int, seed: int, rank: int, world: int, nworkers: int, shuffle_buffer: int,
-                 starts: list[tuple[int, int]], rotate: int = 0):
+    def __init__(
+        self,
+        shards: list[str],
+        *,
+        image_size: int,
+        batch_size: int,
+        seed: int,
+        rank: int,
+        world: int,
+        nworkers: int,
+        shuffle_buffer: int,
+        starts: list[tuple[int, int]],
+        rotate: int = 0,
+    ):
         super().__init__()
         self.rotate = rotate  # DataLoader worker k plays logical worker (k + rotate) % nworkers
         self.shards, self.image_size, self.batch_size = shards, image_size, batch_size
@@ -286,8 +300,14 @@ class ImageBatches(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         worker = ((info.id if info is not None else 0) + self.rotate) % self.nworkers
         stream = consumer_stream(
-            self.shards, seed=self.seed, rank=self.rank, world=self.world, worker=worker, nworkers=self.nworkers,
-            shuffle_buffer=self.shuffle_buffer, start=tuple(self.starts[worker]),
+            self.shards,
+            seed=self.seed,
+            rank=self.rank,
+            world=self.world,
+            worker=worker,
+            nworkers=self.nworkers,
+            shuffle_buffer=self.shuffle_buffer,
+            start=tuple(self.starts[worker]),
         )
         while True:
             imgs, pos = [], None
@@ -301,21 +321,46 @@ class ImageBatches(torch.utils.data.IterableDataset):
 class ImageStream:
     """An endless, resumable iterator of image batches for one rank (training)."""
 
-    def __init__(self, spec: str | list[str], *, image_size: int, batch_size: int, seed: int = 0, rank: int = 0, world: int = 1,
-                 workers: int = 0, shuffle_buffer: int = 1000, state: dict | None = None):
+    def __init__(
+        self,
+        spec: str | list[str],
+        *,
+        image_size: int,
+        batch_size: int,
+        seed: int = 0,
+        rank: int = 0,
+        world: int = 1,
+        workers: int = 0,
+        shuffle_buffer: int = 1000,
+        state: dict | None = None,
+    ):
         self.shards = list_shards(spec)
         self.nworkers = max(workers, 1)
         self.starts: list[tuple[int, int]] = [tuple(p) for p in (state or {}).get("positions", [(0, 0)] * self.nworkers)]  # type: ignore[misc]
         if len(self.starts) != self.nworkers:
-            raise InputError(f"data state has {len(self.starts)} worker positions but {self.nworkers} workers are configured; resume with the same data.workers")
+            raise InputError(
+                f"data state has {len(self.starts)} worker positions but {self.nworkers} workers are configured; resume with the same data.workers"
+            )
         # DataLoader takes batches from its workers round-robin starting at worker 0; rotating the
         # logical worker ids makes a resumed loader continue with the worker whose turn it was.
         self.next_worker = int((state or {}).get("next_worker", 0))
-        ds = ImageBatches(self.shards, image_size=image_size, batch_size=batch_size, seed=seed, rank=rank, world=world,
-                          nworkers=self.nworkers, shuffle_buffer=shuffle_buffer, starts=self.starts, rotate=self.next_worker)
+        ds = ImageBatches(
+            self.shards,
+            image_size=image_size,
+            batch_size=batch_size,
+            seed=seed,
+            rank=rank,
+            world=world,
+            nworkers=self.nworkers,
+            shuffle_buffer=shuffle_buffer,
+            starts=self.starts,
+            rotate=self.next_worker,
+        )
         self.positions = list(self.starts)
         if workers > 0:
-            self._it = iter(torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers, persistent_workers=False, prefetch_factor=4))
+            self._it = iter(
+                torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers, persistent_workers=False, prefetch_factor=4)
+            )
         else:
             self._it = iter(ds)
 
@@ -333,7 +378,9 @@ class ImageStream:
         return {"positions": [list(p) for p in self.positions], "next_worker": self.next_worker}
 
 
-def iter_image_batches(spec: str | list[str], image_size: int, batch_size: int, limit: int | None = None) -> Iterator[tuple[torch.Tensor, list[dict]]]:
+def iter_image_batches(
+    spec: str | list[str], image_size: int, batch_size: int, limit: int | None = None
+) -> Iterator[tuple[torch.Tensor, list[dict]]]:
     """One ordered pass (no shuffling, no splitting) over shards: (images, samples) batches, for evaluation."""
     shards = list_shards(spec) if not isinstance(spec, list) else spec
     imgs: list[torch.Tensor] = []

@@ -110,7 +110,9 @@ class Encoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c = self.cfg
         if x.dim() != 4 or x.shape[1] != c.channels or x.shape[2] != x.shape[3] or x.shape[2] % 2 ** (c.n_groups - 1):
-            raise InputError(f"dVAE encoder: expected images (B, {c.channels}, S, S) with S a multiple of {2 ** (c.n_groups - 1)}, got {tuple(x.shape)}")
+            raise InputError(
+                f"dVAE encoder: expected images (B, {c.channels}, S, S) with S a multiple of {2 ** (c.n_groups - 1)}, got {tuple(x.shape)}"
+            )
         return self.blocks(x)
 
 
@@ -184,7 +186,9 @@ class DVAE(nn.Module):
         if x.dim() != 4 or x.shape[1:] != (self.cfg.channels, s, s):
             raise InputError(f"dVAE: expected images (B, {self.cfg.channels}, {s}, {s}) in [0, 1], got {tuple(x.shape)}")
 
-    def forward(self, x: torch.Tensor, temp: float, generator: torch.Generator | None = None, codes: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, x: torch.Tensor, temp: float, generator: torch.Generator | None = None, codes: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Training pass: (encoder logits (B, V, G, G), decoder stats (B, 2C, H, W)).
 
         The decoder sees gumbel-softmax samples of the logits, or the one-hot `codes` long[B, G, G]
@@ -218,7 +222,9 @@ class DVAE(nn.Module):
         if codes.dim() != 3 or codes.shape[1] != codes.shape[2]:
             raise InputError(f"dVAE decode_codes: expected codes (B, G, G), got {tuple(codes.shape)}")
         if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.cfg.vocab_size):
-            raise InputError(f"dVAE decode_codes: codes must lie in [0, {self.cfg.vocab_size}), got [{int(codes.min())}, {int(codes.max())}]")
+            raise InputError(
+                f"dVAE decode_codes: codes must lie in [0, {self.cfg.vocab_size}), got [{int(codes.min())}, {int(codes.max())}]"
+            )
         return stats_to_image(self.decode_stats(codes), self.cfg.channels)
 
     @torch.no_grad()
@@ -261,7 +267,7 @@ def _load_export(path: Path) -> tuple[DVAE, DVAEModelConfig]:
     model = DVAE(cfg)
     sd = {}
     for prefix, sub in (("dvae_encoder.", "encoder."), ("dvae_decoder.", "decoder."), ("dvae.", "")):
-        sd.update({sub + k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+        sd.update({sub + k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
     if not any(k.startswith("decoder.") for k in sd):
         raise CheckpointError(f"export '{path}': model.safetensors holds no dVAE tensors (dvae_decoder.*)")
     missing, unexpected = model.load_state_dict(sd, strict=False)

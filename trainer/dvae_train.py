@@ -30,16 +30,16 @@ import torch.nn.functional as F
 
 from tessera.cluster.dist import DistState
 from tessera.core import config as C
-from tessera.core.root_config import load_root
 from tessera.core.errors import ConfigError, InputError
-from tessera.trainer.data import ImageStream, iter_image_batches
+from tessera.core.files import atomic_write_bytes, load_checkpoint
+from tessera.core.root_config import load_root
+from tessera.dataprep.imaging import save_image_grid
 from tessera.trainer.codebook_init import patch_codes, sample_centroids
-from tessera.trainer.dvae import DVAE, kl_to_uniform, map_pixels, logit_laplace_nll, stats_to_image
+from tessera.trainer.data import ImageStream, iter_image_batches
+from tessera.trainer.dvae import DVAE, kl_to_uniform, logit_laplace_nll, map_pixels, stats_to_image
 from tessera.trainer.ema import EMA
 from tessera.trainer.precision import autocast_dtype
 from tessera.trainer.rundir import RunDir
-from tessera.core.files import atomic_write_bytes, load_checkpoint
-from tessera.dataprep.imaging import save_image_grid
 from tessera.trainer.schedules import cosine
 
 
@@ -81,8 +81,18 @@ def code_diversity_gap(logits: torch.Tensor) -> torch.Tensor:
     return math.log(logits.shape[1]) - aggregate_entropy + position_entropy
 
 
-def dvae_loss(model, x: torch.Tensor, temp: float, kl_weight: float, eps: float, generator=None, dtype=None, diversity_weight: float = 0.0,
-              mse_weight: float = 0.0, codes: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def dvae_loss(
+    model,
+    x: torch.Tensor,
+    temp: float,
+    kl_weight: float,
+    eps: float,
+    generator=None,
+    dtype=None,
+    diversity_weight: float = 0.0,
+    mse_weight: float = 0.0,
+    codes: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Loss (per pixel dimension) and its terms: rec = NLL nats/image, kl = nats/image, div = nats.
 
     With `codes` (the k-means warm start) the decoder reconstructs from those one-hot codes and the
@@ -123,7 +133,9 @@ def dvae_loss(model, x: torch.Tensor, temp: float, kl_weight: float, eps: float,
 
 
 @torch.no_grad()
-def evaluate(model: DVAE, spec: str | list[str], n: int, batch_size: int, device: torch.device, dtype=None) -> tuple[dict[str, float], torch.Tensor]:
+def evaluate(
+    model: DVAE, spec: str | list[str], n: int, batch_size: int, device: torch.device, dtype=None
+) -> tuple[dict[str, float], torch.Tensor]:
     """Held-out PSNR/SSIM of hard reconstructions (argmax codes -> decoder), codebook perplexity and unused codes."""
     from tessera.trainer.image_metrics import psnr, ssim
 
@@ -174,7 +186,9 @@ def _stop_flag(dist: DistState, stop: bool, device: torch.device) -> bool:
     return stop
 
 
-def train_dvae(cfg_root: Any, data: str | None = None, eval_data: str | None = None, output: str | Path = "runs/dvae", dist: DistState | None = None) -> dict[str, Any]:
+def train_dvae(
+    cfg_root: Any, data: str | None = None, eval_data: str | None = None, output: str | Path = "runs/dvae", dist: DistState | None = None
+) -> dict[str, Any]:
     """Train (or resume) a dVAE in `output`; returns a summary dict (also written to summary.json)."""
     dist = dist or DistState()
     mc, tc = cfg_root.dvae.model, cfg_root.dvae.train
@@ -185,7 +199,9 @@ def train_dvae(cfg_root: Any, data: str | None = None, eval_data: str | None = N
     if not tc.train_data:
         raise ConfigError("config key 'dvae.train.train_data': no training shards given (use --data SHARDS)")
     if tc.batch_size % dist.world_size:
-        raise ConfigError(f"config key 'dvae.train.batch_size': expected a multiple of the world size {dist.world_size}, got {tc.batch_size}")
+        raise ConfigError(
+            f"config key 'dvae.train.batch_size': expected a multiple of the world size {dist.world_size}, got {tc.batch_size}"
+        )
     device = dist.device
     dtype = autocast_dtype(tc.precision, device)
     per_rank = tc.batch_size // dist.world_size
@@ -215,8 +231,17 @@ def train_dvae(cfg_root: Any, data: str | None = None, eval_data: str | None = N
             e = 1 + max(p[0] for s in states for p in s["positions"])
             data_state = {"positions": [[e, 0]] * max(tc.workers, 1)}
 
-    stream = ImageStream(tc.train_data, image_size=mc.image_size, batch_size=per_rank, seed=cfg_root.seed, rank=dist.rank,
-                         world=dist.world_size, workers=tc.workers, shuffle_buffer=tc.shuffle_buffer, state=data_state)
+    stream = ImageStream(
+        tc.train_data,
+        image_size=mc.image_size,
+        batch_size=per_rank,
+        seed=cfg_root.seed,
+        rank=dist.rank,
+        world=dist.world_size,
+        workers=tc.workers,
+        shuffle_buffer=tc.shuffle_buffer,
+        state=data_state,
+    )
 
     centroids = None
     if tc.codebook_init == "kmeans" and step < warm_steps(tc):
@@ -248,11 +273,20 @@ def train_dvae(cfg_root: Any, data: str | None = None, eval_data: str | None = N
     def do_ckpt(at: int) -> None:
         states = _gather(dist, stream.state())
         if dist.is_main:
-            run.save_checkpoint("dvae", at, {
-                "step": at, "model": model.state_dict(), "optimizer": opt.state_dict(), "ema": ema.state_dict(),
-                "model_cfg": C.to_dict(mc), "data": states, "seed": cfg_root.seed,
-                **({"kmeans_centroids": centroids.cpu()} if centroids is not None and at < warm_steps(tc) else {}),
-            })
+            run.save_checkpoint(
+                "dvae",
+                at,
+                {
+                    "step": at,
+                    "model": model.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "ema": ema.state_dict(),
+                    "model_cfg": C.to_dict(mc),
+                    "data": states,
+                    "seed": cfg_root.seed,
+                    **({"kmeans_centroids": centroids.cpu()} if centroids is not None and at < warm_steps(tc) else {}),
+                },
+            )
 
     from tessera.core.progress import bar
 
@@ -274,7 +308,9 @@ def train_dvae(cfg_root: Any, data: str | None = None, eval_data: str | None = N
         x = next(stream).to(device, non_blocking=True).contiguous(memory_format=mem)
         gen = torch.Generator(device).manual_seed((cfg_root.seed * 1_000_003 + step) * 4099 + dist.rank)
         codes = patch_codes(x, centroids, patch) if centroids is not None and step < warm_steps(tc) else None
-        loss, terms = dvae_loss(fwd, x, sch["temp"], sch["kl_weight"], tc.logit_laplace_eps, gen, dtype, tc.diversity_weight, tc.mse_weight, codes)
+        loss, terms = dvae_loss(
+            fwd, x, sch["temp"], sch["kl_weight"], tc.logit_laplace_eps, gen, dtype, tc.diversity_weight, tc.mse_weight, codes
+        )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip if tc.grad_clip > 0 else float("inf"))
@@ -292,8 +328,17 @@ def train_dvae(cfg_root: Any, data: str | None = None, eval_data: str | None = N
             soft = stats_to_image(terms["soft_recon"], mc.channels)
             mse = (soft - x.float()).pow(2).mean().clamp_min(1e-10)
             extra = {k: terms[k].item() for k in ("diversity_gap", "mse", "init_ce", "init_acc") if k in terms}
-            run.metrics.log(step, loss=loss.item(), rec_nll=terms["rec_nll"].item(), kl=terms["kl"].item(), grad_norm=float(gnorm), **extra,
-                            soft_psnr=(10 * torch.log10(1 / mse)).item(), images_per_s=ips, **sch)
+            run.metrics.log(
+                step,
+                loss=loss.item(),
+                rec_nll=terms["rec_nll"].item(),
+                kl=terms["kl"].item(),
+                grad_norm=float(gnorm),
+                **extra,
+                soft_psnr=(10 * torch.log10(1 / mse)).item(),
+                images_per_s=ips,
+                **sch,
+            )
             if pbar is not None:
                 pbar.set_postfix(loss=f"{loss.item():.4f}", kl=f"{terms['kl'].item():.1f}", ips=f"{ips:.0f}")
         if dist.is_main and (step % tc.eval_every == 0 or step % tc.sample_every == 0):
@@ -306,10 +351,16 @@ def train_dvae(cfg_root: Any, data: str | None = None, eval_data: str | None = N
     train_time = time.time() - t0
     if step % tc.ckpt_every != 0 or step == start_step:
         do_ckpt(step)
-    summary: dict[str, Any] = {"run_dir": str(output), "steps": step, "resumed_from": start_step, "train_time_s": round(train_time, 2),
-                               "images_per_s": round((step - start_step) * tc.batch_size / max(train_time, 1e-9), 2),
-                               "precision": str(dtype or "fp32").replace("torch.", ""), "world_size": dist.world_size,
-                               "weights_sha256": weights_digest(model)}
+    summary: dict[str, Any] = {
+        "run_dir": str(output),
+        "steps": step,
+        "resumed_from": start_step,
+        "train_time_s": round(train_time, 2),
+        "images_per_s": round((step - start_step) * tc.batch_size / max(train_time, 1e-9), 2),
+        "precision": str(dtype or "fp32").replace("torch.", ""),
+        "world_size": dist.world_size,
+        "weights_sha256": weights_digest(model),
+    }
     if dist.is_main:
         if last_eval_step != step:
             last_eval = do_eval(step)
@@ -327,7 +378,9 @@ def kmeans_centroids(cfg_root: Any, dist: DistState, device: torch.device) -> tu
     patch = 2 ** (mc.n_groups - 1)
     t0 = time.time()
     if dist.is_main:
-        c = sample_centroids(tc.train_data, mc.image_size, patch, mc.vocab_size, tc.init_images, tc.init_iters, cfg_root.seed, device).float()
+        c = sample_centroids(
+            tc.train_data, mc.image_size, patch, mc.vocab_size, tc.init_images, tc.init_iters, cfg_root.seed, device
+        ).float()
     else:
         c = torch.zeros((mc.vocab_size, mc.channels * patch * patch), device=device)
     if dist.initialized and dist.world_size > 1:
@@ -361,7 +414,9 @@ def _grid_tensor(grid: torch.Tensor) -> torch.Tensor:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from tessera.cli import add_config_arguments
 
-    parser.add_argument("--data", default=None, help="training image shards: folder, brace pattern or s3://bucket/prefix (else dvae.train.train_data)")
+    parser.add_argument(
+        "--data", default=None, help="training image shards: folder, brace pattern or s3://bucket/prefix (else dvae.train.train_data)"
+    )
     parser.add_argument("--eval-data", default=None, help="held-out image shards for PSNR/SSIM (else dvae.train.eval_data)")
     parser.add_argument("--output", required=True, help="run directory (resumed when it holds a checkpoint)")
     add_config_arguments(parser, default="demo")

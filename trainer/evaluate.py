@@ -38,7 +38,6 @@ import glob
 import io
 import json
 import math
-import os
 import re
 from pathlib import Path
 from typing import Any, Sequence
@@ -75,7 +74,11 @@ def _to_batch(arrays: list[np.ndarray], size: int | None) -> torch.Tensor:
         h, w = a.shape[:2]
         if (h, w) != (size, size):
             s = min(h, w)
-            im = Image.fromarray(a).crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s)).resize((size, size), Image.Resampling.BICUBIC)
+            im = (
+                Image.fromarray(a)
+                .crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
+                .resize((size, size), Image.Resampling.BICUBIC)
+            )
             a = np.asarray(im)
         out.append(a.transpose(2, 0, 1))
     return torch.from_numpy(np.stack(out))
@@ -110,7 +113,9 @@ def load_images(spec: str | Path, size: int | None = None, limit: int | None = N
             continue
         if f.parent not in prompts_cache:
             pf = f.parent / "prompts.txt"
-            prompts_cache[f.parent] = [ln.strip() for ln in pf.read_text(encoding="utf-8").splitlines() if ln.strip()] if pf.is_file() else None
+            prompts_cache[f.parent] = (
+                [ln.strip() for ln in pf.read_text(encoding="utf-8").splitlines() if ln.strip()] if pf.is_file() else None
+            )
         prompts = prompts_cache[f.parent]
         m = re.fullmatch(r"(\d+)_(\d+)", f.stem)
         captions.append(prompts[int(m.group(1))] if prompts and m and int(m.group(1)) < len(prompts) else None)
@@ -119,8 +124,8 @@ def load_images(spec: str | Path, size: int | None = None, limit: int | None = N
 
 def _read_pairs_native(spec: str, limit: int | None) -> tuple[torch.Tensor, list[str]]:
     """Shards at their own image size (the first image's side)."""
-    from tessera.trainer.clip_train import read_pairs
     from tessera.dataprep.tokenizer import input_files
+    from tessera.trainer.clip_train import read_pairs
 
     first = input_files(spec)[0]
     import tarfile
@@ -215,7 +220,9 @@ class InceptionFeatures:
             else:
                 sd = torch.load(p, map_location="cpu", weights_only=True)
         except Exception as e:
-            raise InputError(f"Inception weights '{p}' cannot be read: truncated, or not a torch.save state dict / .safetensors file ({type(e).__name__})") from None
+            raise InputError(
+                f"Inception weights '{p}' cannot be read: truncated, or not a torch.save state dict / .safetensors file ({type(e).__name__})"
+            ) from None
         try:
             net = load_inception(sd, variant)
         except ValueError as e:
@@ -330,7 +337,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--images", required=True, help="generated (or reconstructed) images: a folder, a glob, or shards")
     parser.add_argument("--reference", required=True, help="reference images: webdataset shards (folder of *.tar) or an image folder")
     parser.add_argument("--clip", default=None, help="a `tessera train clip` run directory or checkpoint (CLIP score, fid_clip, is_clip)")
-    parser.add_argument("--inception", default=None, help="local Inception-v3 state dict (torchvision's naming; .pt/.pth or .safetensors) for FID and IS: torchvision's ImageNet weights or pytorch-fid's pt_inception-2015-12-05 FID weights (never downloaded; torchvision not needed)")
+    parser.add_argument(
+        "--inception",
+        default=None,
+        help="local Inception-v3 state dict (torchvision's naming; .pt/.pth or .safetensors) for FID and IS: torchvision's ImageNet weights or pytorch-fid's pt_inception-2015-12-05 FID weights (never downloaded; torchvision not needed)",
+    )
     parser.add_argument("--paired", action="store_true", help="also PSNR/SSIM of image i against reference i")
     parser.add_argument("--size", type=int, default=None, help="side both sets are resized to (default: the generated images' side)")
     parser.add_argument("--limit", type=int, default=None, help="use at most this many images from each side")

@@ -28,9 +28,9 @@ import torch
 
 from tessera import __version__
 from tessera.core import config as C
-from tessera.core.root_config import from_run_dict
 from tessera.core.errors import CheckpointError, InputError
 from tessera.core.files import atomic_write_bytes, load_checkpoint
+from tessera.core.root_config import from_run_dict
 
 EXPORT_FORMAT = "tessera-export-1"
 
@@ -69,8 +69,10 @@ def _transformer_from_zero(run_dir: Path, zero_dir: Path, use_ema: bool) -> tupl
     except CheckpointError:
         raise
     except Exception as e:
-        raise CheckpointError(f"ZeRO checkpoint '{zero_dir}' cannot be consolidated ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})") from None
-    sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
+        raise CheckpointError(
+            f"ZeRO checkpoint '{zero_dir}' cannot be consolidated ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})"
+        ) from None
+    sd = {k[len("module.") :] if k.startswith("module.") else k: v for k, v in sd.items()}
     if client.get("model_cfg"):
         model_cfg = client["model_cfg"]
     else:
@@ -112,8 +114,16 @@ def _tensor_bytes(tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> bytes
     return save(out, metadata={"format": EXPORT_FORMAT})
 
 
-def export(run_dir: str | Path, output: str | Path, *, clip: str | Path | None = None, dtype: str = "fp32",
-           dvae: str | Path | None = None, tokenizer: str | Path | None = None, use_ema: bool = True) -> dict[str, Any]:
+def export(
+    run_dir: str | Path,
+    output: str | Path,
+    *,
+    clip: str | Path | None = None,
+    dtype: str = "fp32",
+    dvae: str | Path | None = None,
+    tokenizer: str | Path | None = None,
+    use_ema: bool = True,
+) -> dict[str, Any]:
     """Write the inference directory; returns a summary (paths, tensor counts, bytes)."""
     from tessera.dataprep.tokenizer import load_tokenizer, sidecar_path
     from tessera.trainer.dvae import load_dvae
@@ -131,14 +141,18 @@ def export(run_dir: str | Path, output: str | Path, *, clip: str | Path | None =
     model = DALLE(mcfg)
     missing, unexpected = model.load_state_dict({k: v.float() for k, v in weights.items()}, strict=False)
     if missing or unexpected:
-        raise CheckpointError(f"run '{run_dir}': transformer weights do not match its config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise CheckpointError(
+            f"run '{run_dir}': transformer weights do not match its config (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
 
     dvae_path = dvae or meta.get("dvae")
     if not dvae_path:
         raise InputError(f"run '{run_dir}': its token manifest names no dVAE; pass --dvae PATH")
     dvae_model, dvae_cfg = load_dvae(dvae_path)
     if dvae_cfg.vocab_size != mcfg.image_vocab or dvae_cfg.grid_size != mcfg.image_grid:
-        raise InputError(f"dVAE '{dvae_path}': vocabulary {dvae_cfg.vocab_size} / grid {dvae_cfg.grid_size} do not match the transformer's {mcfg.image_vocab} / {mcfg.image_grid}")
+        raise InputError(
+            f"dVAE '{dvae_path}': vocabulary {dvae_cfg.vocab_size} / grid {dvae_cfg.grid_size} do not match the transformer's {mcfg.image_vocab} / {mcfg.image_grid}"
+        )
     tok_path = tokenizer or meta.get("tokenizer")
     if not tok_path:
         raise InputError(f"run '{run_dir}': its token manifest names no tokenizer; pass --tokenizer PATH")
@@ -193,7 +207,14 @@ def export(run_dir: str | Path, output: str | Path, *, clip: str | Path | None =
     }
     atomic_write_bytes(out / "config.json", json.dumps(config, indent=1).encode())
     size = (out / "model.safetensors").stat().st_size
-    return {"output": str(out), "tensors": len(tensors), "bytes": size, "clip": clip_meta is not None, "dtype": dtype, "step": meta.get("step")}
+    return {
+        "output": str(out),
+        "tensors": len(tensors),
+        "bytes": size,
+        "clip": clip_meta is not None,
+        "dtype": dtype,
+        "step": meta.get("step"),
+    }
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -207,7 +228,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    summary = export(args.run_dir, args.output, clip=args.clip, dtype=args.dtype, dvae=args.dvae, tokenizer=args.tokenizer, use_ema=not args.no_ema)
+    summary = export(
+        args.run_dir, args.output, clip=args.clip, dtype=args.dtype, dvae=args.dvae, tokenizer=args.tokenizer, use_ema=not args.no_ema
+    )
     print(json.dumps(summary))
     return 0
 

@@ -339,7 +339,9 @@ def load_inception(state_dict: Mapping[str, Any], variant: str | None = None) ->
     expected = net.state_dict()
     missing = [k for k in expected if k not in sd and not k.endswith(".num_batches_tracked")]
     unexpected = [k for k in sd if k not in expected]
-    mismatched = [f"{k} is {tuple(sd[k].shape)}, not {tuple(expected[k].shape)}" for k in expected if k in sd and sd[k].shape != expected[k].shape]
+    mismatched = [
+        f"{k} is {tuple(sd[k].shape)}, not {tuple(expected[k].shape)}" for k in expected if k in sd and sd[k].shape != expected[k].shape
+    ]
     problems = []
     if missing:
         problems.append(f"{len(missing)} missing ({_names(missing)})")

@@ -39,7 +39,7 @@ def _from_dict(cls: type, d: dict, prefix: str) -> Any:
 
 
 def _sub(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {k[len(prefix):]: v.float() for k, v in tensors.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v.float() for k, v in tensors.items() if k.startswith(prefix)}
 
 
 @dataclass
@@ -69,7 +69,12 @@ class Pipeline:
 
     @torch.no_grad()
     def generate_codes(
-        self, prompts: Sequence[str], n: int, sample_cfg: SampleConfig | None = None, generator: torch.Generator | None = None, with_logp: bool = False
+        self,
+        prompts: Sequence[str],
+        n: int,
+        sample_cfg: SampleConfig | None = None,
+        generator: torch.Generator | None = None,
+        with_logp: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """long[len(prompts) * n, grid, grid]; prompt i's samples are rows i*n .. i*n + n - 1.
 
@@ -78,7 +83,9 @@ class Pipeline:
         text = self.encode_prompts(prompts).repeat_interleave(n, dim=0)
         step = max(1, scfg.batch_size)
         g = self.transformer.cfg.image_grid
-        out = [sample_codes(self.transformer, text[i : i + step], scfg, generator, return_logp=with_logp) for i in range(0, len(text), step)]
+        out = [
+            sample_codes(self.transformer, text[i : i + step], scfg, generator, return_logp=with_logp) for i in range(0, len(text), step)
+        ]
         if not with_logp:
             return torch.cat(out).view(-1, g, g)
         return torch.cat([c for c, _ in out]).view(-1, g, g), torch.cat([lp for _, lp in out])
@@ -88,7 +95,9 @@ class Pipeline:
         return torch.cat([self.dvae.decode_codes(codes[i : i + batch]).float().cpu() for i in range(0, len(codes), batch)])
 
     @torch.no_grad()
-    def generate(self, prompts: Sequence[str], n: int = 1, sample_cfg: SampleConfig | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    def generate(
+        self, prompts: Sequence[str], n: int = 1, sample_cfg: SampleConfig | None = None, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         """float[len(prompts) * n, 3, H, W] in [0, 1]; reranked by CLIP when the export has one."""
         if isinstance(prompts, str):
             prompts = [prompts]
@@ -98,8 +107,11 @@ class Pipeline:
         use_clip = self.clip is not None and scfg.rerank in ("clip", "clip+logp")
         use_logp = scfg.rerank in ("logp", "clip+logp")
         cands = max(1, scfg.candidates) if (use_clip or use_logp) else 1
-        codes, logp = self.generate_codes(prompts, n * cands, scfg, generator, with_logp=True) if use_logp else (
-            self.generate_codes(prompts, n * cands, scfg, generator), None)
+        codes, logp = (
+            self.generate_codes(prompts, n * cands, scfg, generator, with_logp=True)
+            if use_logp
+            else (self.generate_codes(prompts, n * cands, scfg, generator), None)
+        )
         images = self.decode(codes)
         if cands == 1:
             return images

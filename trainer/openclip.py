@@ -62,7 +62,9 @@ def _pattern() -> Any:
     try:
         import regex
 
-        return regex.compile(r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""", regex.IGNORECASE)
+        return regex.compile(
+            r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""", regex.IGNORECASE
+        )
     except ImportError:  # the same split with `re`: letters, single digits, runs of anything else
         return re.compile(r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[^\W\d_]+|\d|(?:[^\s\w]|_)+""", re.IGNORECASE)
 
@@ -353,7 +355,9 @@ def model_from_openclip_state(sd: dict[str, torch.Tensor], where: str | Path = "
         model.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True)
     except (KeyError, RuntimeError, TypeError, AttributeError, IndexError, ValueError) as e:
         msg = " ".join(str(e).split())[:200]
-        raise CheckpointError(f"open_clip checkpoint '{where}' does not match the ViT CLIP architecture ({type(e).__name__}: {msg})") from None
+        raise CheckpointError(
+            f"open_clip checkpoint '{where}' does not match the ViT CLIP architecture ({type(e).__name__}: {msg})"
+        ) from None
     return model.eval()
 
 
@@ -414,20 +418,28 @@ class OpenClipScorer(SimilarityMethods):
     def image_embeddings(self, images: Any, batch_size: int = 256) -> torch.Tensor:
         """Images (see `as_batch`) -> unit-norm (B, E) on the CPU."""
         images = self.as_batch(images)
-        out = [self.model.encode_image(self._normalised(images[i : i + batch_size])).float().cpu() for i in range(0, len(images), batch_size)]
+        out = [
+            self.model.encode_image(self._normalised(images[i : i + batch_size])).float().cpu() for i in range(0, len(images), batch_size)
+        ]
         return torch.cat(out) if out else torch.zeros(0, self.cfg.embed_dim)
 
     @torch.no_grad()
     def image_features(self, images: Any, batch_size: int = 256) -> torch.Tensor:
         """Pre-projection image features (B, vision_width) on the CPU."""
         images = self.as_batch(images)
-        out = [self.model.visual.features(self._normalised(images[i : i + batch_size])).float().cpu() for i in range(0, len(images), batch_size)]
+        out = [
+            self.model.visual.features(self._normalised(images[i : i + batch_size])).float().cpu()
+            for i in range(0, len(images), batch_size)
+        ]
         return torch.cat(out) if out else torch.zeros(0, self.cfg.vision_width)
 
     @torch.no_grad()
     def text_embeddings(self, captions: Sequence[str], batch_size: int = 512) -> torch.Tensor:
         captions = list(captions)
-        out = [self.model.encode_text(self.tokenize(captions[i : i + batch_size]).to(self.device)).float().cpu() for i in range(0, len(captions), batch_size)]
+        out = [
+            self.model.encode_text(self.tokenize(captions[i : i + batch_size]).to(self.device)).float().cpu()
+            for i in range(0, len(captions), batch_size)
+        ]
         return torch.cat(out) if out else torch.zeros(0, self.cfg.embed_dim)
 
 
@@ -439,22 +451,36 @@ def find_merges(checkpoint: str | Path, merges: str | Path | None = None) -> Pat
         return p
     p = Path(checkpoint).parent / MERGES_NAME
     if not p.is_file():
-        raise InputError(f"open_clip checkpoint '{checkpoint}': no tokenizer merges file {MERGES_NAME} beside it (copy it from the open_clip package into {p.parent})")
+        raise InputError(
+            f"open_clip checkpoint '{checkpoint}': no tokenizer merges file {MERGES_NAME} beside it (copy it from the open_clip package into {p.parent})"
+        )
     return p
 
 
-def load_openclip(path: str | Path, device: str | torch.device = "cpu", *, merges: str | Path | None = None, quick_gelu: bool = False) -> OpenClipScorer:
+def load_openclip(
+    path: str | Path, device: str | torch.device = "cpu", *, merges: str | Path | None = None, quick_gelu: bool = False
+) -> OpenClipScorer:
     """An OpenClipScorer from a local open_clip / OpenAI CLIP checkpoint file; the BPE merges file
     is `merges` or bpe_simple_vocab_16e6.txt.gz beside the checkpoint."""
     path = Path(path)
     model = model_from_openclip_state(read_state(path), path, quick_gelu)
     tok = ClipTokenizer(find_merges(path, merges))
     if tok.vocab_size != model.cfg.vocab_size:
-        raise CheckpointError(f"open_clip checkpoint '{path}' has a {model.cfg.vocab_size}-token vocabulary but the merges file gives {tok.vocab_size}")
+        raise CheckpointError(
+            f"open_clip checkpoint '{path}' has a {model.cfg.vocab_size}-token vocabulary but the merges file gives {tok.vocab_size}"
+        )
     return OpenClipScorer(model, tok, device)
 
 
 __all__ = [
-    "ClipTokenizer", "OpenCLIP", "OpenClipConfig", "OpenClipScorer", "config_from_state", "is_openclip_checkpoint",
-    "load_openclip", "model_from_openclip_state", "read_state", "MERGES_NAME",
+    "ClipTokenizer",
+    "OpenCLIP",
+    "OpenClipConfig",
+    "OpenClipScorer",
+    "config_from_state",
+    "is_openclip_checkpoint",
+    "load_openclip",
+    "model_from_openclip_state",
+    "read_state",
+    "MERGES_NAME",
 ]

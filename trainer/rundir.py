@@ -22,6 +22,7 @@ import torch
 from tessera.core import config as C
 from tessera.core.files import save_checkpoint
 
+
 class MetricsLogger:
     """Appends metric dicts to metrics.jsonl and mirrors scalars to TensorBoard (rank 0 only)."""
 

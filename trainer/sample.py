@@ -13,14 +13,13 @@ candidates by `sample.rerank` (the export's CLIP score, the transformer's log-li
 
 from __future__ import annotations
 
-from tessera.core.root_config import TesseraConfig
-
 import argparse
 from pathlib import Path
 
 import torch
 
 from tessera.core.errors import InputError
+from tessera.core.root_config import TesseraConfig
 from tessera.trainer.config import SampleConfig
 from tessera.trainer.transformer import DALLE, empty_text
 
@@ -149,9 +148,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from tessera.core import config as C
-    from tessera.trainer.inference import load
     from tessera.core.files import atomic_write_bytes
     from tessera.dataprep.imaging import save_image_grid
+    from tessera.trainer.inference import load
 
     if args.n < 1:
         raise InputError(f"-n: expected >= 1 images per prompt, got {args.n}")

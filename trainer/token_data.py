@@ -70,9 +70,14 @@ def read_manifest(spec: str | Path) -> TokenManifest:
     if missing:
         raise InputError(f"token manifest '{path}': missing or non-integer keys {', '.join(missing)}")
     return TokenManifest(
-        grid=int(m["grid"]), image_vocab=int(m["image_vocab"]), text_vocab=int(m["text_vocab"]),
-        tokenizer=m.get("tokenizer"), dvae=m.get("dvae"), count=int(m.get("count", 0)),
-        shards=list(m.get("shards", [])), folder=folder,
+        grid=int(m["grid"]),
+        image_vocab=int(m["image_vocab"]),
+        text_vocab=int(m["text_vocab"]),
+        tokenizer=m.get("tokenizer"),
+        dvae=m.get("dvae"),
+        count=int(m.get("count", 0)),
+        shards=list(m.get("shards", [])),
+        folder=folder,
     )
 
 
@@ -101,9 +106,23 @@ class TokenBatches:
     stream position is part of `state()`, so a resumed run sees exactly the same batches.
     """
 
-    def __init__(self, spec: str, *, text_len: int, text_vocab: int, grid: int, batch_size: int, seed: int = 0,
-                 rank: int = 0, world: int = 1, shuffle_buffer: int = 1000, caption_dropout: float = 0.0,
-                 tokenizer: Any = None, bpe_dropout: float = 0.0, state: dict | None = None):
+    def __init__(
+        self,
+        spec: str,
+        *,
+        text_len: int,
+        text_vocab: int,
+        grid: int,
+        batch_size: int,
+        seed: int = 0,
+        rank: int = 0,
+        world: int = 1,
+        shuffle_buffer: int = 1000,
+        caption_dropout: float = 0.0,
+        tokenizer: Any = None,
+        bpe_dropout: float = 0.0,
+        state: dict | None = None,
+    ):
         self.shards = list_shards(spec)
         self.text_len, self.text_vocab, self.grid = text_len, text_vocab, grid
         self.batch_size, self.seed, self.rank = batch_size, seed, rank
@@ -141,7 +160,9 @@ class TokenBatches:
         return {"position": list(self.position), "batches": self.batches}
 
 
-def load_token_set(spec: str, text_len: int, text_vocab: int, grid: int, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+def load_token_set(
+    spec: str, text_len: int, text_vocab: int, grid: int, limit: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """One ordered pass over shards (evaluation): (text long[n, T], image long[n, N], captions)."""
     texts, images, caps = [], [], []
     for url in list_shards(spec):

@@ -194,7 +194,9 @@ class KVCache:
         dtype = dtype or p.dtype
         device = device or p.device
         shape = (batch, cfg.n_heads, model.seq_len, cfg.d_model // cfg.n_heads)
-        self.layers = [LayerCache(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device)) for _ in model.blocks]
+        self.layers = [
+            LayerCache(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device)) for _ in model.blocks
+        ]
         self.pos = 0
 
 
@@ -256,7 +258,9 @@ class DALLE(nn.Module):
         if text.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"text: expected integer ids, got {text.dtype}")
         if text.numel() and (text.min() < 0 or text.max() >= self.text_vocab_total):
-            raise ValueError(f"text: ids must be in [0, {self.text_vocab_total}) (BPE ids < {cfg.text_vocab}, padding above), got [{int(text.min())}, {int(text.max())}]")
+            raise ValueError(
+                f"text: ids must be in [0, {self.text_vocab_total}) (BPE ids < {cfg.text_vocab}, padding above), got [{int(text.min())}, {int(text.max())}]"
+            )
         if image is not None:
             if image.dim() != 2 or image.shape[1] > self.n_image or image.shape[0] != text.shape[0]:
                 raise ValueError(f"image: expected long[{text.shape[0]}, <= {self.n_image}], got shape {tuple(image.shape)}")

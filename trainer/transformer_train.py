@@ -27,18 +27,18 @@ from typing import Any
 import torch
 
 from tessera.core import config as C
-from tessera.core.root_config import load_root
-from tessera.core.errors import CheckpointError, ConfigError, InputError
+from tessera.core.errors import CheckpointError, ConfigError
+from tessera.core.files import load_checkpoint
 from tessera.core.progress import bar
+from tessera.core.root_config import load_root
+from tessera.dataprep.imaging import save_image_grid
 from tessera.trainer.config import TransformerModelConfig
 from tessera.trainer.ema import EMA
 from tessera.trainer.precision import autocast_dtype, resolve_precision
 from tessera.trainer.rundir import RunDir
-from tessera.core.files import load_checkpoint
-from tessera.dataprep.imaging import save_image_grid
 from tessera.trainer.schedules import Plateau, warmup_cosine
 from tessera.trainer.token_data import TokenBatches, TokenManifest, load_token_set, read_manifest
-from tessera.trainer.transformer import DALLE, pad_text
+from tessera.trainer.transformer import DALLE
 
 KIND = "transformer"
 ZERO_DIR = "zero"  # checkpoints/zero/: DeepSpeed ZeRO checkpoints (cluster.zero_stage > 0)
@@ -168,7 +168,9 @@ def _train(cfg_root: Any, data: str | None, output: str | Path, dist: Any) -> di
     cfg_root = dataclasses.replace(cfg_root, transformer=dataclasses.replace(cfg_root.transformer, model=mcfg))
     device = dist.device
     if tcfg.batch_size % dist.world_size:
-        raise ConfigError(f"config key 'transformer.train.batch_size': expected a multiple of the world size {dist.world_size}, got {tcfg.batch_size}")
+        raise ConfigError(
+            f"config key 'transformer.train.batch_size': expected a multiple of the world size {dist.world_size}, got {tcfg.batch_size}"
+        )
     local_batch = tcfg.batch_size // dist.world_size
 
     run = RunDir(output, cfg_root, rank=dist.rank)
@@ -181,7 +183,9 @@ def _train(cfg_root: Any, data: str | None, output: str | Path, dist: Any) -> di
     opt = make_optimizer(model, tcfg)
     zero = cfg_root.cluster.zero_stage > 0
     if zero and cfg_root.cluster.zero_stage == 3 and tcfg.ema_decay > 0:
-        raise ConfigError("config key 'transformer.train.ema_decay': parameter EMA needs whole parameters on every rank; set it to 0 with cluster.zero_stage = 3")
+        raise ConfigError(
+            "config key 'transformer.train.ema_decay': parameter EMA needs whole parameters on every rank; set it to 0 with cluster.zero_stage = 3"
+        )
     ema = EMA(model, tcfg.ema_decay) if tcfg.ema_decay > 0 else None
     plateau = Plateau(tcfg.lr) if tcfg.decay == "plateau" else None
     step, horizon, data_state, elapsed_before = 0, 0, None, 0.0
@@ -210,14 +214,20 @@ def _train(cfg_root: Any, data: str | None, output: str | Path, dist: Any) -> di
         from tessera.cluster.engine import build_engine
 
         if run.latest_checkpoint() is not None:
-            raise CheckpointError(f"run directory '{output}' holds a plain/DDP checkpoint (checkpoints/latest.pt); resume it with cluster.zero_stage = 0 or use a new --output")
-        engine = build_engine(model, opt, dist, cfg_root.cluster, grad_clip=tcfg.grad_clip, micro_batch_size=local_batch, checkpoint_kind=KIND)
+            raise CheckpointError(
+                f"run directory '{output}' holds a plain/DDP checkpoint (checkpoints/latest.pt); resume it with cluster.zero_stage = 0 or use a new --output"
+            )
+        engine = build_engine(
+            model, opt, dist, cfg_root.cluster, grad_clip=tcfg.grad_clip, micro_batch_size=local_batch, checkpoint_kind=KIND
+        )
         got, client = engine.load_checkpoint(zero_dir)
         if got:
             restore({**client, "step": got}, zero_dir)
     else:
         if (zero_dir / "latest").exists():
-            raise CheckpointError(f"run directory '{output}' holds a DeepSpeed ZeRO checkpoint ({zero_dir}); resume it with the same cluster.zero_stage")
+            raise CheckpointError(
+                f"run directory '{output}' holds a DeepSpeed ZeRO checkpoint ({zero_dir}); resume it with the same cluster.zero_stage"
+            )
         latest = run.latest_checkpoint()
         if latest is not None:
             ck = load_checkpoint(latest, KIND)
@@ -227,9 +237,19 @@ def _train(cfg_root: Any, data: str | None, output: str | Path, dist: Any) -> di
 
     tokenizer = load_tokenizer_or_none(manifest, tcfg.bpe_dropout)
     batches = TokenBatches(
-        data, text_len=mcfg.text_len, text_vocab=mcfg.text_vocab, grid=mcfg.image_grid, batch_size=local_batch,
-        seed=seed, rank=dist.rank, world=dist.world_size, shuffle_buffer=tcfg.shuffle_buffer,
-        caption_dropout=tcfg.caption_dropout, tokenizer=tokenizer, bpe_dropout=tcfg.bpe_dropout, state=data_state,
+        data,
+        text_len=mcfg.text_len,
+        text_vocab=mcfg.text_vocab,
+        grid=mcfg.image_grid,
+        batch_size=local_batch,
+        seed=seed,
+        rank=dist.rank,
+        world=dist.world_size,
+        shuffle_buffer=tcfg.shuffle_buffer,
+        caption_dropout=tcfg.caption_dropout,
+        tokenizer=tokenizer,
+        bpe_dropout=tcfg.bpe_dropout,
+        state=data_state,
     )
     eval_set = None
     if tcfg.eval_data:
@@ -257,10 +277,15 @@ def _train(cfg_root: Any, data: str | None, output: str | Path, dist: Any) -> di
             states = [batches.state()]
         state = {
             "ema": ema.state_dict() if ema else None,
-            "plateau": plateau.state_dict() if plateau else None, "horizon": horizon,
-            "data": {str(r): st for r, st in enumerate(states)}, "model_cfg": dataclasses.asdict(mcfg),
-            "rng": {"torch": torch.get_rng_state()}, "elapsed_s": elapsed_before + (time.time() - t_start),
-            "train_data": str(data), "dvae": manifest.resolve(manifest.dvae), "tokenizer": manifest.resolve(manifest.tokenizer),
+            "plateau": plateau.state_dict() if plateau else None,
+            "horizon": horizon,
+            "data": {str(r): st for r, st in enumerate(states)},
+            "model_cfg": dataclasses.asdict(mcfg),
+            "rng": {"torch": torch.get_rng_state()},
+            "elapsed_s": elapsed_before + (time.time() - t_start),
+            "train_data": str(data),
+            "dvae": manifest.resolve(manifest.dvae),
+            "tokenizer": manifest.resolve(manifest.tokenizer),
         }
         if engine is not None:  # every rank writes its shard
             return engine.save_checkpoint(zero_dir, s, state, keep_last=2)
@@ -302,7 +327,11 @@ def _train(cfg_root: Any, data: str | None, output: str | Path, dist: Any) -> di
         text, image = text.to(device, non_blocking=True), image.to(device, non_blocking=True)
         lr = lr_at(step)
         with autocast_context(tcfg.precision, device):
-            out = model.loss(text, image, tcfg.image_loss_weight) if wrapped is model else _ddp_loss(wrapped, text, image, tcfg.image_loss_weight)
+            out = (
+                model.loss(text, image, tcfg.image_loss_weight)
+                if wrapped is model
+                else _ddp_loss(wrapped, text, image, tcfg.image_loss_weight)
+            )
         if not torch.isfinite(out["loss"]):
             raise RuntimeError(f"transformer training diverged at step {step} (loss {float(out['loss'])}); lower transformer.train.lr")
         if engine is not None:
@@ -333,8 +362,13 @@ def _train(cfg_root: Any, data: str | None, output: str | Path, dist: Any) -> di
         if step % tcfg.log_every == 0 or step == tcfg.steps:
             last = {k: float(v.detach()) for k, v in out.items()}
             dt = time.time() - t_log
-            row = {**last, "lr": lr, "grad_norm": float(gnorm), "tokens_per_s": tok_since * dist.world_size / max(dt, 1e-9),
-                   "elapsed_s": elapsed_before + time.time() - t_start}
+            row = {
+                **last,
+                "lr": lr,
+                "grad_norm": float(gnorm),
+                "tokens_per_s": tok_since * dist.world_size / max(dt, 1e-9),
+                "elapsed_s": elapsed_before + time.time() - t_start,
+            }
             if plateau is not None and step >= tcfg.warmup_steps:
                 plateau.step(last["loss"])
             if eval_set is not None:
@@ -359,9 +393,15 @@ def _train(cfg_root: Any, data: str | None, output: str | Path, dist: Any) -> di
         sampler(final, run, step)
     total_time = elapsed_before + time.time() - t_start
     summary = {
-        "run_dir": str(run.path), "steps": step, "stop_reason": stop_reason, "horizon": horizon or tcfg.steps,
-        "time_s": round(total_time, 2), "checkpoint": str(path) if path else None,
-        "parameters": n_params, "precision": resolve_precision(tcfg.precision, device), **{f"final_{k}": v for k, v in last.items()},
+        "run_dir": str(run.path),
+        "steps": step,
+        "stop_reason": stop_reason,
+        "horizon": horizon or tcfg.steps,
+        "time_s": round(total_time, 2),
+        "checkpoint": str(path) if path else None,
+        "parameters": n_params,
+        "precision": resolve_precision(tcfg.precision, device),
+        **{f"final_{k}": v for k, v in last.items()},
     }
     if engine is not None:
         summary["engine"] = f"deepspeed-zero{cfg_root.cluster.zero_stage}"

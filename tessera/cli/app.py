@@ -56,7 +56,13 @@ def add_config_arguments(parser: argparse.ArgumentParser, default: str | None = 
 
 
 def _top_help() -> str:
-    lines = [f"tessera {__version__}: train DALL-E style text-to-image models", "", "usage: tessera COMMAND [ARGS] (tessera COMMAND --help)", "", "commands:"]
+    lines = [
+        f"tessera {__version__}: train DALL-E style text-to-image models",
+        "",
+        "usage: tessera COMMAND [ARGS] (tessera COMMAND --help)",
+        "",
+        "commands:",
+    ]
     for words, (_, help_) in COMMANDS.items():
         lines.append(f"  {' '.join(words):<18} {help_}")
     return "\n".join(lines)

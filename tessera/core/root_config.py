@@ -5,8 +5,8 @@ from pathlib import Path
 from typing import Any
 
 from tessera.cluster.config import DistConfig
-from tessera.dataprep.config import CrawlConfig, EncodeConfig, SyntheticConfig, TokenizerConfig
 from tessera.core.config import from_dict, load, param
+from tessera.dataprep.config import CrawlConfig, EncodeConfig, SyntheticConfig, TokenizerConfig
 from tessera.trainer.config import ClipConfig, DVAEConfig, SampleConfig, TransformerConfig
 
 

@@ -30,7 +30,7 @@ def _ensure_installed() -> str | None:
         subprocess.run(["apt-get", "update", "-qq"], env=env, capture_output=True)
         r = subprocess.run(["apt-get", "install", "-y", "-qq", *PACKAGES], env=env, capture_output=True, text=True)
     if r.returncode != 0:
-        return f"apt-get install {' '.join(PACKAGES)} failed: {r.stderr.strip().splitlines()[-1:] }"
+        return f"apt-get install {' '.join(PACKAGES)} failed: {r.stderr.strip().splitlines()[-1:]}"
     return None
 
 
@@ -48,7 +48,9 @@ def _start_munge() -> subprocess.Popen | None:
     if not Path("/etc/munge/munge.key").exists():
         subprocess.run(["mungekey", "--create"], check=True, capture_output=True)
         shutil.chown("/etc/munge/munge.key", "munge", "munge")
-    p = subprocess.Popen(["runuser", "-u", "munge", "--", "/usr/sbin/munged", "--foreground"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    p = subprocess.Popen(
+        ["runuser", "-u", "munge", "--", "/usr/sbin/munged", "--foreground"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     for _ in range(50):
         if _munge_ok():
             return p
@@ -75,27 +77,46 @@ class SlurmCluster:
         r = self.root
         for d in ("state", "spool", "jobs"):
             (r / d).mkdir(exist_ok=True)
-        self.conf.write_text("\n".join([
-            "ClusterName=tessera-test",
-            f"SlurmctldHost={self.host}",
-            f"SlurmctldPort={free_port()}",
-            f"SlurmdPort={free_port()}",
-            "SlurmUser=root", "SlurmdUser=root",
-            "AuthType=auth/munge", "CryptoType=crypto/munge",
-            "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none",
-            "SelectType=select/cons_tres", "SelectTypeParameters=CR_Core_Memory",
-            "MpiDefault=none", "ReturnToService=2",
-            "JobCompType=jobcomp/none", "AccountingStorageType=accounting_storage/none",
-            "SchedulerType=sched/backfill", "SchedulerParameters=sched_interval=1",
-            "MinJobAge=300", "KillWait=5", "InactiveLimit=0", "Waittime=0",
-            "DefMemPerCPU=256",
-            f"StateSaveLocation={r / 'state'}", f"SlurmdSpoolDir={r / 'spool'}",
-            f"SlurmctldPidFile={r / 'slurmctld.pid'}", f"SlurmdPidFile={r / 'slurmd.pid'}",
-            f"SlurmctldLogFile={r / 'slurmctld.log'}", f"SlurmdLogFile={r / 'slurmd.log'}",
-            "SlurmctldDebug=info", "SlurmdDebug=info",
-            f"NodeName={self.host} CPUs={self.cpus} RealMemory={_mem_mib()} State=UNKNOWN",
-            "PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP",
-        ]) + "\n")
+        self.conf.write_text(
+            "\n".join(
+                [
+                    "ClusterName=tessera-test",
+                    f"SlurmctldHost={self.host}",
+                    f"SlurmctldPort={free_port()}",
+                    f"SlurmdPort={free_port()}",
+                    "SlurmUser=root",
+                    "SlurmdUser=root",
+                    "AuthType=auth/munge",
+                    "CryptoType=crypto/munge",
+                    "ProctrackType=proctrack/linuxproc",
+                    "TaskPlugin=task/none",
+                    "SelectType=select/cons_tres",
+                    "SelectTypeParameters=CR_Core_Memory",
+                    "MpiDefault=none",
+                    "ReturnToService=2",
+                    "JobCompType=jobcomp/none",
+                    "AccountingStorageType=accounting_storage/none",
+                    "SchedulerType=sched/backfill",
+                    "SchedulerParameters=sched_interval=1",
+                    "MinJobAge=300",
+                    "KillWait=5",
+                    "InactiveLimit=0",
+                    "Waittime=0",
+                    "DefMemPerCPU=256",
+                    f"StateSaveLocation={r / 'state'}",
+                    f"SlurmdSpoolDir={r / 'spool'}",
+                    f"SlurmctldPidFile={r / 'slurmctld.pid'}",
+                    f"SlurmdPidFile={r / 'slurmd.pid'}",
+                    f"SlurmctldLogFile={r / 'slurmctld.log'}",
+                    f"SlurmdLogFile={r / 'slurmd.log'}",
+                    "SlurmctldDebug=info",
+                    "SlurmdDebug=info",
+                    f"NodeName={self.host} CPUs={self.cpus} RealMemory={_mem_mib()} State=UNKNOWN",
+                    "PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP",
+                ]
+            )
+            + "\n"
+        )
 
     def run(self, *args: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
         r = subprocess.run(list(args), env=self.env, capture_output=True, text=True, timeout=60, **kw)

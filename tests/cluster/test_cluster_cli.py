@@ -23,31 +23,74 @@ def submit(capsys, *args):
 
 
 def sbatch_lines(script: str) -> list[str]:
-    return [line[len("#SBATCH "):] for line in script.splitlines() if line.startswith("#SBATCH ")]
+    return [line[len("#SBATCH ") :] for line in script.splitlines() if line.startswith("#SBATCH ")]
 
 
 def body_lines(script: str) -> list[str]:
     lines = script.splitlines()
-    return lines[lines.index("set -uo pipefail") + 1:]
+    return lines[lines.index("set -uo pipefail") + 1 :]
 
 
 def test_submit_train_dry_run_carries_every_option(capsys):
     code, out, err = submit(
-        capsys, "submit-train", "--dry-run", "--config", "demo",
-        "--job-name", "big", "--time", "2-00:00:00", "--partition", "gpu", "--account", "acct",
-        "--cpus-per-task", "6", "--mem", "64G", "--output-log", "logs/%x-%j.out",
-        "--sbatch=--constraint=a100", "--sbatch=--exclusive",
-        "--setup", "source .venv/bin/activate", "--setup", "module load cuda",
-        "--nodes", "2", "--gpus-per-node", "4", "--signal-before", "300",
-        "--", "tessera", "train", "transformer", "--data", "shards/tok", "--output", "runs/t",
+        capsys,
+        "submit-train",
+        "--dry-run",
+        "--config",
+        "demo",
+        "--job-name",
+        "big",
+        "--time",
+        "2-00:00:00",
+        "--partition",
+        "gpu",
+        "--account",
+        "acct",
+        "--cpus-per-task",
+        "6",
+        "--mem",
+        "64G",
+        "--output-log",
+        "logs/%x-%j.out",
+        "--sbatch=--constraint=a100",
+        "--sbatch=--exclusive",
+        "--setup",
+        "source .venv/bin/activate",
+        "--setup",
+        "module load cuda",
+        "--nodes",
+        "2",
+        "--gpus-per-node",
+        "4",
+        "--signal-before",
+        "300",
+        "--",
+        "tessera",
+        "train",
+        "transformer",
+        "--data",
+        "shards/tok",
+        "--output",
+        "runs/t",
     )
     assert code == 0 and err == ""
     assert out.startswith("#!/bin/bash\n")
     assert sbatch_lines(out) == [
-        "--nodes=2", "--ntasks-per-node=4", "--gpus-per-node=4",
-        "--job-name=big", "--time=2-00:00:00", "--cpus-per-task=6", "--partition=gpu", "--account=acct", "--mem=64G",
-        "--requeue", "--open-mode=append", "--signal=USR1@300", "--output=logs/%x-%j.out",
-        "--constraint=a100", "--exclusive",
+        "--nodes=2",
+        "--ntasks-per-node=4",
+        "--gpus-per-node=4",
+        "--job-name=big",
+        "--time=2-00:00:00",
+        "--cpus-per-task=6",
+        "--partition=gpu",
+        "--account=acct",
+        "--mem=64G",
+        "--requeue",
+        "--open-mode=append",
+        "--signal=USR1@300",
+        "--output=logs/%x-%j.out",
+        "--constraint=a100",
+        "--exclusive",
     ]
     body = body_lines(out)
     assert body[:2] == ["source .venv/bin/activate", "module load cuda"]  # setup first, in order
@@ -58,16 +101,37 @@ def test_submit_train_defaults(capsys):
     code, out, _ = submit(capsys, "submit-train", "--dry-run", "--", "tessera", "train", "dvae")
     assert code == 0
     assert sbatch_lines(out) == [
-        "--nodes=1", "--ntasks-per-node=1", "--job-name=tessera", "--time=01:00:00", "--cpus-per-task=1",
-        "--requeue", "--open-mode=append", "--signal=USR1@120", "--output=slurm-%x-%j.out",
+        "--nodes=1",
+        "--ntasks-per-node=1",
+        "--job-name=tessera",
+        "--time=01:00:00",
+        "--cpus-per-task=1",
+        "--requeue",
+        "--open-mode=append",
+        "--signal=USR1@120",
+        "--output=slurm-%x-%j.out",
     ]
     assert out.rstrip().endswith("-m tessera.cli train dvae")  # no --config given: none added
 
 
 def test_submit_train_cpu_torchrun_without_requeue(capsys):
     code, out, _ = submit(
-        capsys, "submit-train", "--dry-run", "--launcher", "torchrun", "--tasks-per-node", "3", "--nodes", "2",
-        "--no-requeue", "--signal-before", "60", "--", "tessera", "train", "transformer",
+        capsys,
+        "submit-train",
+        "--dry-run",
+        "--launcher",
+        "torchrun",
+        "--tasks-per-node",
+        "3",
+        "--nodes",
+        "2",
+        "--no-requeue",
+        "--signal-before",
+        "60",
+        "--",
+        "tessera",
+        "train",
+        "transformer",
     )
     assert code == 0
     lines = sbatch_lines(out)
@@ -85,7 +149,9 @@ def test_signal_before_zero_sends_no_signal(capsys):
 
 
 def test_config_is_not_added_twice(capsys):
-    code, out, _ = submit(capsys, "submit-train", "--dry-run", "--config", "demo", "--", "tessera", "train", "dvae", "--config", "mine.toml")
+    code, out, _ = submit(
+        capsys, "submit-train", "--dry-run", "--config", "demo", "--", "tessera", "train", "dvae", "--config", "mine.toml"
+    )
     assert code == 0
     last = out.rstrip().splitlines()[-1]
     assert last.endswith("train dvae --config mine.toml") and last.count("--config") == 1
@@ -93,16 +159,42 @@ def test_config_is_not_added_twice(capsys):
 
 def test_submit_array_dry_run(capsys):
     code, out, err = submit(
-        capsys, "submit-array", "--dry-run", "--parts", "4", "--max-parallel", "2", "--cpus-per-task", "8",
-        "--output-log", "logs/%x-%j.out", "--", "tessera", "prep", "crawl", "--input", "urls.parquet", "--output", "shards/img",
+        capsys,
+        "submit-array",
+        "--dry-run",
+        "--parts",
+        "4",
+        "--max-parallel",
+        "2",
+        "--cpus-per-task",
+        "8",
+        "--output-log",
+        "logs/%x-%j.out",
+        "--",
+        "tessera",
+        "prep",
+        "crawl",
+        "--input",
+        "urls.parquet",
+        "--output",
+        "shards/img",
     )
     assert code == 0 and err == ""
     assert sbatch_lines(out) == [
-        "--array=0-3%2", "--ntasks=1", "--job-name=tessera-prep", "--time=01:00:00", "--cpus-per-task=8",
+        "--array=0-3%2",
+        "--ntasks=1",
+        "--job-name=tessera-prep",
+        "--time=01:00:00",
+        "--cpus-per-task=8",
         "--output=slurm-%x-%A_%a.out",  # a pattern without %a would mix the tasks' logs: the default replaces it
     ]
-    assert body_lines(out)[-1] == f'exec {PY} -m tessera.cli prep crawl --input urls.parquet --output shards/img --part "${{SLURM_ARRAY_TASK_ID}}/4"'
-    code, out, _ = submit(capsys, "submit-array", "--dry-run", "--parts", "2", "--output-log", "logs/%A_%a.log", "--", "tessera", "prep", "encode")
+    assert (
+        body_lines(out)[-1]
+        == f'exec {PY} -m tessera.cli prep crawl --input urls.parquet --output shards/img --part "${{SLURM_ARRAY_TASK_ID}}/4"'
+    )
+    code, out, _ = submit(
+        capsys, "submit-array", "--dry-run", "--parts", "2", "--output-log", "logs/%A_%a.log", "--", "tessera", "prep", "encode"
+    )
     assert code == 0 and "--output=logs/%A_%a.log" in sbatch_lines(out) and "--array=0-1" in sbatch_lines(out)
 
 
@@ -113,11 +205,19 @@ def test_submit_array_dry_run(capsys):
         (["submit-train", "--dry-run", "--"], "no command given: put it after '--', e.g. -- tessera prep crawl ..."),
         (["submit-train", "--dry-run", "--nodes", "0", "--", "x"], "slurm option 'nodes': expected >= 1, got 0"),
         (["submit-train", "--dry-run", "--gpus-per-node", "-1", "--", "x"], "slurm option 'gpus_per_node': expected >= 0, got -1"),
-        (["submit-train", "--dry-run", "--time", "tomorrow", "--", "x"], "slurm option 'time': expected [D-]HH:MM:SS or minutes, got 'tomorrow'"),
+        (
+            ["submit-train", "--dry-run", "--time", "tomorrow", "--", "x"],
+            "slurm option 'time': expected [D-]HH:MM:SS or minutes, got 'tomorrow'",
+        ),
         (["submit-array", "--dry-run", "--parts", "0", "--", "x"], "--parts: expected >= 1, got 0"),
-        (["submit-array", "--dry-run", "--cpus-per-task", "0", "--parts", "2", "--", "x"], "slurm option 'cpus_per_task': expected >= 1, got 0"),
-        (["submit-array", "--dry-run", "--parts", "2", "--", "tessera", "prep", "crawl", "--part", "0/2"],
-         "the array job adds '--part I/N' itself; remove --part from the command"),
+        (
+            ["submit-array", "--dry-run", "--cpus-per-task", "0", "--parts", "2", "--", "x"],
+            "slurm option 'cpus_per_task': expected >= 1, got 0",
+        ),
+        (
+            ["submit-array", "--dry-run", "--parts", "2", "--", "tessera", "prep", "crawl", "--part", "0/2"],
+            "the array job adds '--part I/N' itself; remove --part from the command",
+        ),
     ],
 )
 def test_errors_are_one_line_exit_2(capsys, args, message):

@@ -8,8 +8,8 @@ import pytest
 
 from tessera.cluster.config import DistConfig, SlurmConfig
 from tessera.core import config as C
-from tessera.core.root_config import load_root
 from tessera.core.errors import ConfigError
+from tessera.core.root_config import load_root
 
 
 @pytest.mark.parametrize("cls", [DistConfig, SlurmConfig])
@@ -67,7 +67,10 @@ def test_dist_valid_combinations(values):
         ),
         (["cluster.bucket_mb=0"], "config key 'cluster.bucket_mb': expected >= 1, got 0"),
         (["cluster.backend=mpi"], "config key 'cluster.backend': expected one of 'auto', 'gloo', 'nccl', got 'mpi'"),
-        (["cluster.precision=fp8", "cluster.zero_stage=1"], "config key 'cluster.precision': expected one of 'fp32', 'bf16', 'fp16', got 'fp8'"),
+        (
+            ["cluster.precision=fp8", "cluster.zero_stage=1"],
+            "config key 'cluster.precision': expected one of 'fp32', 'bf16', 'fp16', got 'fp8'",
+        ),
         (["cluster.zero_stage=two"], "config key 'cluster.zero_stage': expected int, got str 'two'"),
         (["cluster.overlap_comm=1"], "config key 'cluster.overlap_comm': expected bool, got int 1"),
     ],

@@ -9,7 +9,9 @@ from tessera.cluster.dist import DistState, discover, free_port
 def test_discover_launchers():
     assert discover({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1"}) == DistState(3, 8, 1, "torchrun")
     assert discover({"SLURM_PROCID": "5", "SLURM_NTASKS": "6", "SLURM_LOCALID": "2"}) == DistState(5, 6, 2, "slurm")
-    assert discover({"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_LOCAL_RANK": "1"}) == DistState(1, 2, 1, "mpi")
+    assert discover({"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_LOCAL_RANK": "1"}) == DistState(
+        1, 2, 1, "mpi"
+    )
     assert discover({"PMI_RANK": "2", "PMI_SIZE": "4"}) == DistState(2, 4, 0, "mpi")
     assert discover({}) == DistState()
     # torchrun's variables win over SLURM's when both are present (torchrun inside an sbatch job)
@@ -19,8 +21,9 @@ def test_discover_launchers():
 
 def test_two_gloo_ranks_all_reduce(tmp_path):
     script = tmp_path / "w.py"
-    script.write_text(textwrap.dedent(
-        """
+    script.write_text(
+        textwrap.dedent(
+            """
         import torch
         from tessera.cluster.dist import discover, init, shutdown
         s = init(discover())
@@ -29,7 +32,8 @@ def test_two_gloo_ranks_all_reduce(tmp_path):
         print(f"rank={s.rank} world={s.world_size} mean={t.item()}")
         shutdown(s)
         """
-    ))
+        )
+    )
     port = free_port()
     procs = []
     for rank in range(2):

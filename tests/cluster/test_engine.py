@@ -88,8 +88,19 @@ def worker(out: Path) -> None:
         after = eng.full_state_dict()
         frozen = all(torch.equal(after[k], outs[0][k]) for k in after)
         if dist.rank == 0:
-            (d / "result.json").write_text(json.dumps({"losses": losses, "kind": eng.kind, "resume_step": step, "client": client, "resume_same": same,
-                                                       "continue_same": cont_same, "lr0_frozen": frozen}))
+            (d / "result.json").write_text(
+                json.dumps(
+                    {
+                        "losses": losses,
+                        "kind": eng.kind,
+                        "resume_step": step,
+                        "client": client,
+                        "resume_same": same,
+                        "continue_same": cont_same,
+                        "lr0_frozen": frozen,
+                    }
+                )
+            )
         dist.barrier()
     shutdown(dist)
 
@@ -135,9 +146,22 @@ def two_rank_run(tmp_path_factory):
     port = free_port()
     procs = []
     for rank in range(2):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                   DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-        procs.append(subprocess.Popen([sys.executable, __file__, str(out)], env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        env = dict(
+            os.environ,
+            RANK=str(rank),
+            WORLD_SIZE="2",
+            LOCAL_RANK=str(rank),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            DS_ACCELERATOR="cpu",
+            OMP_NUM_THREADS="1",
+            PYTHONPATH=str(REPO),
+        )
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, __file__, str(out)], env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            )
+        )
     logs = []
     for p in procs:
         try:
@@ -246,7 +270,11 @@ def test_deepspeed_config_and_validation():
     assert c["bf16"] == {"enabled": True} and c["gradient_clipping"] == 1.0
     assert c["zero_optimization"]["reduce_bucket_size"] == 2**18
     assert "optimizer" not in c
-    for bad, key in ((dict(zero_stage=4), "zero_stage"), (dict(zero_stage=2, powersgd_rank=4), "powersgd_rank"), (dict(precision="bf16"), "precision")):
+    for bad, key in (
+        (dict(zero_stage=4), "zero_stage"),
+        (dict(zero_stage=2, powersgd_rank=4), "powersgd_rank"),
+        (dict(precision="bf16"), "precision"),
+    ):
         with pytest.raises(ConfigError, match=key):
             DistConfig(**bad).validate()
 
@@ -270,7 +298,11 @@ def test_fp16_refused_where_cpu_lacks_it():
 def test_deepspeed_single_process(tmp_path):
     from tessera.cluster.engine import consolidate_zero_checkpoint
 
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT") and not k.startswith(("SLURM_", "OMPI_", "PMI_"))}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT") and not k.startswith(("SLURM_", "OMPI_", "PMI_"))
+    }
     env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     r = subprocess.run([sys.executable, __file__, str(tmp_path), "single"], env=env, cwd=REPO, capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

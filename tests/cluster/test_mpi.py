@@ -27,11 +27,14 @@ def _has_mpi4py() -> bool:
 
 
 @NO_MPIRUN
-@pytest.mark.parametrize("rendezvous", ["env", pytest.param("mpi4py", marks=pytest.mark.skipif(not _has_mpi4py(), reason="mpi4py is not installed"))])
+@pytest.mark.parametrize(
+    "rendezvous", ["env", pytest.param("mpi4py", marks=pytest.mark.skipif(not _has_mpi4py(), reason="mpi4py is not installed"))]
+)
 def test_mpirun_two_ranks_gloo_all_reduce(tmp_path, rendezvous):
     """MASTER_ADDR/PORT given to mpirun, or left out: then rank 0 broadcasts them over MPI (mpi4py)."""
     script = tmp_path / "w.py"
-    script.write_text(textwrap.dedent(f"""
+    script.write_text(
+        textwrap.dedent(f"""
         import json, os, sys
         sys.path.insert(0, {str(REPO)!r})
         import torch
@@ -45,7 +48,8 @@ def test_mpirun_two_ranks_gloo_all_reduce(tmp_path, rendezvous):
         found["port_set"] = os.environ["MASTER_PORT"] != "29500"
         shutdown(s)
         json.dump(found, open(os.path.join(sys.argv[1], f"rank{{found['rank']}}.json"), "w"))
-    """))
+    """)
+    )
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1")
     for k in [k for k in env if k in ("RANK", "WORLD_SIZE", "LOCAL_RANK") or k.startswith("SLURM_")]:
         env.pop(k)  # only the MPI launcher's variables may name the ranks here
@@ -53,7 +57,19 @@ def test_mpirun_two_ranks_gloo_all_reduce(tmp_path, rendezvous):
     if rendezvous == "mpi4py":
         env.pop("MASTER_ADDR"), env.pop("MASTER_PORT")
         export = []
-    cmd = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "2", *export, "-x", "OMP_NUM_THREADS", sys.executable, str(script), str(tmp_path)]
+    cmd = [
+        "mpirun",
+        "--allow-run-as-root",
+        "--oversubscribe",
+        "-np",
+        "2",
+        *export,
+        "-x",
+        "OMP_NUM_THREADS",
+        sys.executable,
+        str(script),
+        str(tmp_path),
+    ]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     got = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(2)]

@@ -17,18 +17,31 @@ PY = sys.executable
 
 
 def sbatch_lines(script: str) -> list[str]:
-    return [line[len("#SBATCH "):] for line in script.splitlines() if line.startswith("#SBATCH ")]
+    return [line[len("#SBATCH ") :] for line in script.splitlines() if line.startswith("#SBATCH ")]
 
 
 # ---------------------------------------------------------------- rendering (no cluster needed)
 
 
 def test_render_train_srun():
-    cfg = SlurmConfig(job_name="t", nodes=4, gpus_per_node=8, cpus_per_task=10, time="12:00:00", partition="gpu", mem="500G", signal_before_s=300)
+    cfg = SlurmConfig(
+        job_name="t", nodes=4, gpus_per_node=8, cpus_per_task=10, time="12:00:00", partition="gpu", mem="500G", signal_before_s=300
+    )
     s = slurm.render_train_script(cfg, ["tessera", "train", "transformer", "--output", "runs/a b"])
     lines = sbatch_lines(s)
-    for want in ("--nodes=4", "--ntasks-per-node=8", "--gpus-per-node=8", "--cpus-per-task=10", "--time=12:00:00",
-                 "--partition=gpu", "--mem=500G", "--requeue", "--open-mode=append", "--signal=USR1@300", "--job-name=t"):
+    for want in (
+        "--nodes=4",
+        "--ntasks-per-node=8",
+        "--gpus-per-node=8",
+        "--cpus-per-task=10",
+        "--time=12:00:00",
+        "--partition=gpu",
+        "--mem=500G",
+        "--requeue",
+        "--open-mode=append",
+        "--signal=USR1@300",
+        "--job-name=t",
+    ):
         assert want in lines, (want, lines)
     assert s.startswith("#!/bin/bash\n")
     assert f"srun --kill-on-bad-exit=1 {PY} -m tessera.cli train transformer --output 'runs/a b'" in s
@@ -58,14 +71,42 @@ def test_render_array():
 
 
 def test_cli_dry_run_and_errors():
-    r = subprocess.run([PY, "-m", "tessera.cli", "cluster", "submit-train", "--config", "demo", "--tasks-per-node", "2", "--time", "5",
-                        "--dry-run", "--", "tessera", "train", "dvae"], capture_output=True, text=True, cwd=REPO)
+    r = subprocess.run(
+        [
+            PY,
+            "-m",
+            "tessera.cli",
+            "cluster",
+            "submit-train",
+            "--config",
+            "demo",
+            "--tasks-per-node",
+            "2",
+            "--time",
+            "5",
+            "--dry-run",
+            "--",
+            "tessera",
+            "train",
+            "dvae",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
     assert r.returncode == 0, r.stderr
     assert "#SBATCH --ntasks-per-node=2" in r.stdout and "#SBATCH --time=5" in r.stdout
     assert "train dvae --config demo" in r.stdout
-    r = subprocess.run([PY, "-m", "tessera.cli", "cluster", "submit-array", "--parts", "2", "--dry-run"], capture_output=True, text=True, cwd=REPO)
+    r = subprocess.run(
+        [PY, "-m", "tessera.cli", "cluster", "submit-array", "--parts", "2", "--dry-run"], capture_output=True, text=True, cwd=REPO
+    )
     assert r.returncode == 2 and "tessera: error:" in r.stderr and "--" in r.stderr
-    r = subprocess.run([PY, "-m", "tessera.cli", "cluster", "submit-train", "--time", "soon", "--dry-run", "--", "x"], capture_output=True, text=True, cwd=REPO)
+    r = subprocess.run(
+        [PY, "-m", "tessera.cli", "cluster", "submit-train", "--time", "soon", "--dry-run", "--", "x"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
     assert r.returncode == 2 and "time" in r.stderr
 
 
@@ -111,13 +152,15 @@ def wait_for(path: Path, timeout: float, cluster, what: str) -> None:
 
 def test_array_job_parts(slurm_cluster, tmp_path):
     worker = tmp_path / "part.py"
-    worker.write_text(textwrap.dedent("""
+    worker.write_text(
+        textwrap.dedent("""
         import json, os, sys
         out, part = sys.argv[1], sys.argv[sys.argv.index("--part") + 1]
         i, n = map(int, part.split("/"))
         json.dump({"part": [i, n], "task": os.environ["SLURM_ARRAY_TASK_ID"], "job": os.environ["SLURM_ARRAY_JOB_ID"]},
                   open(os.path.join(out, f"part{i}.json"), "w"))
-    """))
+    """)
+    )
     cfg = SlurmConfig(job_name="arr", time="00:05:00", output=str(tmp_path / "arr-%A_%a.out"))
     job = slurm.submit(slurm.render_array_script(cfg, 2, [PY, str(worker), str(tmp_path)]), workdir=tmp_path)
     assert job.isdigit()
@@ -147,11 +190,44 @@ def test_array_job_runs_real_crawl_parts(slurm_cluster, tmp_path):
             w.writerow(["url", "caption"])
             w.writerows((base.rstrip("/") + "/" + p, c) for p, c in rows)
         r = subprocess.run(
-            [PY, "-m", "tessera.cli", "cluster", "submit-array", "--parts", "2", "--time", "00:05:00", "--job-name", "crawl",
-             "--output-log", str(tmp_path / "crawl-%A_%a.out"), "--",
-             "tessera", "prep", "crawl", "--input", "urls.csv", "--output", "shards", "--shard-size", "2", "--processes", "1",
-             "--threads", "2", "--image-size", "32", "--min-image-size", "16", "--no-progress"],
-            cwd=tmp_path, capture_output=True, text=True, timeout=60,
+            [
+                PY,
+                "-m",
+                "tessera.cli",
+                "cluster",
+                "submit-array",
+                "--parts",
+                "2",
+                "--time",
+                "00:05:00",
+                "--job-name",
+                "crawl",
+                "--output-log",
+                str(tmp_path / "crawl-%A_%a.out"),
+                "--",
+                "tessera",
+                "prep",
+                "crawl",
+                "--input",
+                "urls.csv",
+                "--output",
+                "shards",
+                "--shard-size",
+                "2",
+                "--processes",
+                "1",
+                "--threads",
+                "2",
+                "--image-size",
+                "32",
+                "--min-image-size",
+                "16",
+                "--no-progress",
+            ],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
         assert r.returncode == 0, r.stderr
         job = r.stdout.strip()
@@ -173,7 +249,8 @@ def test_array_job_runs_real_crawl_parts(slurm_cluster, tmp_path):
 
 def test_training_job_sees_two_ranks(slurm_cluster, tmp_path):
     worker = tmp_path / "rank.py"
-    worker.write_text(textwrap.dedent(f"""
+    worker.write_text(
+        textwrap.dedent(f"""
         import json, os, sys
         sys.path.insert(0, {str(REPO)!r})
         import torch
@@ -186,7 +263,8 @@ def test_training_job_sees_two_ranks(slurm_cluster, tmp_path):
         d["mean"] = t.item()
         shutdown(s)
         json.dump(d, open(os.path.join(sys.argv[1], f"rank{{d['rank']}}.json"), "w"))
-    """))
+    """)
+    )
     cfg = SlurmConfig(job_name="ranks", tasks_per_node=2, time="00:05:00", signal_before_s=0, output=str(tmp_path / "ranks-%j.out"))
     script = slurm.render_train_script(cfg, [PY, str(worker), str(tmp_path)])
     job = slurm.submit(script, workdir=tmp_path)
@@ -201,7 +279,8 @@ def test_training_job_sees_two_ranks(slurm_cluster, tmp_path):
 def test_preemption_checkpoint_requeue_resume(slurm_cluster, tmp_path):
     """USR1 -> checkpoint the counter -> requeue itself -> the second run resumes and finishes."""
     worker = tmp_path / "loop.py"
-    worker.write_text(textwrap.dedent(f"""
+    worker.write_text(
+        textwrap.dedent(f"""
         import json, os, sys, time
         sys.path.insert(0, {str(REPO)!r})
         from tessera.cluster.slurm import PreemptionHandler
@@ -225,7 +304,8 @@ def test_preemption_checkpoint_requeue_resume(slurm_cluster, tmp_path):
                 time.sleep(30)  # SLURM ends this run
                 sys.exit(1)
         save("final.json", state)
-    """))
+    """)
+    )
     cfg = SlurmConfig(job_name="preempt", tasks_per_node=1, time="00:05:00", output=str(tmp_path / "preempt-%j.out"))
     job = slurm.submit(slurm.render_train_script(cfg, [PY, str(worker), str(tmp_path)]), workdir=tmp_path)
     progress = tmp_path / "progress.json"
@@ -261,7 +341,8 @@ def test_preemption_checkpoint_requeue_resume(slurm_cluster, tmp_path):
 def test_torchrun_job_stops_on_batch_signal(slurm_cluster, tmp_path):
     """torchrun launcher: USR1 to the batch shell -> stop file -> every rank agrees to stop and exits cleanly."""
     worker = tmp_path / "tr.py"
-    worker.write_text(textwrap.dedent(f"""
+    worker.write_text(
+        textwrap.dedent(f"""
         import json, os, sys, time
         sys.path.insert(0, {str(REPO)!r})
         from tessera.cluster.dist import discover, init, shutdown
@@ -280,8 +361,11 @@ def test_torchrun_job_stops_on_batch_signal(slurm_cluster, tmp_path):
         json.dump(dict(rank=s.rank, world=s.world_size, source=s.source, step=step, stop_file=str(h.stop_file)),
                   open(os.path.join(out, f"stopped{{s.rank}}.json"), "w"))
         shutdown(s)
-    """))
-    cfg = SlurmConfig(job_name="tr", launcher="torchrun", tasks_per_node=2, cpus_per_task=2, time="00:05:00", output=str(tmp_path / "tr-%j.out"))
+    """)
+    )
+    cfg = SlurmConfig(
+        job_name="tr", launcher="torchrun", tasks_per_node=2, cpus_per_task=2, time="00:05:00", output=str(tmp_path / "tr-%j.out")
+    )
     script = slurm.render_train_script(cfg, [PY, str(worker), str(tmp_path)])
     job = slurm.submit(script, workdir=tmp_path)
     wait_for(tmp_path / "running", 90, slurm_cluster, "torchrun workers")

@@ -14,7 +14,6 @@ import numpy as np
 from PIL import Image
 
 
-
 def noisy_jpeg(seed: int, size: tuple[int, int] = (96, 72), quality: int = 90) -> bytes:
     """A deterministic JPEG: a colour gradient plus noise, distinct per seed."""
     rng = np.random.default_rng(seed)
@@ -167,5 +166,3 @@ class FaultServer:
     def close(self) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
-
-

@@ -16,9 +16,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from tessera.core.errors import InputError
 from tessera.dataprep.config import CrawlConfig, FilterConfig
 from tessera.dataprep.crawl import crawl
-from tessera.core.errors import InputError
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -75,7 +75,11 @@ FAULTS = {
 
 def test_faults_each_row_one_status(tmp_path, fault_server):
     s = fault_server
-    urls = [s.url("/img/102.jpg")] + [s.url(p) for p in FAULTS] + ["ftp://127.0.0.1/x.jpg", "", s.url("/img/105.jpg"), s.url("/img/106.jpg"), "http://exa mple/x.jpg"]
+    urls = (
+        [s.url("/img/102.jpg")]
+        + [s.url(p) for p in FAULTS]
+        + ["ftp://127.0.0.1/x.jpg", "", s.url("/img/105.jpg"), s.url("/img/106.jpg"), "http://exa mple/x.jpg"]
+    )
     caps = ["dup source"] + [f"fault {p}" for p in FAULTS] + ["ftp", "empty url", "", b"caf\xe9 latin-1", "bad host"]
     inp = tmp_path / "faults.csv"
     # A CSV written by hand so that one caption is really not UTF-8.
@@ -117,7 +121,13 @@ def test_layout_and_webdataset_reads_shards(tmp_path, fault_server):
     wds = pytest.importorskip("webdataset")
     s = fault_server
     n = 23
-    inp = write_list(tmp_path / "l.parquet", [s.url(f"/img/{i}.jpg") for i in range(n)], [f"a photo number {i}" for i in range(n)], source=[f"src{i}" for i in range(n)], score=[i * 0.5 for i in range(n)])
+    inp = write_list(
+        tmp_path / "l.parquet",
+        [s.url(f"/img/{i}.jpg") for i in range(n)],
+        [f"a photo number {i}" for i in range(n)],
+        source=[f"src{i}" for i in range(n)],
+        score=[i * 0.5 for i in range(n)],
+    )
     cfg = fast_cfg(keep_cols=["source", "score"], resize="keep_ratio")
     stats = crawl(inp, tmp_path / "out", cfg, progress=False)
     assert stats["successes"] == n and stats["shards_written"] == 3
@@ -151,13 +161,23 @@ def test_dedup_exact_and_near_across_shards(tmp_path, fault_server):
     # turning exact dedup off keeps them; near dedup with a generous radius still catches them
     st2 = crawl(inp, tmp_path / "o2", fast_cfg(shard_size=5, filters=FilterConfig(dedup_exact=False)), progress=False)
     assert st2["successes"] == 13
-    st3 = crawl(inp, tmp_path / "o3", fast_cfg(shard_size=5, filters=FilterConfig(dedup_exact=False, dedup_near=True, near_dup_bits=2)), progress=False)
+    st3 = crawl(
+        inp,
+        tmp_path / "o3",
+        fast_cfg(shard_size=5, filters=FilterConfig(dedup_exact=False, dedup_near=True, near_dup_bits=2)),
+        progress=False,
+    )
     assert st3["reason_counts"].get("near_duplicate") == 3 and st3["successes"] == 10
 
 
 def test_parts_equal_single_run(tmp_path, fault_server):
     s = fault_server
-    urls = [s.url(f"/img/{200 + i}.jpg") for i in range(36)] + [s.url("/alias/201.jpg"), s.url("/alias/230.jpg"), s.url("/404"), s.url("/alias/235.jpg")]
+    urls = [s.url(f"/img/{200 + i}.jpg") for i in range(36)] + [
+        s.url("/alias/201.jpg"),
+        s.url("/alias/230.jpg"),
+        s.url("/404"),
+        s.url("/alias/235.jpg"),
+    ]
     urls += [s.url("/alias/210.jpg")]
     inp = write_list(tmp_path / "l.parquet", urls, [f"caption {i}" for i in range(len(urls))])
     cfg = fast_cfg(shard_size=4)
@@ -178,7 +198,14 @@ def test_parts_equal_single_run(tmp_path, fault_server):
 
 def _run_cli(args: list[str], **kw) -> subprocess.Popen:
     env = dict(os.environ, TESSERA_PROGRESS="0", PYTHONPATH=str(REPO))
-    return subprocess.Popen([sys.executable, "-m", "tessera.cli", "prep", "crawl", *args], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)
+    return subprocess.Popen(
+        [sys.executable, "-m", "tessera.cli", "prep", "crawl", *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        **kw,
+    )
 
 
 def test_resume_after_kill_9_gives_the_same_samples(tmp_path, fault_server):
@@ -211,7 +238,9 @@ def test_resume_after_kill_9_gives_the_same_samples(tmp_path, fault_server):
     assert "already complete" in o.decode()
     assert read_samples(out) == read_samples(tmp_path / "ref")
     assert len(read_samples(out)) == ref["successes"] == n - 2
-    assert sorted((r["key"], r["status"], r["reason"]) for r in all_rows(out)) == sorted((r["key"], r["status"], r["reason"]) for r in all_rows(tmp_path / "ref"))
+    assert sorted((r["key"], r["status"], r["reason"]) for r in all_rows(out)) == sorted(
+        (r["key"], r["status"], r["reason"]) for r in all_rows(tmp_path / "ref")
+    )
     assert not [x for x in out.iterdir() if x.name.startswith(".")]
 
 
@@ -226,7 +255,9 @@ def test_s3_output_and_resume(tmp_path, fault_server, s3_server):
     st = crawl(inp, "s3://tessera-test/crawl/v1", cfg, progress=False)
     assert st["successes"] == 12 and st["shards_written"] == 3
     keys = sorted(o["Key"] for o in client.list_objects_v2(Bucket="tessera-test", Prefix="crawl/v1/")["Contents"])
-    assert keys == sorted(["crawl/v1/crawl.json"] + [f"crawl/v1/{k:05d}{suf}" for k in range(3) for suf in (".parquet", ".tar", "_dedup.npz", "_stats.json")])
+    assert keys == sorted(
+        ["crawl/v1/crawl.json"] + [f"crawl/v1/{k:05d}{suf}" for k in range(3) for suf in (".parquet", ".tar", "_dedup.npz", "_stats.json")]
+    )
     body = client.get_object(Bucket="tessera-test", Key="crawl/v1/00002.tar")["Body"].read()
     local = tmp_path / "00002.tar"
     local.write_bytes(body)
@@ -256,9 +287,32 @@ def test_cli_config_overrides_and_flags(tmp_path, fault_server):
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)
-    args = parser.parse_args(["--input", "x", "--output", "y", "--config", "demo", "--threads", "5", "crawl.shard_size=7", "filters.min_image_size=20", "--dedup-near", "--keep-cols", "a, b"])
+    args = parser.parse_args(
+        [
+            "--input",
+            "x",
+            "--output",
+            "y",
+            "--config",
+            "demo",
+            "--threads",
+            "5",
+            "crawl.shard_size=7",
+            "filters.min_image_size=20",
+            "--dedup-near",
+            "--keep-cols",
+            "a, b",
+        ]
+    )
     cfg = config_from_args(args)
-    assert (cfg.threads, cfg.shard_size, cfg.image_size, cfg.filters.min_image_size, cfg.filters.dedup_near, cfg.keep_cols) == (5, 7, 64, 20, True, ["a", "b"])
+    assert (cfg.threads, cfg.shard_size, cfg.image_size, cfg.filters.min_image_size, cfg.filters.dedup_near, cfg.keep_cols) == (
+        5,
+        7,
+        64,
+        20,
+        True,
+        ["a", "b"],
+    )
     args = parser.parse_args(["--input", "x", "--output", "y", "--config", "demo", "--threads", "5", "crawl.threads=9"])
     assert config_from_args(args).threads == 5  # explicit flags win over overrides
 
@@ -280,7 +334,13 @@ def test_cli_bad_input_one_line_exit_2(tmp_path, case, message):
         inp.write_text("url,caption\n,a\n" if case == "empty" else "url,caption\nhttp://127.0.0.1:9/a.jpg,a\n")
     out = tmp_path / "out"
     extra = ["--part", "4/4"] if case == "badpart" else []
-    r = subprocess.run([sys.executable, "-m", "tessera.cli", "prep", "crawl", "--input", str(inp), "--output", str(out), *extra], cwd=REPO, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    r = subprocess.run(
+        [sys.executable, "-m", "tessera.cli", "prep", "crawl", "--input", str(inp), "--output", str(out), *extra],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+    )
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("tessera: error:") and message in lines[0], r.stderr

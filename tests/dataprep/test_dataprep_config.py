@@ -7,10 +7,10 @@ import dataclasses
 
 import pytest
 
-from tessera.dataprep.config import CrawlConfig, EncodeConfig, FilterConfig, SyntheticConfig, TokenizerConfig
 from tessera.core import config as C
-from tessera.core.root_config import load_root
 from tessera.core.errors import ConfigError
+from tessera.core.root_config import load_root
+from tessera.dataprep.config import CrawlConfig, EncodeConfig, FilterConfig, SyntheticConfig, TokenizerConfig
 
 CLASSES = (SyntheticConfig, FilterConfig, CrawlConfig, TokenizerConfig, EncodeConfig)
 
@@ -44,7 +44,9 @@ def test_defaults():
 
 def test_values_from_overrides_and_toml(tmp_path):
     p = tmp_path / "c.toml"
-    p.write_text('[crawl]\nkeep_cols = ["width", "height"]\nresize = "border"\ntimeout = 3\n[crawl.filters]\nsimilarity_model = "exports/clip"\n')
+    p.write_text(
+        '[crawl]\nkeep_cols = ["width", "height"]\nresize = "border"\ntimeout = 3\n[crawl.filters]\nsimilarity_model = "exports/clip"\n'
+    )
     cfg = load_root(p, ["crawl.filters.near_dup_bits=6", "tokenizer.kind=sentencepiece", "encode.workers=3"])
     assert cfg.crawl.keep_cols == ["width", "height"] and cfg.crawl.resize == "border"
     assert cfg.crawl.timeout == 3.0 and isinstance(cfg.crawl.timeout, float)
@@ -88,7 +90,13 @@ def test_wrong_types_name_the_key_and_the_expected_type(override, message):
 )
 def test_unknown_keys_list_the_known_ones(override, section):
     key = override.split("=")[0]
-    cls = {"crawl.filters": FilterConfig, "crawl": CrawlConfig, "tokenizer": TokenizerConfig, "synthetic": SyntheticConfig, "encode": EncodeConfig}[section]
+    cls = {
+        "crawl.filters": FilterConfig,
+        "crawl": CrawlConfig,
+        "tokenizer": TokenizerConfig,
+        "synthetic": SyntheticConfig,
+        "encode": EncodeConfig,
+    }[section]
     with pytest.raises(ConfigError) as e:
         load(override)
     known = ", ".join(sorted(f.name for f in dataclasses.fields(cls)))

@@ -5,9 +5,9 @@ import pytest
 import torch
 from PIL import Image, ImageFilter
 
+from tessera.core.errors import InputError
 from tessera.dataprep import synthetic as S
 from tessera.dataprep.detector import detect, features, score
-from tessera.core.errors import InputError
 
 
 def crawl_like(img: Image.Image, size: int = 64, quality: int = 95) -> Image.Image:

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from tessera.dataprep.download import DownloadError, Downloader, robots_denies
+from tessera.dataprep.download import Downloader, DownloadError, robots_denies
 
 
 def dl(**kw):
@@ -34,7 +34,13 @@ def test_retry_after_500(fault_server):
 
 @pytest.mark.parametrize(
     "path, reason",
-    [("/404", "http_error"), ("/loop/a", "too_many_redirects"), ("/big.jpg", "too_large"), ("/noai/1.jpg", "robots_noai"), ("/gone", "connection_error")],
+    [
+        ("/404", "http_error"),
+        ("/loop/a", "too_many_redirects"),
+        ("/big.jpg", "too_large"),
+        ("/noai/1.jpg", "robots_noai"),
+        ("/gone", "connection_error"),
+    ],
 )
 def test_failures(fault_server, path, reason):
     with pytest.raises(DownloadError) as e:
@@ -75,7 +81,9 @@ def test_robots_can_be_ignored(fault_server):
     assert dl(respect_robots_header=False).fetch(fault_server.url("/noai/2.jpg")).body == fault_server.image(2)
 
 
-@pytest.mark.parametrize("url", ["http://exa mple.com/x.jpg", "http://127.0.0.1:99999/x.jpg", "http://[::1/x.jpg", "http:///x.jpg", "not a url"])
+@pytest.mark.parametrize(
+    "url", ["http://exa mple.com/x.jpg", "http://127.0.0.1:99999/x.jpg", "http://[::1/x.jpg", "http:///x.jpg", "not a url"]
+)
 def test_malformed_urls_are_one_failure_each(url):
     with pytest.raises(DownloadError) as e:
         dl().fetch(url)
@@ -95,9 +103,26 @@ def https_server(tmp_path_factory):
         pytest.skip("openssl is not installed")
     d = tmp_path_factory.mktemp("tls")
     subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=127.0.0.1",
-         "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(d / "key.pem"), "-out", str(d / "cert.pem")],
-        check=True, capture_output=True,
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+            "-keyout",
+            str(d / "key.pem"),
+            "-out",
+            str(d / "cert.pem"),
+        ],
+        check=True,
+        capture_output=True,
     )
     body = b"\xff\xd8tls-body"
 

@@ -11,14 +11,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "trainer"))
 from dvae_shapes import write_shape_shards  # noqa: E402
 
-from tessera.dataprep.encode import encode_shards, parse_part  # noqa: E402
-from tessera.core import config as C  # noqa: E402
 from tessera.cli import main as cli_main  # noqa: E402
+from tessera.core import config as C  # noqa: E402
 from tessera.core.errors import InputError  # noqa: E402
+from tessera.core.files import save_checkpoint  # noqa: E402
+from tessera.dataprep.encode import encode_shards, parse_part  # noqa: E402
 from tessera.trainer.config import DVAEModelConfig  # noqa: E402
 from tessera.trainer.data import decode_image, iter_samples  # noqa: E402
 from tessera.trainer.dvae import DVAE  # noqa: E402
-from tessera.core.files import save_checkpoint  # noqa: E402
 
 CFG = DVAEModelConfig(image_size=16, n_hid=8, n_groups=3, n_blk_per_group=1, vocab_size=300, n_init=16)
 
@@ -69,8 +69,22 @@ def test_parts_never_collide_and_equal_one_run(setup):
     one = encode_shards(d / "dvae.pt", d / "tok" / "bpe.model", str(d / "img"), d / "one2", batch_size=8)
     first = encode_shards(d / "dvae.pt", d / "tok" / "bpe.model", str(d / "img"), d / "parts", batch_size=3, part="1/2")
     assert [e["name"] for e in first["entries"]] == ["00001.tar"] and not (d / "parts" / "manifest.json").exists()
-    code = cli_main(["prep", "encode", "--dvae", str(d / "dvae.pt"), "--tokenizer", str(d / "tok" / "bpe.model"),
-                     "--input", str(d / "img"), "--output", str(d / "parts"), "--part", "0/2"])
+    code = cli_main(
+        [
+            "prep",
+            "encode",
+            "--dvae",
+            str(d / "dvae.pt"),
+            "--tokenizer",
+            str(d / "tok" / "bpe.model"),
+            "--input",
+            str(d / "img"),
+            "--output",
+            str(d / "parts"),
+            "--part",
+            "0/2",
+        ]
+    )
     assert code == 0
     full = json.loads((d / "parts" / "manifest.json").read_text())
     assert full == one
@@ -82,8 +96,20 @@ def test_bad_inputs_give_one_line_errors(setup, tmp_path, capsys):
     d, _, _ = setup
     with pytest.raises(InputError, match="3/2"):
         parse_part("3/2")
-    code = cli_main(["prep", "encode", "--dvae", str(tmp_path / "none.pt"), "--tokenizer", str(d / "tok" / "bpe.model"),
-                     "--input", str(d / "img"), "--output", str(tmp_path / "o")])
+    code = cli_main(
+        [
+            "prep",
+            "encode",
+            "--dvae",
+            str(tmp_path / "none.pt"),
+            "--tokenizer",
+            str(d / "tok" / "bpe.model"),
+            "--input",
+            str(d / "img"),
+            "--output",
+            str(tmp_path / "o"),
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "none.pt" in err and len(err.strip().splitlines()) == 1
     with pytest.raises(InputError, match="nothing"):

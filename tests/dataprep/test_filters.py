@@ -6,10 +6,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from tessera.core.errors import ConfigError
 from tessera.dataprep.config import CrawlConfig, FilterConfig
 from tessera.dataprep.crawl import crawl
 from tessera.dataprep.filters import DedupIndex, check_caption, decode_caption, load_scorer
-from tessera.core.errors import ConfigError
 
 
 def test_captions():
@@ -50,8 +50,9 @@ def make():
 
 
 def test_similarity_filter_through_a_pluggable_scorer(tmp_path, fault_server):
-    from PIL import Image
     import io
+
+    from PIL import Image
 
     path = tmp_path / "scorer.py"
     path.write_text(SCORER)
@@ -65,7 +66,13 @@ def test_similarity_filter_through_a_pluggable_scorer(tmp_path, fault_server):
     caps = ["red thing" if i % 2 else "blue thing" for i in range(8)]
     inp = tmp_path / "l.parquet"
     pq.write_table(pa.table({"url": urls, "caption": caps}), inp)
-    cfg = CrawlConfig(processes=1, threads=4, shard_size=8, image_size=16, filters=FilterConfig(similarity_threshold=-2.0, similarity_model=f"{path}:make"))
+    cfg = CrawlConfig(
+        processes=1,
+        threads=4,
+        shard_size=8,
+        image_size=16,
+        filters=FilterConfig(similarity_threshold=-2.0, similarity_model=f"{path}:make"),
+    )
     assert crawl(inp, tmp_path / "all", cfg, progress=False)["successes"] == 8
     expected = sum(scorer.score([Image.open(io.BytesIO(s.image(i))).convert("RGB")], [caps[i]])[0] >= 0.0 for i in range(8))
     cfg.filters.similarity_threshold = 0.0001

@@ -7,9 +7,9 @@ import time
 
 import numpy as np
 import pytest
+from crawl_helpers import noisy_jpeg, png_header_bomb
 from PIL import Image
 
-from crawl_helpers import noisy_jpeg, png_header_bomb
 from tessera.dataprep.imaging import ImageReject, ImageSpec, dhash, process_image
 
 

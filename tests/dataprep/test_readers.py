@@ -9,8 +9,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tessera.dataprep.readers import read_url_list
 from tessera.core.errors import InputError
+from tessera.dataprep.readers import read_url_list
 
 ROWS = [("http://h/1.jpg", "one", "a"), ("http://h/2.jpg", "two, with comma", "b"), ("http://h/3.jpg", "three", "c")]
 

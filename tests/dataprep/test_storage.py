@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tessera.dataprep.storage import LocalStorage, S3Storage, check_name, open_storage
 from tessera.core.errors import InputError
+from tessera.dataprep.storage import LocalStorage, S3Storage, check_name, open_storage
 
 
 @pytest.mark.parametrize("name", ["../x.tar", "/etc/passwd", "a/b.tar", ".hidden", "x..tar", ""])

@@ -6,10 +6,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from tessera.dataprep import synthetic as S
-from tessera.dataprep.config import SyntheticConfig
 from tessera.cli import main
 from tessera.core.errors import InputError
+from tessera.dataprep import synthetic as S
+from tessera.dataprep.config import SyntheticConfig
 
 
 def test_tables_and_split_are_deterministic_and_cover_every_value():
@@ -22,7 +22,13 @@ def test_tables_and_split_are_deterministic_and_cover_every_value():
     assert len(held) == round(0.1 * n) and len(train) + len(held) == n
     assert not set(train) & set(held)
     assert S.split_combinations(0.1, seed=4)[1] != held
-    for key, table in [("shape", S.SHAPES), ("color", S.COLORS), ("size", S.SIZES), ("position", S.POSITIONS), ("background", S.BACKGROUNDS)]:
+    for key, table in [
+        ("shape", S.SHAPES),
+        ("color", S.COLORS),
+        ("size", S.SIZES),
+        ("position", S.POSITIONS),
+        ("background", S.BACKGROUNDS),
+    ]:
         assert {getattr(c, key) for c in train} == set(table)
     assert S.split_combinations(0.0)[1] == []
 
@@ -96,7 +102,18 @@ def test_serve_and_absolute_url_lists(tmp_path):
 
 def test_cli_with_overrides(tmp_path, capsys):
     out = tmp_path / "syn"
-    code = main(["prep", "synthetic", "--output", str(out), "--base-url", "http://example.invalid/data", "synthetic.num_train=20", "synthetic.num_eval=4"])
+    code = main(
+        [
+            "prep",
+            "synthetic",
+            "--output",
+            str(out),
+            "--base-url",
+            "http://example.invalid/data",
+            "synthetic.num_train=20",
+            "synthetic.num_eval=4",
+        ]
+    )
     assert code == 0
     assert len(list((out / "images" / "train").glob("*.jpg"))) == 20
     assert len(list((out / "images" / "eval").glob("*.jpg"))) == 4

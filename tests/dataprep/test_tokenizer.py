@@ -5,10 +5,10 @@ import tarfile
 
 import pytest
 
-from tessera.dataprep import synthetic as S
-from tessera.dataprep.tokenizer import KINDS, input_files, load_tokenizer, read_captions, tokenizer_from_bytes, train_tokenizer
 from tessera.cli import main
 from tessera.core.errors import InputError
+from tessera.dataprep import synthetic as S
+from tessera.dataprep.tokenizer import KINDS, input_files, load_tokenizer, read_captions, tokenizer_from_bytes, train_tokenizer
 
 CAPTIONS = [S.caption(a) for a in S.all_combinations()]
 
@@ -102,7 +102,9 @@ def test_cli_on_shards(tmp_path, capsys):
     assert tok.kind == "youtokentome" and tok.vocab_size <= 200
     assert tok.decode(tok.encode(CAPTIONS[7])) == CAPTIONS[7]
     out2 = tmp_path / "bpe.spm"
-    assert main(["prep", "tokenizer", "--input", str(shards), "--output", str(out2), "--config", "demo", "tokenizer.kind=sentencepiece"]) == 0
+    assert (
+        main(["prep", "tokenizer", "--input", str(shards), "--output", str(out2), "--config", "demo", "tokenizer.kind=sentencepiece"]) == 0
+    )
     assert json.loads((tmp_path / "bpe.spm.json").read_text())["kind"] == "sentencepiece"
 
 

@@ -13,7 +13,6 @@ import torch
 
 from tessera.kernels import layouts
 from tessera.kernels.block_sparse_attention import (
-    BlockSparseIndex,
     attention_flops,
     block_sparse_attention,
     block_sparse_attention_reference,
@@ -104,12 +103,12 @@ def test_index_matches_layouts_and_is_consistent():
     assert torch.equal(idx.partial, layouts.block_partial(mask, 16))
     # row CSR lists exactly the non-empty blocks of each row, ascending; the column CSR is its transpose
     for m in range(idx.n_blocks):
-        cols = idx.col_idx[idx.row_ptr[m]: idx.row_ptr[m + 1]].tolist()
+        cols = idx.col_idx[idx.row_ptr[m] : idx.row_ptr[m + 1]].tolist()
         assert cols == idx.layout[m].nonzero().flatten().tolist()
-        flags = idx.row_partial[idx.row_ptr[m]: idx.row_ptr[m + 1]].tolist()
+        flags = idx.row_partial[idx.row_ptr[m] : idx.row_ptr[m + 1]].tolist()
         assert flags == [int(idx.partial[m, c]) for c in cols]
     for n in range(idx.n_blocks):
-        rows = idx.row_idx[idx.col_ptr[n]: idx.col_ptr[n + 1]].tolist()
+        rows = idx.row_idx[idx.col_ptr[n] : idx.col_ptr[n + 1]].tolist()
         assert rows == idx.layout[:, n].nonzero().flatten().tolist()
     assert idx.nnz_blocks == int(idx.layout.sum())
     assert idx.allowed_pairs == int(mask.sum())
@@ -203,8 +202,8 @@ def test_ragged_full_size(device):
 
 def _ptxas_available() -> bool:
     try:
-        from triton.backends.nvidia.compiler import get_ptxas  # noqa: F401
         import triton.backends.nvidia as nv
+        from triton.backends.nvidia.compiler import get_ptxas  # noqa: F401
 
         return os.path.exists(os.path.join(os.path.dirname(nv.__file__), "bin", "ptxas"))
     except Exception:
@@ -238,8 +237,7 @@ def run_compile_check(code: str) -> str:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(here.parents[1]), str(here), env.get("PYTHONPATH", "")])
     head = "from test_block_sparse_attention import compile_sm90\n"
-    proc = subprocess.run([sys.executable, "-c", head + code], env=env, cwd=here.parents[1],
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, "-c", head + code], env=env, cwd=here.parents[1], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
 
@@ -288,5 +286,6 @@ def test_index_cache_follows_the_mask_tensor(device):
     b = _cached_index(mask, 16, device)
     assert b is not a and b.allowed_pairs == int(mask.sum())
     q, k, v = _qkv(1, 1, 40, 16, torch.float32, device, seed=4)
-    torch.testing.assert_close(block_sparse_attention(q, k, v, mask, block=16),
-                               block_sparse_attention_reference(q, k, v, mask), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        block_sparse_attention(q, k, v, mask, block=16), block_sparse_attention_reference(q, k, v, mask), atol=1e-5, rtol=1e-5
+    )

@@ -4,8 +4,8 @@ from typing import Literal, Optional
 import pytest
 
 from tessera.core import config as C
-from tessera.core.root_config import TesseraConfig, load_root
 from tessera.core.errors import ConfigError
+from tessera.core.root_config import TesseraConfig, load_root
 
 
 @dataclasses.dataclass
@@ -28,10 +28,10 @@ def test_defaults_then_toml_then_overrides(tmp_path):
     p = tmp_path / "c.toml"
     p.write_text('name = "from-toml"\n[inner]\nwidth = 16\nratio = 2\n')
     cfg = C.load(Outer, p, ["inner.width=32", "flag=true", "sizes=[3,4,5]", "maybe=hello"])
-    assert cfg.name == "from-toml"          # TOML beats default
-    assert cfg.inner.width == 32            # CLI beats TOML
+    assert cfg.name == "from-toml"  # TOML beats default
+    assert cfg.inner.width == 32  # CLI beats TOML
     assert cfg.inner.ratio == 2.0 and isinstance(cfg.inner.ratio, float)  # int accepted for float
-    assert cfg.inner.mode == "a"            # default kept
+    assert cfg.inner.mode == "a"  # default kept
     assert cfg.flag is True and cfg.sizes == [3, 4, 5] and cfg.maybe == "hello"
 
 

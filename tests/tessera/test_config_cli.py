@@ -11,8 +11,7 @@ else:  # pragma: no cover
 
 from tessera import cli
 from tessera.core import config as C
-from tessera.core.root_config import load_root
-from tessera.core.root_config import TesseraConfig
+from tessera.core.root_config import TesseraConfig, load_root
 
 
 def run_config(capsys, *args):
@@ -97,4 +96,3 @@ def test_resolved_preset_with_overrides_reloads_to_the_same_config(tmp_path, cap
     assert load_root(path) == expected
     code, again, _ = run_config(capsys, "--config", str(path))
     assert code == 0 and again == out
-

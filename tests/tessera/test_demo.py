@@ -42,7 +42,9 @@ def test_demo_prompts_cover_every_colour_shape_pair():
 def quick_demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "run"
     env = dict(os.environ, TESSERA_PROGRESS="0")
-    r = subprocess.run([sys.executable, "-m", "tessera.cli", "demo", "--quick", "--output", str(out)], capture_output=True, text=True, env=env, timeout=900)
+    r = subprocess.run(
+        [sys.executable, "-m", "tessera.cli", "demo", "--quick", "--output", str(out)], capture_output=True, text=True, env=env, timeout=900
+    )
     assert r.returncode == 0, r.stderr[-4000:]
     return out, r
 
@@ -87,9 +89,18 @@ def test_quick_demo_files(quick_demo):
 
 def test_format_report_table():
     report = {
-        "dvae_psnr": 27.1, "color_acc": 1.0, "shape_acc": 0.8, "position_acc": 0.5, "size_acc": 0.7,
-        "heldout_color_acc": 1.0, "heldout_shape_acc": 0.5, "heldout_prompt_images": 8,
-        "num_prompts": 18, "samples_per_prompt": 4, "stage_seconds": {"crawl train": 3.0}, "total_seconds": 9.0,
+        "dvae_psnr": 27.1,
+        "color_acc": 1.0,
+        "shape_acc": 0.8,
+        "position_acc": 0.5,
+        "size_acc": 0.7,
+        "heldout_color_acc": 1.0,
+        "heldout_shape_acc": 0.5,
+        "heldout_prompt_images": 8,
+        "num_prompts": 18,
+        "samples_per_prompt": 4,
+        "stage_seconds": {"crawl train": 3.0},
+        "total_seconds": 9.0,
     }
     text = format_report(report)
     assert "dvae_psnr (dB, held-out)  27.1" in text and "time: total" in text

@@ -20,7 +20,7 @@ def one_error_line(capsys) -> str:
     assert len(lines) == 1, err
     assert "Traceback" not in err
     assert lines[0].startswith("tessera: error: ")
-    return lines[0][len("tessera: error: "):]
+    return lines[0][len("tessera: error: ") :]
 
 
 def test_hierarchy_and_docs():

@@ -6,11 +6,10 @@ from pathlib import Path
 import pytest
 
 from tessera.cluster.config import DistConfig
-from tessera.dataprep.config import CrawlConfig, EncodeConfig, SyntheticConfig, TokenizerConfig
 from tessera.core import config as C
-from tessera.core.root_config import TesseraConfig, from_run_dict, load_root
 from tessera.core.errors import ConfigError
-from tessera.core.root_config import TesseraConfig
+from tessera.core.root_config import TesseraConfig, from_run_dict, load_root
+from tessera.dataprep.config import CrawlConfig, EncodeConfig, SyntheticConfig, TokenizerConfig
 from tessera.trainer.config import ClipConfig, DVAEConfig, SampleConfig, TransformerConfig
 
 PRESETS = sorted(p.stem for p in C.PRESET_DIR.glob("*.toml"))

@@ -6,19 +6,33 @@ import tempfile
 import numpy as np
 import pytest
 import torch
-
-from tessera.dataprep import synthetic as S
-from tessera.dataprep.tokenizer import train_tokenizer
-from tessera.cli import main
-from tessera.core.errors import CheckpointError, InputError
 from safetensors.torch import save_file
 
+from tessera.cli import main
+from tessera.core.errors import CheckpointError, InputError
+from tessera.core.files import load_checkpoint, save_checkpoint
+from tessera.dataprep import synthetic as S
+from tessera.dataprep.tokenizer import train_tokenizer
 from tessera.trainer.clip import CLIP, load_clip, load_scorer, pad_ids
 from tessera.trainer.clip_train import read_pairs, retrieval_accuracy, train_clip
 from tessera.trainer.config import ClipConfig
-from tessera.core.files import load_checkpoint, save_checkpoint
 
-SMALL = dict(d_model=64, n_layers=2, n_heads=4, image_width=16, image_size=32, embed_dim=64, text_len=16, batch_size=32, lr=2e-3, warmup_steps=20, log_every=25, eval_every=0, ckpt_every=0, eval_samples=400)
+SMALL = dict(
+    d_model=64,
+    n_layers=2,
+    n_heads=4,
+    image_width=16,
+    image_size=32,
+    embed_dim=64,
+    text_len=16,
+    batch_size=32,
+    lr=2e-3,
+    warmup_steps=20,
+    log_every=25,
+    eval_every=0,
+    ckpt_every=0,
+    eval_samples=400,
+)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -95,7 +109,13 @@ def test_training_reaches_retrieval_accuracy_far_above_chance(tmp_path, tok):
     # unseen renders of training combinations: own caption beats a caption with one attribute changed
     imgs, caps = _pairs(train_combos, 100, seed=2)
     x = imgs.float() / 255
-    wrong = [c.replace(" on a gray", " on a XX").replace(" on a white", " on a gray").replace(" on a black", " on a white").replace(" on a XX", " on a black") for c in caps]
+    wrong = [
+        c.replace(" on a gray", " on a XX")
+        .replace(" on a white", " on a gray")
+        .replace(" on a black", " on a white")
+        .replace(" on a XX", " on a black")
+        for c in caps
+    ]
     good, bad = scorer.score(x, caps), scorer.score(x, wrong)
     assert good.shape == (100,) and (good.abs() <= 1.0001).all()
     assert (good > bad).float().mean() > 0.8
@@ -116,7 +136,9 @@ def test_training_reaches_retrieval_accuracy_far_above_chance(tmp_path, tok):
     save_file({f"clip.{k}": v.half() for k, v in state["model"].items()}, str(exp / "model.safetensors"))
     (exp / "clip_tokenizer.model").write_bytes(state["tokenizer_bytes"].numpy().tobytes())
     (exp / "clip_tokenizer.model.json").write_text(json.dumps(state["tokenizer_meta"]))
-    (exp / "config.json").write_text(json.dumps({"clip": {"config": state["config"], "vocab_size": state["vocab_size"], "tokenizer": "clip_tokenizer.model"}}))
+    (exp / "config.json").write_text(
+        json.dumps({"clip": {"config": state["config"], "vocab_size": state["vocab_size"], "tokenizer": "clip_tokenizer.model"}})
+    )
     assert torch.allclose(load_clip(exp).score(x[:8], caps[:8]), good[:8], atol=2e-2)  # fp16 weights
     (exp / "config.json").write_text(json.dumps({"clip": None}))
     with pytest.raises(CheckpointError, match="holds no CLIP"):

@@ -17,18 +17,33 @@ import torch
 from PIL import Image
 
 from tessera.core import config as C
-from tessera.core.root_config import from_run_dict, load_root
 from tessera.core.errors import CheckpointError, InputError
+from tessera.core.files import load_checkpoint
+from tessera.core.root_config import from_run_dict, load_root
 from tessera.trainer.clip import CLIP
 from tessera.trainer.clip_train import _param_groups, read_pairs, retrieval_accuracy, train_clip
 from tessera.trainer.config import ClipConfig
-from tessera.core.files import load_checkpoint
 from tessera.trainer.schedules import warmup_cosine
 
 COLORS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 50, 220), "yellow": (230, 220, 30)}
 SHAPES = ("circle", "square")  # the captions of tests/trainer/token_fixtures.py: "a {colour} {shape}"
-TINY = dict(d_model=32, n_layers=1, n_heads=2, image_width=8, image_size=16, embed_dim=16, text_len=8, batch_size=16,
-            lr=3e-3, lr_min=1e-5, warmup_steps=5, log_every=1, eval_every=20, ckpt_every=20, eval_samples=64)
+TINY = dict(
+    d_model=32,
+    n_layers=1,
+    n_heads=2,
+    image_width=8,
+    image_size=16,
+    embed_dim=16,
+    text_len=8,
+    batch_size=16,
+    lr=3e-3,
+    lr_min=1e-5,
+    warmup_steps=5,
+    log_every=1,
+    eval_every=20,
+    ckpt_every=20,
+    eval_samples=64,
+)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -213,12 +228,18 @@ def test_read_pairs_crops_the_center_skips_unpaired_and_limits(tmp_path):
     wide[:, :8] = (255, 0, 0)
     wide[:, 24:] = (0, 0, 255)
     wide[:, 8:24] = (0, 255, 0)  # the center square is green
-    _tar(tmp_path / "a.tar", [
-        ("k1.png", _png(wide)), ("k1.txt", b"  a wide one \n"),
-        ("k2.png", _png(np.full((8, 8, 3), 7, np.uint8))),  # no caption: skipped
-        ("k3.txt", b"no image"),  # no image: skipped
-        ("k4.PNG", _png(np.full((8, 8, 3), 200, np.uint8))), ("k4.txt", b"small"), ("k4.json", b"{}"),
-    ])
+    _tar(
+        tmp_path / "a.tar",
+        [
+            ("k1.png", _png(wide)),
+            ("k1.txt", b"  a wide one \n"),
+            ("k2.png", _png(np.full((8, 8, 3), 7, np.uint8))),  # no caption: skipped
+            ("k3.txt", b"no image"),  # no image: skipped
+            ("k4.PNG", _png(np.full((8, 8, 3), 200, np.uint8))),
+            ("k4.txt", b"small"),
+            ("k4.json", b"{}"),
+        ],
+    )
     imgs, caps = read_pairs(tmp_path / "a.tar", 8)
     assert caps == ["a wide one", "small"] and imgs.shape == (2, 3, 8, 8) and imgs.dtype == torch.uint8
     assert (imgs[0, 1] == 255).all() and (imgs[0, 0] == 0).all() and (imgs[0, 2] == 0).all()  # only the green center

@@ -1,7 +1,7 @@
 import pytest
 import torch
-
 from dvae_shapes import write_shape_shards
+
 from tessera.trainer.codebook_init import image_patches, kmeans, nearest, patch_codes, sample_centroids
 
 
@@ -12,7 +12,7 @@ def test_image_patches_are_the_pixel_blocks_in_raster_order():
     for b in range(2):
         for i in range(2):
             for j in range(3):
-                assert torch.equal(p[b * 6 + i * 3 + j], x[b, :, 4 * i:4 * i + 4, 4 * j:4 * j + 4].flatten())
+                assert torch.equal(p[b * 6 + i * 3 + j], x[b, :, 4 * i : 4 * i + 4, 4 * j : 4 * j + 4].flatten())
     with pytest.raises(ValueError, match="multiple of the patch size 5"):
         image_patches(x, 5)
 
@@ -30,8 +30,10 @@ def test_kmeans_finds_separated_clusters_and_is_deterministic():
     labels = torch.arange(400) % 4
     pts = centres[labels] + 0.05 * torch.randn(400, 6, generator=g)
     # 8 restarts of 10 iterations: Lloyd can merge two clusters from a bad start; the best of a few must not
-    best = min((kmeans(pts, 4, 10, torch.Generator().manual_seed(s)) for s in range(8)),
-               key=lambda c: (pts - c[nearest(pts, c)]).pow(2).sum().item())
+    best = min(
+        (kmeans(pts, 4, 10, torch.Generator().manual_seed(s)) for s in range(8)),
+        key=lambda c: (pts - c[nearest(pts, c)]).pow(2).sum().item(),
+    )
     err = torch.cdist(centres, best).min(1).values
     assert err.max() < 0.05  # every true centre has a centroid on it
     a = nearest(pts, best)

@@ -1,10 +1,9 @@
 import os
-import tarfile
 
 import pytest
 import torch
-
 from dvae_shapes import write_shape_shards
+
 from tessera.core.errors import InputError
 from tessera.trainer.data import ImageStream, consumer_stream, iter_image_batches, iter_samples, list_shards, split_shards
 
@@ -51,7 +50,12 @@ def test_consumers_see_disjoint_samples_covering_the_epoch(shards, world, nworke
     seen = []
     for r in range(world):
         for w in range(nworkers):
-            keys = [rec["__key__"] for rec, _ in consumer_stream(all_shards, seed=1, rank=r, world=world, worker=w, nworkers=nworkers, shuffle_buffer=7, loop=False)]
+            keys = [
+                rec["__key__"]
+                for rec, _ in consumer_stream(
+                    all_shards, seed=1, rank=r, world=world, worker=w, nworkers=nworkers, shuffle_buffer=7, loop=False
+                )
+            ]
             seen.extend(keys)
     assert len(seen) == 60 and len(set(seen)) == 60
 

@@ -11,9 +11,9 @@ from torch import nn
 
 from tessera.core import config as C
 from tessera.core.errors import CheckpointError, InputError
+from tessera.core.files import save_checkpoint
 from tessera.trainer.config import DVAEModelConfig
 from tessera.trainer.dvae import DVAE, gumbel_softmax, kl_to_uniform, load_dvae, logit_laplace_nll, map_pixels, unmap_pixels
-from tessera.core.files import save_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 SMALL = DVAEModelConfig(image_size=32, n_hid=8, n_groups=4, n_blk_per_group=2, vocab_size=64, n_init=16)
@@ -42,7 +42,11 @@ class OABlock(nn.Module):
         self.post_gain = 1 / n_layers**2
         self.id_path = OAConv2d(n_in, n_out, 1) if n_in != n_out else nn.Identity()
         w = [n_in, hid, hid, hid, n_out]
-        self.res_path = nn.Sequential(OrderedDict(sum(([(f"relu_{i+1}", nn.ReLU()), (f"conv_{i+1}", OAConv2d(w[i], w[i + 1], k))] for i, k in enumerate(kernels)), [])))
+        self.res_path = nn.Sequential(
+            OrderedDict(
+                sum(([(f"relu_{i + 1}", nn.ReLU()), (f"conv_{i + 1}", OAConv2d(w[i], w[i + 1], k))] for i, k in enumerate(kernels)), [])
+            )
+        )
 
     def forward(self, x):
         return self.id_path(x) + self.post_gain * self.res_path(x)
@@ -55,14 +59,21 @@ class OAEncoder(nn.Module):
         rng = range(n_blk)
 
         def group(a, b, pool):
-            items = [(f"block_{i+1}", blk(a * n_hid if i == 0 else b * n_hid, b * n_hid)) for i in rng]
+            items = [(f"block_{i + 1}", blk(a * n_hid if i == 0 else b * n_hid, b * n_hid)) for i in rng]
             return nn.Sequential(OrderedDict(items + ([("pool", nn.MaxPool2d(2))] if pool else [])))
 
-        self.blocks = nn.Sequential(OrderedDict([
-            ("input", OAConv2d(3, n_hid, 7)),
-            ("group_1", group(1, 1, True)), ("group_2", group(1, 2, True)), ("group_3", group(2, 4, True)), ("group_4", group(4, 8, False)),
-            ("output", nn.Sequential(OrderedDict([("relu", nn.ReLU()), ("conv", OAConv2d(8 * n_hid, vocab, 1))]))),
-        ]))
+        self.blocks = nn.Sequential(
+            OrderedDict(
+                [
+                    ("input", OAConv2d(3, n_hid, 7)),
+                    ("group_1", group(1, 1, True)),
+                    ("group_2", group(1, 2, True)),
+                    ("group_3", group(2, 4, True)),
+                    ("group_4", group(4, 8, False)),
+                    ("output", nn.Sequential(OrderedDict([("relu", nn.ReLU()), ("conv", OAConv2d(8 * n_hid, vocab, 1))]))),
+                ]
+            )
+        )
 
     def forward(self, x):
         return self.blocks(x)
@@ -75,14 +86,21 @@ class OADecoder(nn.Module):
         rng = range(n_blk)
 
         def group(a, b, up):
-            items = [(f"block_{i+1}", blk(a if i == 0 else b * n_hid, b * n_hid)) for i in rng]
+            items = [(f"block_{i + 1}", blk(a if i == 0 else b * n_hid, b * n_hid)) for i in rng]
             return nn.Sequential(OrderedDict(items + ([("upsample", nn.Upsample(scale_factor=2, mode="nearest"))] if up else [])))
 
-        self.blocks = nn.Sequential(OrderedDict([
-            ("input", OAConv2d(vocab, n_init, 1)),
-            ("group_1", group(n_init, 8, True)), ("group_2", group(8 * n_hid, 4, True)), ("group_3", group(4 * n_hid, 2, True)), ("group_4", group(2 * n_hid, 1, False)),
-            ("output", nn.Sequential(OrderedDict([("relu", nn.ReLU()), ("conv", OAConv2d(n_hid, 6, 1))]))),
-        ]))
+        self.blocks = nn.Sequential(
+            OrderedDict(
+                [
+                    ("input", OAConv2d(vocab, n_init, 1)),
+                    ("group_1", group(n_init, 8, True)),
+                    ("group_2", group(8 * n_hid, 4, True)),
+                    ("group_3", group(4 * n_hid, 2, True)),
+                    ("group_4", group(2 * n_hid, 1, False)),
+                    ("output", nn.Sequential(OrderedDict([("relu", nn.ReLU()), ("conv", OAConv2d(n_hid, 6, 1))]))),
+                ]
+            )
+        )
 
     def forward(self, x):
         return self.blocks(x)
@@ -127,8 +145,14 @@ def test_openai_weights_convert_to_identical_outputs(tmp_path):
 def test_shapes_names_and_paper_details():
     m = DVAE(SMALL)
     names = set(m.state_dict())
-    for k in ("encoder.blocks.input.w", "encoder.blocks.group_1.block_1.res_path.conv_1.w", "encoder.blocks.group_2.block_1.id_path.b",
-              "encoder.blocks.output.conv.w", "decoder.blocks.input.w", "decoder.blocks.group_4.block_2.res_path.conv_4.b"):
+    for k in (
+        "encoder.blocks.input.w",
+        "encoder.blocks.group_1.block_1.res_path.conv_1.w",
+        "encoder.blocks.group_2.block_1.id_path.b",
+        "encoder.blocks.output.conv.w",
+        "decoder.blocks.input.w",
+        "decoder.blocks.group_4.block_2.res_path.conv_4.b",
+    ):
         assert k in names
     assert "encoder.blocks.group_1.block_1.id_path.w" not in names  # identity skip when widths agree
     enc_k = [m.encoder.blocks.group_1.block_1.res_path[i].kw for i in (1, 3, 5, 7)]
@@ -219,7 +243,10 @@ def test_load_dvae_from_export_dir(tmp_path):
     d = tmp_path / "export"
     d.mkdir()
     (d / "config.json").write_text(json.dumps({"dvae": {"model": C.to_dict(SMALL)}}))
-    save_file({f"dvae_decoder.{k}": v.contiguous() for k, v in m.decoder.state_dict().items()} | {"transformer.x": torch.zeros(1)}, str(d / "model.safetensors"))
+    save_file(
+        {f"dvae_decoder.{k}": v.contiguous() for k, v in m.decoder.state_dict().items()} | {"transformer.x": torch.zeros(1)},
+        str(d / "model.safetensors"),
+    )
     m2, cfg = load_dvae(d)
     codes = torch.randint(0, 64, (2, 4, 4))
     assert not m2.has_encoder and torch.equal(m2.decode_codes(codes), m.eval().decode_codes(codes))

@@ -3,25 +3,40 @@ import os
 
 import pytest
 import torch
-
-from tessera.cluster import dist as D
 from dvae_shapes import write_shape_shards
-from tessera.core import config as C
-from tessera.core.root_config import load_root
+
 from tessera.cli import main as cli_main
-from tessera.core.errors import CheckpointError, InputError
+from tessera.cluster import dist as D
+from tessera.core.errors import CheckpointError
+from tessera.core.files import load_checkpoint, save_checkpoint
+from tessera.core.root_config import load_root
 from tessera.trainer.data import consumer_stream, list_shards
 from tessera.trainer.dvae import load_dvae
 from tessera.trainer.dvae_train import kmeans_centroids, train_dvae
-from tessera.core.files import load_checkpoint, save_checkpoint
 
 # The paper's objective (the demo preset adds a diversity term, a squared-error term and a k-means
 # warm start, tested on their own below).
-TINY = ["dvae.train.diversity_weight=0", "dvae.train.mse_weight=0", "dvae.train.codebook_init=none",
-    "dvae.model.image_size=16", "dvae.model.n_groups=3", "dvae.model.n_hid=8", "dvae.model.n_blk_per_group=1",
-    "dvae.model.vocab_size=32", "dvae.model.n_init=16", "dvae.train.batch_size=8", "dvae.train.lr=1e-2", "dvae.train.grad_clip=1.0",
-    "dvae.train.lr_decay_steps=100", "dvae.train.kl_weight=0.01", "dvae.train.kl_warmup_steps=100", "dvae.train.temp_anneal_steps=100",
-    "dvae.train.ema_decay=0.8", "dvae.train.shuffle_buffer=8", "dvae.train.eval_samples=16", "dvae.train.time_budget_s=0",
+TINY = [
+    "dvae.train.diversity_weight=0",
+    "dvae.train.mse_weight=0",
+    "dvae.train.codebook_init=none",
+    "dvae.model.image_size=16",
+    "dvae.model.n_groups=3",
+    "dvae.model.n_hid=8",
+    "dvae.model.n_blk_per_group=1",
+    "dvae.model.vocab_size=32",
+    "dvae.model.n_init=16",
+    "dvae.train.batch_size=8",
+    "dvae.train.lr=1e-2",
+    "dvae.train.grad_clip=1.0",
+    "dvae.train.lr_decay_steps=100",
+    "dvae.train.kl_weight=0.01",
+    "dvae.train.kl_warmup_steps=100",
+    "dvae.train.temp_anneal_steps=100",
+    "dvae.train.ema_decay=0.8",
+    "dvae.train.shuffle_buffer=8",
+    "dvae.train.eval_samples=16",
+    "dvae.train.time_budget_s=0",
 ]
 
 
@@ -40,8 +55,18 @@ def cfg(*extra):
 
 def test_training_lowers_the_loss_and_writes_the_run(data, tmp_path):
     out = tmp_path / "run"
-    s = train_dvae(cfg("dvae.train.steps=150", "dvae.train.log_every=30", "dvae.train.eval_every=75", "dvae.train.sample_every=75", "dvae.train.ckpt_every=75"),
-                   str(data / "train"), str(data / "eval"), out)
+    s = train_dvae(
+        cfg(
+            "dvae.train.steps=150",
+            "dvae.train.log_every=30",
+            "dvae.train.eval_every=75",
+            "dvae.train.sample_every=75",
+            "dvae.train.ckpt_every=75",
+        ),
+        str(data / "train"),
+        str(data / "eval"),
+        out,
+    )
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in rows if "loss" in r]
     evals = [r for r in rows if "eval_psnr" in r]
@@ -108,7 +133,14 @@ def test_kmeans_warm_start_then_the_gumbel_objective(data, tmp_path):
 
 
 def test_resume_inside_the_warm_start_is_exact(data, tmp_path):
-    base = (*WARM, "dvae.train.init_steps=6", "dvae.train.log_every=100", "dvae.train.eval_every=1000", "dvae.train.sample_every=1000", "dvae.train.ckpt_every=1000")
+    base = (
+        *WARM,
+        "dvae.train.init_steps=6",
+        "dvae.train.log_every=100",
+        "dvae.train.eval_every=1000",
+        "dvae.train.sample_every=1000",
+        "dvae.train.ckpt_every=1000",
+    )
     train_dvae(cfg("dvae.train.steps=10", *base), str(data / "train"), None, tmp_path / "a")
     train_dvae(cfg("dvae.train.steps=3", *base), str(data / "train"), None, tmp_path / "b")
     ck = load_checkpoint(tmp_path / "b", "dvae")
@@ -128,8 +160,19 @@ def _rank_main(rank, world, port, data_dir, out_dir, result_dir):
         # rank 0 clusters, the others receive its centroids
         c, _ = kmeans_centroids(cfg(*WARM, "dvae.train.init_steps=2", f"dvae.train.train_data={data_dir}"), state, torch.device("cpu"))
         torch.save(c, os.path.join(result_dir, f"centroids{rank}.pt"))
-        s = train_dvae(cfg("dvae.train.steps=6", "dvae.train.log_every=3", "dvae.train.eval_every=1000", "dvae.train.sample_every=1000",
-                           "dvae.train.ckpt_every=1000"), data_dir, None, out_dir, state)
+        s = train_dvae(
+            cfg(
+                "dvae.train.steps=6",
+                "dvae.train.log_every=3",
+                "dvae.train.eval_every=1000",
+                "dvae.train.sample_every=1000",
+                "dvae.train.ckpt_every=1000",
+            ),
+            data_dir,
+            None,
+            out_dir,
+            state,
+        )
     finally:
         D.shutdown(state)
     with open(os.path.join(result_dir, f"rank{rank}.json"), "w") as f:
@@ -157,8 +200,18 @@ def test_two_gloo_ranks_see_disjoint_data_and_end_identical(data, tmp_path):
         seen.append({next(it)[0]["__key__"] for _ in range(24)})
     assert len(seen[0]) == len(seen[1]) == 24 and not seen[0] & seen[1]
     # a single-process run differs: the 2-rank run really averaged two different halves of the batch
-    single = train_dvae(cfg("dvae.train.steps=6", "dvae.train.log_every=3", "dvae.train.eval_every=1000", "dvae.train.sample_every=1000",
-                            "dvae.train.ckpt_every=1000"), str(data / "train"), None, tmp_path / "single")
+    single = train_dvae(
+        cfg(
+            "dvae.train.steps=6",
+            "dvae.train.log_every=3",
+            "dvae.train.eval_every=1000",
+            "dvae.train.sample_every=1000",
+            "dvae.train.ckpt_every=1000",
+        ),
+        str(data / "train"),
+        None,
+        tmp_path / "single",
+    )
     assert single["weights_sha256"] != r0["weights_sha256"]
 
 

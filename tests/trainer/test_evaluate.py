@@ -8,10 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
-from tessera.dataprep import synthetic as S
-from tessera.dataprep.tokenizer import train_tokenizer
 from tessera.cli import main
 from tessera.core.errors import InputError
+from tessera.dataprep import synthetic as S
+from tessera.dataprep.tokenizer import train_tokenizer
 from tessera.trainer.clip import load_clip
 from tessera.trainer.clip_train import train_clip
 from tessera.trainer.config import ClipConfig
@@ -75,7 +75,22 @@ def setup(tmp_path_factory):
     combos = S.all_combinations()
     imgs, caps = _render_set(combos, 600, seed=0, size=32)
     pairs = (torch.from_numpy(np.stack([np.asarray(i).transpose(2, 0, 1) for i in imgs])), caps)
-    cfg = ClipConfig(d_model=64, n_layers=2, n_heads=4, image_width=16, image_size=32, embed_dim=64, text_len=16, steps=120, batch_size=32, lr=2e-3, warmup_steps=10, eval_every=0, ckpt_every=0, eval_samples=100)
+    cfg = ClipConfig(
+        d_model=64,
+        n_layers=2,
+        n_heads=4,
+        image_width=16,
+        image_size=32,
+        embed_dim=64,
+        text_len=16,
+        steps=120,
+        batch_size=32,
+        lr=2e-3,
+        warmup_steps=10,
+        eval_every=0,
+        ckpt_every=0,
+        eval_samples=100,
+    )
     train_clip(cfg, None, tok, root / "clip", pairs=pairs)
     # reference shards and a `tessera sample`-like folder of "generated" images (PNG + prompts.txt)
     ref_imgs, ref_caps = _render_set(combos, 150, seed=1)
@@ -132,7 +147,12 @@ def test_evaluate_ranks_good_images_above_noise(setup):
 
 def test_cli_report_paired_and_errors(setup, tmp_path, capsys):
     out = tmp_path / "report.json"
-    assert main(["eval", "--images", str(setup / "gen"), "--reference", str(setup / "ref"), "--clip", str(setup / "clip"), "--output", str(out)]) == 0
+    assert (
+        main(
+            ["eval", "--images", str(setup / "gen"), "--reference", str(setup / "ref"), "--clip", str(setup / "clip"), "--output", str(out)]
+        )
+        == 0
+    )
     rep = json.loads(out.read_text())
     assert rep["n_images"] == 60 and rep["n_reference"] == 150 and math.isfinite(rep["fid_clip"])
     assert "fid_clip" in capsys.readouterr().out
@@ -147,5 +167,10 @@ def test_cli_report_paired_and_errors(setup, tmp_path, capsys):
     assert "match no image" in capsys.readouterr().err
     weights = tmp_path / "inception.pt"
     weights.write_bytes(b"x")
-    assert main(["eval", "--images", str(setup / "gen"), "--reference", str(setup / "ref"), "--inception", str(weights), "--output", str(out2)]) == 2
+    assert (
+        main(
+            ["eval", "--images", str(setup / "gen"), "--reference", str(setup / "ref"), "--inception", str(weights), "--output", str(out2)]
+        )
+        == 2
+    )
     assert "inception" in capsys.readouterr().err.lower()

@@ -31,10 +31,10 @@ def trained(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def clip_ckpt(trained):
-    from tessera.trainer.clip import CLIP, checkpoint_state
-    from tessera.trainer.config import ClipConfig
     from tessera.core.files import save_checkpoint
     from tessera.dataprep.tokenizer import load_tokenizer
+    from tessera.trainer.clip import CLIP, checkpoint_state
+    from tessera.trainer.config import ClipConfig
 
     tok_path = trained / "tokens" / "bpe.model"
     cfg = ClipConfig(d_model=32, n_layers=1, n_heads=2, image_width=8, image_size=16, embed_dim=16, text_len=8)
@@ -126,7 +126,9 @@ def test_sample_cli_with_prompts_file(trained, tmp_path, capsys):
     assert main(["export", str(trained / "run"), "--output", str(out)]) == 0
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("# two prompts\na red square\n\na blue circle\n")
-    assert main(["sample", "--model", str(out), "--prompts", str(prompts), "-n", "2", "--output", str(tmp_path / "s"), "sample.top_k=4"]) == 0
+    assert (
+        main(["sample", "--model", str(out), "--prompts", str(prompts), "-n", "2", "--output", str(tmp_path / "s"), "sample.top_k=4"]) == 0
+    )
     names = sorted(p.name for p in (tmp_path / "s").iterdir())
     assert names == ["000_00.png", "000_01.png", "001_00.png", "001_01.png", "grid.png", "prompts.txt"]
     capsys.readouterr()

@@ -46,8 +46,22 @@ TORCHVISION_SHAPES = {
 
 # seeded_state_dict(torchvision's names, seed) and torch.rand(1, 3, 48, 64, seed 7) through the reference code
 GOLDEN = {
-    "torchvision": {"classes": 1000, "seed": 0, "pool_head": [0.0, 0.0510102, 0.1168595, 0.0, 0.0159728, 0.6267407], "pool_sum": 541.4588, "argmax": 77, "p_max": 0.0358216},
-    "fid": {"classes": 1008, "seed": 1, "pool_head": [0.063502, 0.1715027, 0.0168818, 0.0375262, 0.4020839, 0.9880038], "pool_sum": 655.00433, "argmax": 318, "p_max": 0.0557423},
+    "torchvision": {
+        "classes": 1000,
+        "seed": 0,
+        "pool_head": [0.0, 0.0510102, 0.1168595, 0.0, 0.0159728, 0.6267407],
+        "pool_sum": 541.4588,
+        "argmax": 77,
+        "p_max": 0.0358216,
+    },
+    "fid": {
+        "classes": 1008,
+        "seed": 1,
+        "pool_head": [0.063502, 0.1715027, 0.0168818, 0.0375262, 0.4020839, 0.9880038],
+        "pool_sum": 655.00433,
+        "argmax": 318,
+        "p_max": 0.0557423,
+    },
 }
 
 

@@ -26,21 +26,32 @@ TEXT_LEN = 6
 
 @pytest.fixture(scope="module")
 def export_dir(tmp_path_factory):
-    from tessera.trainer.export import export
     from tessera.core.files import save_checkpoint
+    from tessera.trainer.export import export
     from tessera.trainer.token_data import read_manifest
     from tessera.trainer.transformer import DALLE
 
     root = tmp_path_factory.mktemp("inf")
     tokens = make_token_shards(root / "tokens", n=32, per_shard=32)
     m = read_manifest(tokens)
-    mcfg = TransformerModelConfig(text_len=TEXT_LEN, text_vocab=m.text_vocab, image_grid=m.grid, image_vocab=m.image_vocab,
-                                  d_model=32, n_layers=2, n_heads=2, conv_kernel=3)
+    mcfg = TransformerModelConfig(
+        text_len=TEXT_LEN,
+        text_vocab=m.text_vocab,
+        image_grid=m.grid,
+        image_vocab=m.image_vocab,
+        d_model=32,
+        n_layers=2,
+        n_heads=2,
+        conv_kernel=3,
+    )
     torch.manual_seed(0)
     model = DALLE(mcfg)
     ck = root / "transformer.pt"
-    save_checkpoint(ck, "transformer", {"model": model.state_dict(), "model_cfg": dataclasses.asdict(mcfg),
-                                        "dvae": m.dvae, "tokenizer": m.tokenizer, "step": 3})
+    save_checkpoint(
+        ck,
+        "transformer",
+        {"model": model.state_dict(), "model_cfg": dataclasses.asdict(mcfg), "dvae": m.dvae, "tokenizer": m.tokenizer, "step": 3},
+    )
     export(ck, root / "export")
     return root / "export"
 
@@ -137,9 +148,14 @@ def test_candidates_without_a_clip_are_ignored(pipe):
     assert many.shape == (2, 3, 16, 16) and torch.equal(one, many)
 
 
-@pytest.mark.parametrize("scfg", [SampleConfig(top_k=4, temperature=0.7, batch_size=4),
-                                  SampleConfig(top_k=0, guidance_scale=2.0, batch_size=8),
-                                  SampleConfig(top_k=4, use_kv_cache=False, batch_size=8)])
+@pytest.mark.parametrize(
+    "scfg",
+    [
+        SampleConfig(top_k=4, temperature=0.7, batch_size=4),
+        SampleConfig(top_k=0, guidance_scale=2.0, batch_size=8),
+        SampleConfig(top_k=4, use_kv_cache=False, batch_size=8),
+    ],
+)
 def test_sampled_log_likelihood_equals_a_full_pass(pipe, scfg):
     """The log-likelihood kept while sampling is the model's, given the caption: that of one full pass over
     the finished codes, whatever temperature, truncation and guidance chose them."""

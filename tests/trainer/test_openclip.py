@@ -30,8 +30,17 @@ MERGES = ["h i</w>", "c a", "ca t</w>", "d o", "do g</w>"]
 HI, CA, CAT, DO, DOG, SOT, EOT = 512, 513, 514, 515, 516, 517, 518
 VOCAB = 519
 TINY = OpenClipConfig(
-    embed_dim=16, image_size=32, patch_size=8, vision_width=32, vision_layers=2, vision_heads=1,
-    text_len=16, vocab_size=VOCAB, text_width=32, text_layers=2, text_heads=1,
+    embed_dim=16,
+    image_size=32,
+    patch_size=8,
+    vision_width=32,
+    vision_layers=2,
+    vision_heads=1,
+    text_len=16,
+    vocab_size=VOCAB,
+    text_width=32,
+    text_layers=2,
+    text_heads=1,
 )
 
 
@@ -79,11 +88,36 @@ def test_state_dict_names_and_shapes(files):
     for k, shape in want.items():
         assert tuple(sd[k].shape) == shape, k
     assert "attn_mask" not in sd and not any(k.startswith("visual.conv1.bias") for k in sd)
-    per_block = {"ln_1.weight", "ln_1.bias", "attn.in_proj_weight", "attn.in_proj_bias", "attn.out_proj.weight", "attn.out_proj.bias",
-                 "ln_2.weight", "ln_2.bias", "mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.c_proj.weight", "mlp.c_proj.bias"}
-    expected = {"visual.conv1.weight", "visual.class_embedding", "visual.positional_embedding", "visual.ln_pre.weight", "visual.ln_pre.bias",
-                "visual.ln_post.weight", "visual.ln_post.bias", "visual.proj", "token_embedding.weight", "positional_embedding",
-                "ln_final.weight", "ln_final.bias", "text_projection", "logit_scale"}
+    per_block = {
+        "ln_1.weight",
+        "ln_1.bias",
+        "attn.in_proj_weight",
+        "attn.in_proj_bias",
+        "attn.out_proj.weight",
+        "attn.out_proj.bias",
+        "ln_2.weight",
+        "ln_2.bias",
+        "mlp.c_fc.weight",
+        "mlp.c_fc.bias",
+        "mlp.c_proj.weight",
+        "mlp.c_proj.bias",
+    }
+    expected = {
+        "visual.conv1.weight",
+        "visual.class_embedding",
+        "visual.positional_embedding",
+        "visual.ln_pre.weight",
+        "visual.ln_pre.bias",
+        "visual.ln_post.weight",
+        "visual.ln_post.bias",
+        "visual.proj",
+        "token_embedding.weight",
+        "positional_embedding",
+        "ln_final.weight",
+        "ln_final.bias",
+        "text_projection",
+        "logit_scale",
+    }
     for tower in ("visual.transformer", "transformer"):
         expected |= {f"{tower}.resblocks.{i}.{p}" for i in range(2) for p in per_block}
     assert set(sd) == expected
@@ -93,8 +127,20 @@ def test_state_dict_names_and_shapes(files):
 def test_vit_b32_architecture_from_shapes():
     """OpenAI's ViT-B/32, built on the meta device: the inferred config and the parameter count
     OpenAI's notebook prints (151,277,313)."""
-    cfg = OpenClipConfig(embed_dim=512, image_size=224, patch_size=32, vision_width=768, vision_layers=12, vision_heads=12,
-                         text_len=77, vocab_size=49408, text_width=512, text_layers=12, text_heads=8, quick_gelu=True)
+    cfg = OpenClipConfig(
+        embed_dim=512,
+        image_size=224,
+        patch_size=32,
+        vision_width=768,
+        vision_layers=12,
+        vision_heads=12,
+        text_len=77,
+        vocab_size=49408,
+        text_width=512,
+        text_layers=12,
+        text_heads=8,
+        quick_gelu=True,
+    )
     with torch.device("meta"):
         model = OpenCLIP(cfg)
     sd = model.state_dict()
@@ -182,8 +228,8 @@ def test_scorer_shapes_and_ordering(files, monkeypatch):
     with pytest.raises(InputError, match="3 images but 2 captions"):
         scorer.score(imgs, ["a", "b"])
     # preprocessing: a 48x64 image is resized to 32x43 (shortest side) and center-cropped to 32x32
-    from PIL import Image
     import numpy as np
+    from PIL import Image
 
     x = scorer.as_batch(torch.rand(2, 3, 48, 64))
     assert x.shape == (2, 3, 32, 32) and 0 <= x.min() and x.max() <= 1

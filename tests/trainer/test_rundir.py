@@ -3,12 +3,11 @@ import json
 import pytest
 import torch
 
-from tessera.core import config as C
-from tessera.core.root_config import load_root
 from tessera.core.errors import CheckpointError, InputError
-from tessera.trainer.rundir import RunDir
 from tessera.core.files import load_checkpoint, save_checkpoint
+from tessera.core.root_config import load_root
 from tessera.dataprep.imaging import save_image_grid
+from tessera.trainer.rundir import RunDir
 
 
 def test_run_dir_layout_metrics_and_checkpoints(tmp_path):

@@ -1,9 +1,8 @@
 """Sampling: greedy == argmax of the full pass, guidance arithmetic, temperature, prompts files."""
 
 import pytest
-import torch
-
 import pytest as _pytest
+import torch
 
 
 @_pytest.fixture(autouse=True, scope="module")
@@ -13,6 +12,7 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
 
 from tessera.core.errors import InputError
 from tessera.trainer.config import SampleConfig, TransformerModelConfig

@@ -73,7 +73,15 @@ def write_shards(folder: Path, n: int, per_shard: int) -> Path:
                 _add(tf, f"{key}.codes.npy", _npy(codes_of(j)))
                 _add(tf, f"{key}.ids.npy", _npy(np.array(sample_ids(j), dtype=np.int32)))
                 _add(tf, f"{key}.txt", f"sample {j}".encode())
-    manifest = {"grid": GRID, "image_vocab": 16, "text_vocab": TEXT_VOCAB, "tokenizer": "bpe.model", "dvae": None, "count": n, "shards": shards}
+    manifest = {
+        "grid": GRID,
+        "image_vocab": 16,
+        "text_vocab": TEXT_VOCAB,
+        "tokenizer": "bpe.model",
+        "dvae": None,
+        "count": n,
+        "shards": shards,
+    }
     (folder / "manifest.json").write_text(json.dumps(manifest))
     return folder
 

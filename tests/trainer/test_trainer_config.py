@@ -5,9 +5,8 @@ import dataclasses
 
 import pytest
 
-from tessera.core import config as C
-from tessera.core.root_config import load_root
 from tessera.core.errors import ConfigError
+from tessera.core.root_config import load_root
 from tessera.trainer.config import (
     ClipConfig,
     DVAEConfig,
@@ -19,7 +18,16 @@ from tessera.trainer.config import (
     TransformerTrainConfig,
 )
 
-CLASSES = (DVAEModelConfig, DVAETrainConfig, DVAEConfig, TransformerModelConfig, TransformerTrainConfig, TransformerConfig, ClipConfig, SampleConfig)
+CLASSES = (
+    DVAEModelConfig,
+    DVAETrainConfig,
+    DVAEConfig,
+    TransformerModelConfig,
+    TransformerTrainConfig,
+    TransformerConfig,
+    ClipConfig,
+    SampleConfig,
+)
 
 
 def load(*overrides):
@@ -50,7 +58,15 @@ def test_defaults_are_the_papers():
     assert (x.text_len, x.text_vocab, x.image_grid, x.image_vocab) == (256, 16384, 32, 8192)
     assert (x.d_model, x.n_layers, x.n_heads, x.conv_kernel, x.attention) == (3968, 64, 62, 11, "dalle")
     y = TransformerTrainConfig()
-    assert (y.lr, y.warmup_steps, y.beta1, y.beta2, y.eps, y.weight_decay, y.grad_clip) == (4.5e-4, 5000, 0.9, 0.96, 1e-8, 4.5e-2, 4.0)  # B.2
+    assert (y.lr, y.warmup_steps, y.beta1, y.beta2, y.eps, y.weight_decay, y.grad_clip) == (
+        4.5e-4,
+        5000,
+        0.9,
+        0.96,
+        1e-8,
+        4.5e-2,
+        4.0,
+    )  # B.2
     assert (y.image_loss_weight, y.bpe_dropout) == (7.0, 0.1)  # B.1, B.2
     s = SampleConfig()
     assert (s.temperature, s.top_k, s.top_p, s.guidance_scale, s.candidates) == (1.0, 0, 1.0, 1.0, 1)  # all filters off
@@ -69,14 +85,20 @@ def test_dvae_grid_size(image_size, n_groups, grid):
     "overrides, message",
     [
         (["dvae.model.image_size=60"], "config key 'dvae.model.image_size': expected a multiple of 8 for 4 groups, got 60"),
-        (["dvae.model.image_size=18", "dvae.model.n_groups=3"], "config key 'dvae.model.image_size': expected a multiple of 4 for 3 groups, got 18"),
+        (
+            ["dvae.model.image_size=18", "dvae.model.n_groups=3"],
+            "config key 'dvae.model.image_size': expected a multiple of 4 for 3 groups, got 18",
+        ),
         (["dvae.model.n_hid=0"], "config key 'dvae.model.n_hid': expected >= 1, got 0"),
         (["dvae.model.n_groups=0"], "config key 'dvae.model.n_groups': expected >= 1, got 0"),
         (["dvae.model.n_blk_per_group=0"], "config key 'dvae.model.n_blk_per_group': expected >= 1, got 0"),
         (["dvae.model.vocab_size=-1"], "config key 'dvae.model.vocab_size': expected >= 1, got -1"),
         (["dvae.model.n_init=0"], "config key 'dvae.model.n_init': expected >= 1, got 0"),
         (["dvae.model.n_hid=18"], "config key 'dvae.model.n_hid': expected a multiple of 4 (bottleneck width is out/4), got 18"),
-        (["transformer.model.d_model=100", "transformer.model.n_heads=3"], "config key 'transformer.model.d_model': expected a multiple of n_heads=3, got 100"),
+        (
+            ["transformer.model.d_model=100", "transformer.model.n_heads=3"],
+            "config key 'transformer.model.d_model': expected a multiple of n_heads=3, got 100",
+        ),
         (["transformer.model.conv_kernel=4"], "config key 'transformer.model.conv_kernel': expected odd, got 4"),
         (["clip.d_model=30", "clip.n_heads=4"], "config key 'clip.d_model': expected a multiple of n_heads=4, got 30"),
         (["clip.image_size=12"], "config key 'clip.image_size': expected a power of two >= 8, got 12"),
@@ -159,10 +181,8 @@ def test_unknown_keys_list_the_known_ones(override, section, cls):
 # ---------------------------------------------------------------- bugs found while writing these tests
 
 
-
 def test_transformer_zero_heads_is_a_config_error():
     assert "transformer.model.n_heads" in error("transformer.model.n_heads=0")
-
 
 
 def test_clip_zero_heads_is_a_config_error():

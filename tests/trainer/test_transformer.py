@@ -1,9 +1,8 @@
 """The DALL-E transformer: shapes, masks honoured, paper loss, KV cache == full pass (incl. transposed column layers)."""
 
 import pytest
-import torch
-
 import pytest as _pytest
+import torch
 
 
 @_pytest.fixture(autouse=True, scope="module")
@@ -13,6 +12,8 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
 import torch.nn.functional as F
 
 from tessera.kernels.layouts import token_mask

@@ -13,8 +13,8 @@ from token_fixtures import make_token_shards, one_thread, tiny_root  # noqa: E40
 from tessera.cli import main  # noqa: E402
 from tessera.core.errors import CheckpointError, InputError  # noqa: E402
 from tessera.core.files import save_checkpoint  # noqa: E402
-from tessera.trainer.token_data import TokenBatches, read_manifest  # noqa: E402
 from tessera.trainer.precision import resolve_precision  # noqa: E402
+from tessera.trainer.token_data import TokenBatches, read_manifest  # noqa: E402
 from tessera.trainer.transformer_train import load_transformer, train_transformer  # noqa: E402
 
 
@@ -78,19 +78,34 @@ def test_batches_caption_dropout_and_resume_state(shards):
     assert 4 <= int(empty.sum()) <= 28  # about half are the empty caption
     state = tb.state()
     nxt = next(tb)
-    tb2 = TokenBatches(str(shards), text_len=8, text_vocab=m.text_vocab, grid=4, batch_size=32, caption_dropout=0.5, shuffle_buffer=16, state=state)
+    tb2 = TokenBatches(
+        str(shards), text_len=8, text_vocab=m.text_vocab, grid=4, batch_size=32, caption_dropout=0.5, shuffle_buffer=16, state=state
+    )
     again = next(tb2)
     assert torch.equal(nxt[0], again[0]) and torch.equal(nxt[1], again[1])
 
 
 def test_cli_and_bad_inputs(shards, tmp_path, capsys):
-    over = ["transformer.model.text_len=8", "transformer.model.d_model=32", "transformer.model.n_layers=2", "transformer.model.n_heads=2",
-            "transformer.model.conv_kernel=3", "transformer.train.steps=3", "transformer.train.batch_size=8", "transformer.train.sample_every=2",
-            "transformer.train.time_budget_s=0", "transformer.train.log_every=1", "sample.batch_size=8"]
+    over = [
+        "transformer.model.text_len=8",
+        "transformer.model.d_model=32",
+        "transformer.model.n_layers=2",
+        "transformer.model.n_heads=2",
+        "transformer.model.conv_kernel=3",
+        "transformer.train.steps=3",
+        "transformer.train.batch_size=8",
+        "transformer.train.sample_every=2",
+        "transformer.train.time_budget_s=0",
+        "transformer.train.log_every=1",
+        "sample.batch_size=8",
+    ]
     assert main(["train", "transformer", "--data", str(shards), "--output", str(tmp_path / "cli")] + over) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["steps"] == 3
-    assert sorted(p.name for p in (tmp_path / "cli" / "samples").iterdir()) == ["step_00000002.png", "step_00000003.png"]  # decoded via the manifest's dVAE
+    assert sorted(p.name for p in (tmp_path / "cli" / "samples").iterdir()) == [
+        "step_00000002.png",
+        "step_00000003.png",
+    ]  # decoded via the manifest's dVAE
     # no manifest
     assert main(["train", "transformer", "--data", str(tmp_path), "--output", str(tmp_path / "x")] + over) == 2
     assert "manifest.json" in capsys.readouterr().err

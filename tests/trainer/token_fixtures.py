@@ -3,8 +3,6 @@ youtokentome tokenizer and a tiny (untrained) dVAE checkpoint named by its manif
 
 from __future__ import annotations
 
-from tessera.core.root_config import load_root
-
 import dataclasses
 import io
 import json
@@ -14,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from tessera.core.root_config import load_root
 
 COLORS = ("red", "green", "blue", "yellow")
 SHAPES = ("circle", "square")
@@ -43,9 +43,9 @@ def _add(tf: tarfile.TarFile, name: str, data: bytes) -> None:
 
 
 def make_dvae(path: Path) -> Path:
+    from tessera.core.files import save_checkpoint
     from tessera.trainer.config import DVAEModelConfig
     from tessera.trainer.dvae import DVAE
-    from tessera.core.files import save_checkpoint
 
     kw = dict(image_size=16, n_hid=8, n_groups=3, n_blk_per_group=1, vocab_size=IMAGE_VOCAB)
     if "n_init" in DVAEModelConfig.__dataclass_fields__:
@@ -80,21 +80,39 @@ def make_token_shards(folder: Path, n: int = 256, per_shard: int = 128, seed: in
                 np.save(b, np.array(tok.encode(cap), dtype=np.int32))
                 _add(tf, f"{key}.ids.npy", b.getvalue())
                 _add(tf, f"{key}.txt", cap.encode())
-    manifest = {"grid": GRID, "image_vocab": IMAGE_VOCAB, "text_vocab": tok.vocab_size, "tokenizer": str(folder / "bpe.model"),
-                "dvae": str(make_dvae(folder / "dvae.pt")) if dvae else None, "count": n, "shards": shards}
+    manifest = {
+        "grid": GRID,
+        "image_vocab": IMAGE_VOCAB,
+        "text_vocab": tok.vocab_size,
+        "tokenizer": str(folder / "bpe.model"),
+        "dvae": str(make_dvae(folder / "dvae.pt")) if dvae else None,
+        "count": n,
+        "shards": shards,
+    }
     (folder / "manifest.json").write_text(json.dumps(manifest))
     return folder
 
 
 def tiny_root(extra: tuple[str, ...] = (), **train):
     """The demo root config shrunk to a tiny transformer and a few steps (`extra`: more key=value overrides)."""
-    from tessera.core import config as C
 
-    over = ["transformer.model.text_len=8", "transformer.model.d_model=32", "transformer.model.n_layers=4", "transformer.model.n_heads=2",
-            "transformer.model.conv_kernel=3", "transformer.train.batch_size=16", "transformer.train.warmup_steps=5",
-            "transformer.train.log_every=5", "transformer.train.sample_every=0", "transformer.train.ckpt_every=0",
-            "transformer.train.time_budget_s=0", "transformer.train.lr=3e-3", "transformer.train.shuffle_buffer=64",
-            "sample.batch_size=8", "transformer.train.precision=fp32"]  # the demo's "fast" would be bf16 on some CPUs
+    over = [
+        "transformer.model.text_len=8",
+        "transformer.model.d_model=32",
+        "transformer.model.n_layers=4",
+        "transformer.model.n_heads=2",
+        "transformer.model.conv_kernel=3",
+        "transformer.train.batch_size=16",
+        "transformer.train.warmup_steps=5",
+        "transformer.train.log_every=5",
+        "transformer.train.sample_every=0",
+        "transformer.train.ckpt_every=0",
+        "transformer.train.time_budget_s=0",
+        "transformer.train.lr=3e-3",
+        "transformer.train.shuffle_buffer=64",
+        "sample.batch_size=8",
+        "transformer.train.precision=fp32",
+    ]  # the demo's "fast" would be bf16 on some CPUs
     over += [f"transformer.train.{k}={v}" for k, v in train.items()]
     return load_root("demo", [*over, *extra])
 
