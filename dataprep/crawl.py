@@ -27,11 +27,11 @@ filtered, with a reason code and a message, in the shard's parquet.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import io
 import json
 import math
+import multiprocessing as mp
 import os
 import queue
 import re
@@ -41,9 +41,17 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, Thr
 from pathlib import Path
 from typing import Any
 
+from PIL import Image
+
 from tessera.core.errors import ConfigError, InputError
-from tessera.core.root_config import load_root
+from tessera.core.progress import bar
 from tessera.dataprep.config import CrawlConfig
+from tessera.dataprep.download import Downloader, DownloadError
+from tessera.dataprep.filters import DedupIndex, check_caption, decode_caption, load_scorer
+from tessera.dataprep.imaging import ImageReject, ImageSpec, process_image
+from tessera.dataprep.readers import read_url_list
+from tessera.dataprep.storage import open_storage
+from tessera.dataprep.writer import make_key, read_dedup, shard_names, write_shard
 
 CRAWL_META = "crawl.json"
 META_FORMAT = 1
@@ -57,9 +65,6 @@ _W: dict[str, Any] = {}
 
 
 def _init_worker(cfg: CrawlConfig, progress_q: Any, parent_pid: int) -> None:
-    from tessera.dataprep.download import Downloader
-    from tessera.dataprep.filters import load_scorer
-    from tessera.dataprep.imaging import ImageSpec
 
     f = cfg.filters
     _W["cfg"] = cfg
@@ -120,10 +125,6 @@ class _Progress:
 
 
 def _process_row(shard: int, idx: int, row: tuple, progress: _Progress) -> tuple[dict, dict | None]:
-    from tessera.dataprep.download import DownloadError
-    from tessera.dataprep.filters import check_caption, decode_caption
-    from tessera.dataprep.imaging import ImageReject, process_image
-    from tessera.dataprep.writer import make_key
 
     if os.getppid() != _W["parent"]:  # the crawl that started us is gone (e.g. kill -9): stop now
         os._exit(3)
@@ -187,7 +188,6 @@ def _sample_json(rec: dict, phash: int | None) -> dict:
 
 
 def _score(samples: list[dict], rows_by_key: dict[str, dict], threshold: float) -> list[dict]:
-    from PIL import Image
 
     scorer = _W["scorer"]
     kept = []
@@ -213,7 +213,6 @@ def process_shard(shard: int, rows: list[tuple]) -> dict:
     Samples are deduplicated within the shard (earlier row wins); cross-shard duplicates are the
     main process's business.
     """
-    from tessera.dataprep.filters import DedupIndex
 
     cfg: CrawlConfig = _W["cfg"]
     progress = _Progress(_W["progress"])
@@ -299,7 +298,6 @@ class _GlobalIndex:
     """Dedup index over finalised shards with lower ids (this run's and other parts')."""
 
     def __init__(self, storage: Any, cfg: CrawlConfig):
-        from tessera.dataprep.filters import DedupIndex
 
         f = cfg.filters
         self.enabled = f.dedup_exact or f.dedup_near
@@ -309,7 +307,6 @@ class _GlobalIndex:
 
     def refresh(self, below: int) -> None:
         """Load the `_dedup.npz` of every complete shard with id < `below` not loaded yet, in id order."""
-        from tessera.dataprep.writer import read_dedup, shard_names
 
         if not self.enabled:
             return
@@ -368,11 +365,6 @@ def crawl(
     Returns the stats of this part: rows, shards (written and already complete), successes,
     counts by status and by reason, duration and images/s of this invocation.
     """
-    from tessera.core.progress import bar
-    from tessera.dataprep.filters import load_scorer
-    from tessera.dataprep.readers import read_url_list
-    from tessera.dataprep.storage import open_storage
-    from tessera.dataprep.writer import shard_names, write_shard
 
     cfg = cfg or CrawlConfig()
     cfg.validate()
@@ -442,8 +434,6 @@ def crawl(
         if progress
         else _NullBar()
     )
-
-    import multiprocessing as mp
 
     ctx = mp.get_context("spawn")
     in_process = cfg.processes == 1
@@ -517,121 +507,3 @@ def crawl(
         "duration": duration,
         "images_per_s": new_ok / duration if duration > 0 else 0.0,
     }
-
-
-# --------------------------------------------------------------------------------------------
-# CLI
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from tessera.cli import add_config_arguments
-
-    parser.add_argument("--input", required=True, help="url list: parquet/csv/tsv/jsonl (optionally .gz) or a folder of them")
-    parser.add_argument("--output", required=True, help="output folder or s3://bucket/prefix")
-    g = parser.add_argument_group("columns")
-    g.add_argument("--url-col", help="column with the image URL (default url)")
-    g.add_argument("--caption-col", help="column with the caption (default caption)")
-    g.add_argument("--keep-cols", help="comma-separated extra columns copied into each sample's json")
-    g = parser.add_argument_group("images and shards")
-    g.add_argument("--image-size", type=int, help="output side in pixels")
-    g.add_argument("--resize", choices=["center_crop", "keep_ratio", "border"])
-    g.add_argument("--output-format", choices=["jpg", "webp"])
-    g.add_argument("--quality", type=int, help="JPEG/WebP quality")
-    g.add_argument("--shard-size", type=int, help="input rows per shard")
-    g.add_argument("--processes", type=int, help="worker processes (default: the config's, 2)")
-    g.add_argument("--threads", type=int, help="concurrent downloads per process")
-    g.add_argument("--part", help="process only part I of N, as I/N (0-based), e.g. 0/4")
-    g.add_argument("--overwrite", action="store_true", help="discard existing shards (of this part) instead of resuming")
-    g = parser.add_argument_group("downloading")
-    g.add_argument("--timeout", type=float, help="per-request timeout in seconds")
-    g.add_argument("--retries", type=int, help="retries of transient failures")
-    g.add_argument("--max-bytes", type=int, help="largest accepted body in bytes")
-    g.add_argument("--max-redirects", type=int)
-    g.add_argument("--allowed-schemes", help="comma-separated URL schemes (default http,https)")
-    g.add_argument("--user-agent")
-    g.add_argument("--ignore-robots-header", action="store_true", help="do not honour X-Robots-Tag noai/noimageai")
-    g.add_argument("--s3-endpoint-url", help="S3 endpoint for s3:// outputs")
-    g = parser.add_argument_group("filters")
-    g.add_argument("--min-image-size", type=int, help="reject images whose shorter side is smaller")
-    g.add_argument("--max-aspect-ratio", type=float, help="reject images with a larger long/short ratio")
-    g.add_argument("--min-caption-chars", type=int)
-    g.add_argument("--max-caption-chars", type=int)
-    g.add_argument("--max-pixels", type=int, help="decompression-bomb guard (checked before decoding)")
-    g.add_argument("--no-dedup", action="store_true", help="keep exact duplicates")
-    g.add_argument("--dedup-near", action="store_true", help="drop near duplicates (perceptual hash)")
-    g.add_argument("--near-dup-bits", type=int)
-    g.add_argument("--similarity-threshold", type=float, help="minimum image-text similarity (LAION: 0.28)")
-    g.add_argument("--similarity-model", help="scorer: CLIP export dir, or module:factory / file.py:factory")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar")
-    add_config_arguments(parser)
-
-
-_FLAG_FIELDS = {
-    "url_col": "url_col",
-    "caption_col": "caption_col",
-    "image_size": "image_size",
-    "resize": "resize",
-    "output_format": "output_format",
-    "quality": "quality",
-    "shard_size": "shard_size",
-    "processes": "processes",
-    "threads": "threads",
-    "timeout": "timeout",
-    "retries": "retries",
-    "max_bytes": "max_bytes",
-    "max_redirects": "max_redirects",
-    "user_agent": "user_agent",
-    "s3_endpoint_url": "s3_endpoint_url",
-}
-_FILTER_FLAGS = (
-    "min_image_size",
-    "max_aspect_ratio",
-    "min_caption_chars",
-    "max_caption_chars",
-    "max_pixels",
-    "near_dup_bits",
-    "similarity_threshold",
-    "similarity_model",
-)
-
-
-def config_from_args(args: argparse.Namespace) -> CrawlConfig:
-    """Defaults < --config preset < key=value overrides < explicit flags."""
-    from tessera.core.root_config import TesseraConfig
-
-    roots = {f.name for f in dataclasses.fields(TesseraConfig)}
-    overrides = [ov if ov.split("=", 1)[0].split(".", 1)[0] in roots else f"crawl.{ov}" for ov in (args.overrides or [])]
-    cfg: CrawlConfig = load_root(args.config, overrides).crawl
-    changes = {field: getattr(args, flag) for flag, field in _FLAG_FIELDS.items() if getattr(args, flag) is not None}
-    if args.keep_cols is not None:
-        changes["keep_cols"] = [c.strip() for c in args.keep_cols.split(",") if c.strip()]
-    if args.allowed_schemes is not None:
-        changes["allowed_schemes"] = [c.strip().lower() for c in args.allowed_schemes.split(",") if c.strip()]
-    if args.ignore_robots_header:
-        changes["respect_robots_header"] = False
-    fchanges = {k: getattr(args, k) for k in _FILTER_FLAGS if getattr(args, k) is not None}
-    if args.no_dedup:
-        fchanges["dedup_exact"] = False
-    if args.dedup_near:
-        fchanges["dedup_near"] = True
-    if fchanges:
-        changes["filters"] = dataclasses.replace(cfg.filters, **fchanges)
-    cfg = dataclasses.replace(cfg, **changes)
-    cfg.validate()
-    return cfg
-
-
-def run(args: argparse.Namespace) -> int:
-    cfg = config_from_args(args)
-    stats = crawl(args.input, args.output, cfg, part=args.part, overwrite=args.overwrite, progress=not args.no_progress)
-    sc = stats["status_counts"]
-    print(
-        f"crawl {stats['output']} part {stats['part']}: {stats['rows']} rows, {stats['successes']} images "
-        f"({stats['success_rate']:.1%}), {stats['shards_written']} shards written, {stats['shards_skipped']} already complete, "
-        f"{stats['images_per_s']:.0f} images/s"
-    )
-    if sc:
-        print("  status: " + ", ".join(f"{k}={v}" for k, v in sc.items()))
-    if stats["reason_counts"]:
-        print("  reasons: " + ", ".join(f"{k}={v}" for k, v in stats["reason_counts"].items()))
-    return 0

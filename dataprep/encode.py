@@ -157,23 +157,3 @@ def _write_manifest(out: Path, common: dict, entries: list[dict]) -> dict:
     return manifest
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from tessera.cli import add_config_arguments
-
-    parser.add_argument("--dvae", required=True, help="dVAE run directory, checkpoint or export dir")
-    parser.add_argument("--tokenizer", required=True, help="tokenizer model file (with FILE.json beside it)")
-    parser.add_argument("--input", required=True, help="image shards: folder, brace pattern or s3://bucket/prefix")
-    parser.add_argument("--output", required=True, help="folder for the token shards and manifest.json")
-    parser.add_argument("--part", default=None, help="I/N: encode only part I of N (shards I, I+N, ...)")
-    parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
-    add_config_arguments(parser, default="demo")
-
-
-def run(args: argparse.Namespace) -> int:
-
-    cfg = load_root(args.config, args.overrides)
-    m = encode_shards(
-        args.dvae, args.tokenizer, args.input, args.output, batch_size=cfg.encode.batch_size, part=args.part, device=args.device
-    )
-    print(json.dumps({k: v for k, v in m.items() if k not in ("entries", "counts")}, indent=2))
-    return 0

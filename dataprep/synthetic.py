@@ -16,10 +16,10 @@ lists into absolute URLs for the crawler.
 
 from __future__ import annotations
 
-import argparse
 import io
 import itertools
 import json
+import multiprocessing as mp
 import os
 import threading
 from dataclasses import dataclass
@@ -28,9 +28,12 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
 from tessera.core.errors import InputError
+from tessera.core.progress import bar
 from tessera.dataprep.config import SyntheticConfig
 
 # --------------------------------------------------------------------------------------------
@@ -209,8 +212,6 @@ def _render_job(job: tuple[str, dict[str, str], int, int, int]) -> None:
 
 
 def _write_parquet(rows: list[dict[str, Any]], path: Path) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
 
     cols = list(rows[0].keys()) if rows else ["url", "caption", *ATTRIBUTES]
     table = pa.table({c: [r[c] for r in rows] for c in cols})
@@ -228,7 +229,6 @@ def generate(out_dir: str | Path, cfg: SyntheticConfig | None = None, seed: int 
     uniformly from the training combinations, eval images from the held-out ones (from all
     combinations when holdout_fraction is 0).
     """
-    from tessera.core.progress import bar
 
     cfg = cfg or SyntheticConfig()
     cfg.validate()
@@ -250,8 +250,6 @@ def generate(out_dir: str | Path, cfg: SyntheticConfig | None = None, seed: int 
             lists[split].append({"url": rel, "caption": caption(a), **a.as_dict()})
     n_proc = processes if processes is not None else min(os.cpu_count() or 1, 8)
     with bar(len(jobs), "synthetic images", "img") as pb:
-        import multiprocessing as mp
-
         # a daemonic process (e.g. a pool worker) may not start children: render serially there
         if n_proc > 1 and len(jobs) >= 200 and not mp.current_process().daemon:
             with mp.get_context("fork" if hasattr(os, "fork") else "spawn").Pool(n_proc) as pool:
@@ -283,7 +281,6 @@ def write_url_lists(data_dir: str | Path, base_url: str, out_dir: str | Path | N
     Writes `train_urls.parquet` and `eval_urls.parquet` (into `out_dir`, default `data_dir`) and
     returns {"train": path, "eval": path}.
     """
-    import pyarrow.parquet as pq
 
     data_dir = Path(data_dir)
     out = Path(out_dir) if out_dir is not None else data_dir
@@ -344,36 +341,6 @@ def serve(directory: str | Path) -> tuple[FileServer, str]:
     return server, f"http://{host}:{port}/"
 
 
-# --------------------------------------------------------------------------------------------
-# CLI: tessera prep synthetic --output DIR [--config demo] [overrides]
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from tessera.cli import add_config_arguments
-
-    parser.add_argument("--output", required=True, help="folder for images/, train.parquet, eval.parquet, synthetic.json")
-    parser.add_argument(
-        "--base-url", default=None, help="also write train_urls.parquet/eval_urls.parquet with absolute URLs under this base"
-    )
-    parser.add_argument("--seed", type=int, default=None, help="random seed (default: the config's seed)")
-    add_config_arguments(parser, default="demo")
-
-
-def run(args: argparse.Namespace) -> int:
-    from tessera.core.root_config import load_root
-
-    cfg = load_root(args.config, args.overrides)
-    seed = cfg.seed if args.seed is None else args.seed
-    summary = generate(args.output, cfg.synthetic, seed=seed)
-    print(f"wrote {summary['num_train']} training and {summary['num_eval']} held-out images to {args.output}")
-    print(f"  url lists: {summary['train']} and {summary['eval']} (relative urls)")
-    print(f"  {len(summary['heldout_combinations'])} attribute combinations held out of training")
-    if args.base_url:
-        lists = write_url_lists(args.output, args.base_url)
-        print(f"  absolute url lists: {lists['train']} and {lists['eval']}")
-    return 0
-
-
 _CAPTION_INDEX.update({caption(a): a for a in all_combinations()})
 
 __all__ = [
@@ -398,7 +365,6 @@ __all__ = [
 
 def iter_rows(url_list: str | Path) -> Iterable[dict[str, Any]]:
     """The rows of a synthetic url list (parquet) as dicts."""
-    import pyarrow.parquet as pq
 
     p = Path(url_list)
     if not p.is_file():

@@ -418,46 +418,4 @@ def train_tokenizer(
     return load_tokenizer(output)
 
 
-# --------------------------------------------------------------------------------------------
-# CLI: tessera prep tokenizer --input SHARDS --output FILE [--vocab-size V] [--kind K]
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from tessera.cli import add_config_arguments
-
-    parser.add_argument(
-        "--input",
-        required=True,
-        help="webdataset shards (folder of *.tar, a tar, a glob or brace pattern) or a text file with one caption per line",
-    )
-    parser.add_argument("--output", required=True, help="model file to write (FILE and FILE.json)")
-    parser.add_argument("--vocab-size", type=int, default=None, help="vocabulary size, specials included (default: tokenizer.vocab_size)")
-    parser.add_argument("--kind", choices=KINDS, default=None, help="BPE implementation (default: tokenizer.kind)")
-    parser.add_argument("--no-lowercase", action="store_true", help="keep the captions' case (the paper lower-cases)")
-    parser.add_argument(
-        "--character-coverage",
-        type=float,
-        default=1.0,
-        help="fraction of characters kept as symbols, the rarest mapped to unk (sentencepiece suggests 0.9995 for large web corpora)",
-    )
-    add_config_arguments(parser)
-
-
-def run(args: argparse.Namespace) -> int:
-    from tessera.core.root_config import load_root
-
-    cfg = load_root(args.config, args.overrides).tokenizer
-    kind = args.kind or cfg.kind
-    vocab = args.vocab_size if args.vocab_size is not None else cfg.vocab_size
-    lowercase = cfg.lowercase and not args.no_lowercase
-    input_files(args.input)  # fail early, naming the input
-    logging.basicConfig(level=logging.INFO, format="tessera: %(message)s")
-    tok = train_tokenizer(
-        read_captions(args.input), args.output, kind=kind, vocab_size=vocab, lowercase=lowercase, character_coverage=args.character_coverage
-    )
-    meta = json.loads(sidecar_path(args.output).read_text())
-    print(f"wrote {kind} tokenizer {args.output} ({tok.vocab_size} tokens, trained on {meta['num_captions']} captions)")
-    return 0
-
-
 __all__ = ["Tokenizer", "load_tokenizer", "train_tokenizer", "read_captions", "input_files", "normalize", "KINDS", "TOKENIZERS"]

@@ -15,7 +15,6 @@ presence means the run is complete.
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import shutil
@@ -24,25 +23,33 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+from PIL import Image
+
 from tessera.core.errors import InputError
-from tessera.core.root_config import load_root
+from tessera.core.progress import bar
+from tessera.core.progress import enabled as progress_enabled
+from tessera.dataprep import detector, synthetic
+from tessera.dataprep.crawl import crawl
+from tessera.dataprep.encode import encode_shards
+from tessera.dataprep.imaging import save_image_grid
+from tessera.dataprep.synthetic import BACKGROUNDS, COLORS, POSITIONS, SHAPES, SIZES
+from tessera.dataprep.tokenizer import read_captions, train_tokenizer
+from tessera.trainer.clip_train import train_clip
+from tessera.trainer.data import iter_image_batches
+from tessera.trainer.dvae import load_dvae
+from tessera.trainer.dvae_train import train_dvae
+from tessera.trainer.export import export
+from tessera.trainer.image_metrics import psnr
+from tessera.trainer.inference import load as load_inference
+from tessera.trainer.transformer_train import train_transformer
 
 STAGE_DIRS = ("source", "urls", "shards", "tokenizer", "dvae", "tokens", "transformer", "export", "samples")
 SAMPLES_PER_PROMPT = 4
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from tessera.cli import add_config_arguments
-
-    parser.add_argument("--quick", action="store_true", help="the 2-minute version (preset demo-quick)")
-    parser.add_argument("--output", default="runs/demo", help="output folder (default: runs/demo)")
-    parser.add_argument("-n", "--samples-per-prompt", type=int, default=SAMPLES_PER_PROMPT, help="images per prompt")
-    add_config_arguments(parser)
-
-
 def demo_prompts() -> list[dict[str, str]]:
     """The fixed prompt list: every (colour, shape) pair once, with sizes, positions and backgrounds in rotation."""
-    from tessera.dataprep.synthetic import BACKGROUNDS, COLORS, POSITIONS, SHAPES, SIZES
 
     sizes, positions, backgrounds = list(SIZES), list(POSITIONS), list(BACKGROUNDS)
     prompts = []
@@ -91,11 +98,6 @@ def _reset(out: Path) -> None:
 
 def _heldout_psnr(dvae_dir: Path, eval_shards: Path) -> float:
     """PSNR of hard-code reconstructions (argmax codes -> decoder, EMA weights) over the held-out shards."""
-    import torch
-
-    from tessera.trainer.data import iter_image_batches
-    from tessera.trainer.dvae import load_dvae
-    from tessera.trainer.image_metrics import psnr
 
     model, model_cfg = load_dvae(dvae_dir)
     model.eval()
@@ -111,19 +113,6 @@ def _heldout_psnr(dvae_dir: Path, eval_shards: Path) -> float:
 
 
 def run_demo(cfg: Any, out: Path, samples_per_prompt: int = SAMPLES_PER_PROMPT) -> dict[str, Any]:
-    import torch
-
-    from tessera.core.progress import bar
-    from tessera.core.progress import enabled as progress_enabled
-    from tessera.dataprep import detector, synthetic
-    from tessera.dataprep.crawl import crawl
-    from tessera.dataprep.encode import encode_shards
-    from tessera.dataprep.imaging import save_image_grid
-    from tessera.dataprep.tokenizer import read_captions, train_tokenizer
-    from tessera.trainer.dvae_train import train_dvae
-    from tessera.trainer.export import export
-    from tessera.trainer.inference import load as load_inference
-    from tessera.trainer.transformer_train import train_transformer
 
     out.mkdir(parents=True, exist_ok=True)
     _reset(out)
@@ -159,8 +148,6 @@ def run_demo(cfg: Any, out: Path, samples_per_prompt: int = SAMPLES_PER_PROMPT) 
     tr_summary = st.run("train transformer", train_transformer, cfg, str(out / "tokens"), out / "transformer")
     clip_dir = None
     if cfg.sample.candidates > 1:  # reranking needs a CLIP: train the small one on the same shards
-        from tessera.trainer.clip_train import train_clip
-
         clip_dir = out / "clip"
         clip_summary = st.run(
             "train clip",
@@ -184,7 +171,6 @@ def run_demo(cfg: Any, out: Path, samples_per_prompt: int = SAMPLES_PER_PROMPT) 
 
     images = st.run("sample", _sample)  # (P * n, 3, H, W), prompt-major
     (out / "samples").mkdir(exist_ok=True)
-    from PIL import Image
 
     arr = (images.clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255 + 0.5).astype("uint8")
     with bar(len(arr), "write samples", "img") as pb:
@@ -253,15 +239,3 @@ def format_report(report: dict[str, Any]) -> str:
     rows.append(("time: total", f"{report['total_seconds']:.1f} s"))
     w = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{w}}  {v}" for k, v in rows)
-
-
-def run(args: argparse.Namespace) -> int:
-    preset = args.config or ("demo-quick" if args.quick else "demo")
-    cfg = load_root(preset, args.overrides)
-    if args.samples_per_prompt < 1:
-        raise InputError(f"--samples-per-prompt: expected >= 1, got {args.samples_per_prompt}")
-    out = Path(args.output)
-    report = run_demo(cfg, out, args.samples_per_prompt)
-    print(format_report(report))
-    print(f"\nreport: {out / 'report.json'}  grid: {out / 'grid.png'}")
-    return 0

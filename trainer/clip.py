@@ -22,12 +22,20 @@ import math
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
+from safetensors import safe_open
 from torch import nn
 
+from tessera.core.config import from_dict
 from tessera.core.errors import CheckpointError, InputError
+from tessera.core.files import load_checkpoint
+from tessera.dataprep.tokenizer import load_tokenizer, sidecar_path, tokenizer_from_bytes
 from tessera.trainer.config import ClipConfig
+from tessera.trainer.openclip import is_openclip_checkpoint, load_openclip
+from tessera.trainer.similarity import SimilarityMethods
 
 PAD_ID = 0  # tessera.dataprep.tokenizer's pad id; encode() never produces it
 
@@ -189,7 +197,6 @@ def pad_ids(batch: Sequence[Sequence[int]], text_len: int) -> torch.Tensor:
 
 def checkpoint_state(model: CLIP, tokenizer_path: str | Path) -> dict[str, Any]:
     """The self-contained part of a "clip" checkpoint: weights, config, vocabulary and tokenizer bytes."""
-    from tessera.dataprep.tokenizer import sidecar_path
 
     tp = Path(tokenizer_path)
     return {
@@ -200,36 +207,6 @@ def checkpoint_state(model: CLIP, tokenizer_path: str | Path) -> dict[str, Any]:
         "tokenizer_meta": json.loads(sidecar_path(tp).read_text()),
         "tokenizer_name": tp.name,
     }
-
-
-class SimilarityMethods:
-    """score / similarity / rerank from `image_embeddings` and `text_embeddings` (unit vectors);
-    shared by ClipScorer and tessera.trainer.openclip.OpenClipScorer, which both hold a model (with `.cfg`), its
-    tokenizer and a device."""
-
-    def __init__(self, model: torch.nn.Module, tokenizer: Any, device: str | torch.device = "cpu"):
-        self.model = model.eval().to(device)
-        self.tokenizer = tokenizer
-        self.device = torch.device(device)
-        self.cfg = model.cfg
-
-    @torch.no_grad()
-    def score(self, images: Any, captions: Sequence[str]) -> torch.Tensor:
-        """Cosine similarity of image i with caption i: (B,) in [-1, 1]. Images: see `as_batch`."""
-        if len(images) != len(captions):
-            raise InputError(f"{type(self).__name__}.score: {len(images)} images but {len(captions)} captions")
-        return (self.image_embeddings(images) * self.text_embeddings(list(captions))).sum(-1)
-
-    @torch.no_grad()
-    def similarity(self, images: Any, captions: Sequence[str]) -> torch.Tensor:
-        """Every image against every caption: (n_images, n_captions) cosine similarities."""
-        return self.image_embeddings(images) @ self.text_embeddings(list(captions)).t()
-
-    @torch.no_grad()
-    def rerank(self, images: Any, caption: str, top: int = 1) -> torch.Tensor:
-        """Indices of the `top` images most similar to `caption`, best first."""
-        s = self.score(images, [caption] * len(images))
-        return s.argsort(descending=True)[:top]
 
 
 class ClipScorer(SimilarityMethods):
@@ -243,8 +220,6 @@ class ClipScorer(SimilarityMethods):
         (center-cropped and resized to the model's side; the crawler's similarity filter passes PIL images)."""
         if isinstance(images, torch.Tensor):
             return images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
-        import numpy as np
-        from PIL import Image
 
         s = self.cfg.image_size
         out = []
@@ -293,7 +268,6 @@ class ClipScorer(SimilarityMethods):
 
 
 def _tokenizer_from_state(state: dict[str, Any], where: Path) -> Any:
-    from tessera.dataprep.tokenizer import tokenizer_from_bytes
 
     try:
         return tokenizer_from_bytes(
@@ -304,7 +278,6 @@ def _tokenizer_from_state(state: dict[str, Any], where: Path) -> Any:
 
 
 def model_from_state(state: dict[str, Any], where: str | Path = "<state>") -> CLIP:
-    from tessera.core.config import from_dict
 
     try:
         cfg = from_dict(ClipConfig, state["config"], prefix="clip")
@@ -321,8 +294,6 @@ def load_clip(path: str | Path, device: str | torch.device = "cpu") -> ClipScore
     """A ClipScorer from a `tessera train clip` run directory, one of its checkpoint files, or an
     export directory holding a CLIP (config.json "clip" entry, `clip.*` tensors, clip_tokenizer.model);
     or, for a local open_clip / OpenAI CLIP checkpoint file, a tessera.trainer.openclip.OpenClipScorer."""
-    from tessera.core.files import load_checkpoint
-    from tessera.trainer.openclip import is_openclip_checkpoint, load_openclip
 
     path = Path(path)
     if is_openclip_checkpoint(path):
@@ -335,7 +306,6 @@ def load_clip(path: str | Path, device: str | torch.device = "cpu") -> ClipScore
 
 
 def _load_from_export(path: Path, device: str | torch.device) -> ClipScorer:
-    from tessera.dataprep.tokenizer import load_tokenizer
 
     try:
         config = json.loads((path / "config.json").read_text())
@@ -347,7 +317,6 @@ def _load_from_export(path: Path, device: str | torch.device) -> ClipScorer:
     weights = path / "model.safetensors"
     if not weights.is_file():
         raise CheckpointError(f"export '{path}' is missing model.safetensors")
-    from safetensors import safe_open
 
     sd = {}
     with safe_open(str(weights), framework="pt") as f:

@@ -22,9 +22,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch import nn
 
+from tessera.core.config import from_dict
 from tessera.core.errors import CheckpointError, InputError
+from tessera.core.files import load_checkpoint
 from tessera.trainer.config import DVAEModelConfig
 
 LOGIT_LAPLACE_EPS = 0.1
@@ -242,13 +245,11 @@ def stats_to_image(stats: torch.Tensor, channels: int = 3) -> torch.Tensor:
 
 
 def model_config_from_dict(d: dict) -> DVAEModelConfig:
-    from tessera.core.config import from_dict
 
     return from_dict(DVAEModelConfig, d, prefix="dvae.model")
 
 
 def _load_export(path: Path) -> tuple[DVAE, DVAEModelConfig]:
-    from safetensors.torch import load_file
 
     try:
         meta = json.loads((path / "config.json").read_text())
@@ -283,7 +284,6 @@ def load_dvae(path: str | Path, map_location: str = "cpu") -> tuple[DVAE, DVAEMo
     Export dirs (config.json + model.safetensors) usually hold only the decoder (`dvae_decoder.*`);
     then `model.has_encoder` is False and the encoder weights are untrained.
     """
-    from tessera.core.files import load_checkpoint
 
     path = Path(path)
     if path.is_dir() and (path / "model.safetensors").exists():

@@ -47,6 +47,7 @@ import torch
 from PIL import Image
 
 from tessera.core.errors import InputError
+from tessera.core.files import atomic_write_bytes
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp"}
 SKIP_NAMES = {"grid.png"}
@@ -329,51 +330,34 @@ def format_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-# --------------------------------------------------------------------------------------------
-# CLI
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--images", required=True, help="generated (or reconstructed) images: a folder, a glob, or shards")
-    parser.add_argument("--reference", required=True, help="reference images: webdataset shards (folder of *.tar) or an image folder")
-    parser.add_argument("--clip", default=None, help="a `tessera train clip` run directory or checkpoint (CLIP score, fid_clip, is_clip)")
-    parser.add_argument(
-        "--inception",
-        default=None,
-        help="local Inception-v3 state dict (torchvision's naming; .pt/.pth or .safetensors) for FID and IS: torchvision's ImageNet weights or pytorch-fid's pt_inception-2015-12-05 FID weights (never downloaded; torchvision not needed)",
-    )
-    parser.add_argument("--paired", action="store_true", help="also PSNR/SSIM of image i against reference i")
-    parser.add_argument("--size", type=int, default=None, help="side both sets are resized to (default: the generated images' side)")
-    parser.add_argument("--limit", type=int, default=None, help="use at most this many images from each side")
-    parser.add_argument("--is-splits", type=int, default=1, help="folds for the IS mean and std (the usual 10 needs >= 5000 images)")
-    parser.add_argument("--output", required=True, help="report JSON file")
-
-
-def run(args: argparse.Namespace) -> int:
-    from tessera.core.files import atomic_write_bytes
-
-    images, caps = load_images(args.images, args.size, args.limit)
-    size = images.shape[-1]
-    reference, ref_caps = load_images(args.reference, size, args.limit)
-    clip = None
-    if args.clip:
-        from tessera.trainer.clip import load_clip
-
-        clip = load_clip(args.clip, "cuda" if torch.cuda.is_available() else "cpu")
-    inception = InceptionFeatures(args.inception, "cuda" if torch.cuda.is_available() else "cpu") if args.inception else None
-    report = evaluate(images, caps, reference, ref_caps, clip=clip, inception=inception, paired=args.paired, is_splits=args.is_splits)
-    report["images"] = str(args.images)
-    report["reference"] = str(args.reference)
-    if clip is not None:
-        report["clip"] = str(args.clip)
-    if inception is not None:
-        report["inception"] = str(args.inception)
-    out = Path(args.output)
+def evaluate_to_file(
+    images: str | Path,
+    reference: str | Path,
+    output: str | Path,
+    *,
+    clip: str | Path | None = None,
+    inception: str | Path | None = None,
+    paired: bool = False,
+    size: int | None = None,
+    limit: int | None = None,
+    is_splits: int = 1,
+) -> dict[str, Any]:
+    """`tessera eval`: load both image sets, compute the metrics, write the report JSON atomically and return it."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    gen, caps = load_images(images, size, limit)
+    ref, ref_caps = load_images(reference, gen.shape[-1], limit)
+    scorer = load_clip(clip, device) if clip else None
+    feats = InceptionFeatures(inception, device) if inception else None
+    report = evaluate(gen, caps, ref, ref_caps, clip=scorer, inception=feats, paired=paired, is_splits=is_splits)
+    report.update(images=str(images), reference=str(reference))
+    if scorer is not None:
+        report["clip"] = str(clip)
+    if feats is not None:
+        report["inception"] = str(inception)
+    out = Path(output)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out, (json.dumps(report, indent=2) + "\n").encode())
-    print(format_table({k: v for k, v in report.items() if k not in ("images", "reference", "clip", "inception")}))
-    print(f"wrote {out}")
-    return 0
+    return report
 
 
-__all__ = ["evaluate", "frechet_distance", "inception_score", "load_images", "InceptionFeatures", "format_table"]
+__all__ = ["evaluate", "evaluate_to_file", "frechet_distance", "inception_score", "load_images", "InceptionFeatures", "format_table"]

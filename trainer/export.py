@@ -18,19 +18,23 @@ and renamed; config.json is written last, so a directory with a config.json is c
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save
 
 from tessera import __version__
 from tessera.core import config as C
 from tessera.core.errors import CheckpointError, InputError
 from tessera.core.files import atomic_write_bytes, load_checkpoint
 from tessera.core.root_config import from_run_dict
+from tessera.dataprep.tokenizer import load_tokenizer, sidecar_path
+from tessera.trainer.dvae import load_dvae
+from tessera.trainer.transformer import DALLE
+from tessera.trainer.transformer_train import model_config_from_dict
 
 EXPORT_FORMAT = "tessera-export-1"
 
@@ -103,7 +107,6 @@ def _transformer_state(run_dir: Path, use_ema: bool) -> tuple[dict[str, torch.Te
 
 
 def _tensor_bytes(tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> bytes:
-    from safetensors.torch import save
 
     out = {}
     for k, v in tensors.items():
@@ -125,10 +128,6 @@ def export(
     use_ema: bool = True,
 ) -> dict[str, Any]:
     """Write the inference directory; returns a summary (paths, tensor counts, bytes)."""
-    from tessera.dataprep.tokenizer import load_tokenizer, sidecar_path
-    from tessera.trainer.dvae import load_dvae
-    from tessera.trainer.transformer import DALLE
-    from tessera.trainer.transformer_train import model_config_from_dict
 
     run_dir, out = Path(run_dir), Path(output)
     if not run_dir.exists():
@@ -215,24 +214,6 @@ def export(
         "dtype": dtype,
         "step": meta.get("step"),
     }
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run_dir", help="a transformer run directory (or one of its checkpoint files)")
-    parser.add_argument("--output", required=True, help="the inference directory to write")
-    parser.add_argument("--clip", default=None, help="a CLIP run directory or checkpoint to include (enables reranking)")
-    parser.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32", help="storage precision of the weights (default fp32)")
-    parser.add_argument("--dvae", default=None, help="dVAE run/checkpoint/export (default: the one named by the run's token manifest)")
-    parser.add_argument("--tokenizer", default=None, help="tokenizer model file (default: the one named by the run's token manifest)")
-    parser.add_argument("--no-ema", action="store_true", help="export the raw weights even when the run kept an EMA")
-
-
-def run(args: argparse.Namespace) -> int:
-    summary = export(
-        args.run_dir, args.output, clip=args.clip, dtype=args.dtype, dvae=args.dvae, tokenizer=args.tokenizer, use_ema=not args.no_ema
-    )
-    print(json.dumps(summary))
-    return 0
 
 
 __all__ = ["export", "find_zero_checkpoint", "EXPORT_FORMAT"]

@@ -17,15 +17,28 @@ ranks by the log-likelihood alone.
 
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 import torch
+from PIL import Image
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
+from tessera.core import config as C
+from tessera.core.config import from_dict
 from tessera.core.errors import CheckpointError, InputError
-from tessera.trainer.config import SampleConfig, TransformerModelConfig
+from tessera.core.files import atomic_write_bytes
+from tessera.core.root_config import TesseraConfig
+from tessera.dataprep.imaging import save_image_grid
+from tessera.dataprep.tokenizer import load_tokenizer
+from tessera.trainer.clip import CLIP, ClipScorer
+from tessera.trainer.config import ClipConfig, DVAEModelConfig, SampleConfig, TransformerModelConfig
+from tessera.trainer.dvae import DVAE
 from tessera.trainer.sample import sample_codes
 from tessera.trainer.transformer import DALLE, pad_text
 
@@ -33,7 +46,6 @@ REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.model", "tokeni
 
 
 def _from_dict(cls: type, d: dict, prefix: str) -> Any:
-    from tessera.core.config import from_dict
 
     return from_dict(cls, d, prefix=prefix)
 
@@ -163,12 +175,6 @@ def _check_dir(path: Path) -> dict:
 
 def load(path: str | Path, device: str | torch.device = "cpu") -> Pipeline:
     """The inference pipeline of an export directory (see module docstring)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from tessera.dataprep.tokenizer import load_tokenizer
-    from tessera.trainer.config import DVAEModelConfig
-    from tessera.trainer.dvae import DVAE
 
     path = Path(path)
     config = _check_dir(path)
@@ -198,9 +204,6 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> Pipeline:
 
     clip = None
     if config.get("clip"):
-        from tessera.trainer.clip import CLIP, ClipScorer
-        from tessera.trainer.config import ClipConfig
-
         cm = config["clip"]
         tok_file = path / cm.get("tokenizer", "clip_tokenizer.model")
         if not tok_file.is_file():
@@ -217,3 +220,29 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> Pipeline:
 
 
 __all__ = ["Pipeline", "load", "rerank_scores", "REQUIRED_FILES"]
+
+
+def sample_config(pipe: Any, preset: str | Path | None = None, overrides: Sequence[str] = ()) -> SampleConfig:
+    """Sampling settings: the export's [sample] (from its training run) < preset < overrides."""
+    saved = pipe.config.get("sample") or {}
+    base = {"sample": {k: v for k, v in saved.items() if k in SampleConfig.__dataclass_fields__}}
+    return C.load(TesseraConfig, preset, overrides, base=base).sample
+
+
+def write_samples(pipe: Any, prompts: Sequence[str], n: int, cfg: SampleConfig, output: str | Path, seed: int = 0) -> int:
+    """`n` images per prompt as PNGs (`PPP_KK.png`), `grid.png` and `prompts.txt` in `output`; returns the image count."""
+    if n < 1:
+        raise InputError(f"images per prompt: expected >= 1, got {n}")
+    torch.manual_seed(seed)
+    images = pipe.generate(list(prompts), n, cfg, generator=torch.Generator().manual_seed(seed))
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    for i, img in enumerate(images):
+        p, k = divmod(i, n)
+        arr = (img.clamp(0, 1).permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, format="PNG")
+        atomic_write_bytes(out / f"{p:03d}_{k:02d}.png", buf.getvalue())
+    save_image_grid(images, out / "grid.png", nrow=n)
+    atomic_write_bytes(out / "prompts.txt", "\n".join(prompts).encode() + b"\n")
+    return len(images)

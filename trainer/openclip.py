@@ -28,12 +28,16 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file
 from torch import nn
 
 from tessera.core.errors import CheckpointError, InputError
-from tessera.trainer.clip import SimilarityMethods
+from tessera.trainer.similarity import SimilarityMethods
 
 MERGES_NAME = "bpe_simple_vocab_16e6.txt.gz"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -314,8 +318,6 @@ def read_state(path: str | Path) -> dict[str, torch.Tensor]:
         raise InputError(f"open_clip checkpoint '{path}' does not exist")
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
             obj = load_file(str(path))
         else:
             obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -334,8 +336,6 @@ def is_openclip_checkpoint(path: str | Path) -> bool:
         return False
     try:
         if path.suffix == ".safetensors":
-            from safetensors import safe_open
-
             with safe_open(str(path), framework="pt") as f:
                 keys = set(f.keys())
             return "visual.conv1.weight" in keys or "module.visual.conv1.weight" in keys
@@ -389,8 +389,6 @@ class OpenClipScorer(SimilarityMethods):
                 t, l = (nh - s) // 2, (nw - s) // 2
                 x = x[:, :, t : t + s, l : l + s]
             return x
-        import numpy as np
-        from PIL import Image
 
         out = []
         for im in images:

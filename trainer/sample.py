@@ -13,13 +13,11 @@ candidates by `sample.rerank` (the export's CLIP score, the transformer's log-li
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import torch
 
 from tessera.core.errors import InputError
-from tessera.core.root_config import TesseraConfig
 from tessera.trainer.config import SampleConfig
 from tessera.trainer.transformer import DALLE, empty_text
 
@@ -131,53 +129,6 @@ def read_prompts(path: str | Path) -> list[str]:
     if not prompts:
         raise InputError(f"prompts file '{p}' holds no prompts")
     return prompts
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from tessera.cli import add_config_arguments
-
-    parser.add_argument("--model", required=True, help="an export directory (tessera export RUN --output DIR)")
-    src = parser.add_mutually_exclusive_group(required=True)
-    src.add_argument("--prompt", help="one caption")
-    src.add_argument("--prompts", help="a text file with one caption per line (e.g. configs/prompts/paper_eval.txt)")
-    parser.add_argument("-n", type=int, default=4, help="images per prompt (default 4)")
-    parser.add_argument("--output", required=True, help="folder for the PNGs and grid.png")
-    parser.add_argument("--seed", type=int, default=0, help="random seed")
-    add_config_arguments(parser, default=None)
-
-
-def run(args: argparse.Namespace) -> int:
-    from tessera.core import config as C
-    from tessera.core.files import atomic_write_bytes
-    from tessera.dataprep.imaging import save_image_grid
-    from tessera.trainer.inference import load
-
-    if args.n < 1:
-        raise InputError(f"-n: expected >= 1 images per prompt, got {args.n}")
-    prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompts)
-    pipe = load(args.model)
-    # sampling settings: the export's [sample] (from its training run) < --config preset < overrides
-    base = {"sample": {k: v for k, v in (pipe.config.get("sample") or {}).items() if k in SampleConfig.__dataclass_fields__}}
-    root = C.load(TesseraConfig, args.config, args.overrides, base=base)
-    torch.manual_seed(args.seed)
-    images = pipe.generate(prompts, args.n, root.sample, generator=torch.Generator().manual_seed(args.seed))
-    out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
-    import io
-
-    import numpy as np
-    from PIL import Image
-
-    for i, img in enumerate(images):
-        p, k = divmod(i, args.n)
-        arr = (img.clamp(0, 1).permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
-        buf = io.BytesIO()
-        Image.fromarray(arr).save(buf, format="PNG")
-        atomic_write_bytes(out / f"{p:03d}_{k:02d}.png", buf.getvalue())
-    save_image_grid(images, out / "grid.png", nrow=args.n)
-    atomic_write_bytes(out / "prompts.txt", "\n".join(prompts).encode() + b"\n")
-    print(f"wrote {len(images)} images for {len(prompts)} prompts to {out}")
-    return 0
 
 
 __all__ = ["filter_logits", "next_token", "sample_codes", "sample_codes_batched", "read_prompts"]

@@ -1,5 +1,6 @@
-"""The `tessera` command line: one table of subcommands, each implemented by a module that
-exposes `add_arguments(parser)` and `run(args) -> int | None`.
+"""The `tessera` command line: one table of subcommands, each a pair of functions in a tessera.cli module:
+`add_<name>(parser)` declares its flags and `run_<name>(args) -> int | None` builds the config and calls one
+library function.
 
 Modules are imported only for the command being run, so `tessera --help` stays fast.
 Errors caused by input (TesseraError) print one line and exit with code 2.
@@ -13,24 +14,25 @@ import os
 import sys
 
 from tessera import __version__
+from tessera.cli.common import add_config_arguments
 from tessera.core.errors import TesseraError
 
-# (words) -> (module, one-line help)
-COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
-    ("prep", "crawl"): ("tessera.dataprep.crawl", "download, filter, resize and shard a (url, caption) list"),
-    ("prep", "tokenizer"): ("tessera.dataprep.tokenizer", "train a BPE tokenizer on the captions of shards"),
-    ("prep", "encode"): ("tessera.dataprep.encode", "encode image shards to dVAE token shards"),
-    ("prep", "synthetic"): ("tessera.dataprep.synthetic", "write the embedded synthetic shapes dataset and its url list"),
-    ("train", "dvae"): ("tessera.trainer.dvae_train", "train the discrete VAE (image tokenizer)"),
-    ("train", "transformer"): ("tessera.trainer.transformer_train", "train the sparse-attention transformer on token shards"),
-    ("train", "clip"): ("tessera.trainer.clip_train", "train the small CLIP used for reranking and evaluation"),
-    ("export",): ("tessera.trainer.export", "write a self-contained inference directory from a run"),
-    ("sample",): ("tessera.trainer.sample", "sample images from an exported model"),
-    ("eval",): ("tessera.trainer.evaluate", "FID, IS, CLIP score, PSNR/SSIM of generated or reconstructed images"),
-    ("demo",): ("tessera.demo", "run the whole pipeline end to end on the embedded dataset"),
-    ("cluster", "submit-train"): ("tessera.cluster.cli", "render and submit a requeueable SLURM training job"),
-    ("cluster", "submit-array"): ("tessera.cluster.cli", "render and submit a SLURM array job of prep crawl/encode parts"),
-    ("config",): ("tessera.cli.config", "print a resolved config, or every key with its type and documentation"),
+# (words) -> (tessera.cli module, function name, one-line help)
+COMMANDS: dict[tuple[str, ...], tuple[str, str, str]] = {
+    ("prep", "crawl"): ("tessera.cli.prep", "crawl", "download, filter, resize and shard a (url, caption) list"),
+    ("prep", "tokenizer"): ("tessera.cli.prep", "tokenizer", "train a BPE tokenizer on the captions of shards"),
+    ("prep", "encode"): ("tessera.cli.prep", "encode", "encode image shards to dVAE token shards"),
+    ("prep", "synthetic"): ("tessera.cli.prep", "synthetic", "write the embedded synthetic shapes dataset and its url list"),
+    ("train", "dvae"): ("tessera.cli.train", "dvae", "train the discrete VAE (image tokenizer)"),
+    ("train", "transformer"): ("tessera.cli.train", "transformer", "train the sparse-attention transformer on token shards"),
+    ("train", "clip"): ("tessera.cli.train", "clip", "train the small CLIP used for reranking and evaluation"),
+    ("export",): ("tessera.cli.model", "export", "write a self-contained inference directory from a run"),
+    ("sample",): ("tessera.cli.model", "sample", "sample images from an exported model"),
+    ("eval",): ("tessera.cli.model", "eval", "FID, IS, CLIP score, PSNR/SSIM of generated or reconstructed images"),
+    ("demo",): ("tessera.cli.demo", "demo", "run the whole pipeline end to end on the embedded dataset"),
+    ("cluster", "submit-train"): ("tessera.cli.cluster", "submit_train", "render and submit a requeueable SLURM training job"),
+    ("cluster", "submit-array"): ("tessera.cli.cluster", "submit_array", "render and submit a SLURM array job of prep crawl/encode parts"),
+    ("config",): ("tessera.cli.config", "config", "print a resolved config, or every key with its type and documentation"),
 }
 
 GROUP_HELP = {
@@ -38,21 +40,6 @@ GROUP_HELP = {
     "train": "training: dvae, transformer, clip",
     "cluster": "SLURM jobs: submit-train, submit-array",
 }
-
-
-def add_config_arguments(parser: argparse.ArgumentParser, default: str | None = None) -> None:
-    """`--config PRESET_OR_FILE` and trailing `key.sub=value` overrides (CLI > TOML > defaults)."""
-    parser.add_argument(
-        "--config",
-        default=default,
-        help="a preset name from configs/ (e.g. demo, dalle-12b) or a TOML file" + (f" (default: {default})" if default else ""),
-    )
-    parser.add_argument(
-        "overrides",
-        nargs="*",
-        metavar="key.sub=value",
-        help="config overrides, e.g. dvae.train.steps=100 transformer.model.n_layers=4",
-    )
 
 
 def _top_help() -> str:
@@ -63,7 +50,7 @@ def _top_help() -> str:
         "",
         "commands:",
     ]
-    for words, (_, help_) in COMMANDS.items():
+    for words, (_, _, help_) in COMMANDS.items():
         lines.append(f"  {' '.join(words):<18} {help_}")
     return "\n".join(lines)
 
@@ -96,14 +83,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tessera: error: unknown command '{argv[0]}'; run 'tessera --help' for the list", file=sys.stderr)
         return 2
     words, rest = found
-    module_name, help_ = COMMANDS[words]
+    module_name, name, help_ = COMMANDS[words]
     parser = argparse.ArgumentParser(prog="tessera " + " ".join(words), description=help_)
     debug = os.environ.get("TESSERA_DEBUG") == "1"
     try:
         module = importlib.import_module(module_name)
-        module.add_arguments(parser)
+        getattr(module, f"add_{name}")(parser)
         args = parser.parse_args(rest)
-        code = module.run(args)
+        code = getattr(module, f"run_{name}")(args)
         return int(code or 0)
     except TesseraError as e:
         if debug:

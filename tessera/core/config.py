@@ -23,6 +23,8 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
+import tomli_w
+
 from tessera.core.errors import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -153,7 +155,6 @@ def _drop_none(d: Any) -> Any:
 
 def dumps_toml(obj: Any) -> str:
     """TOML text for a dataclass tree. Keys whose value is None are left out (None means 'the default')."""
-    import tomli_w
 
     return tomli_w.dumps(_drop_none(to_dict(obj) if dataclasses.is_dataclass(obj) else obj))
 

@@ -283,10 +283,10 @@ def test_settings_mismatch_and_overwrite(tmp_path, fault_server):
 def test_cli_config_overrides_and_flags(tmp_path, fault_server):
     import argparse
 
-    from tessera.dataprep.crawl import add_arguments, config_from_args
+    from tessera.cli.prep import add_crawl, config_from_args
 
     parser = argparse.ArgumentParser()
-    add_arguments(parser)
+    add_crawl(parser)
     args = parser.parse_args(
         [
             "--input",

@@ -60,10 +60,10 @@ def fake_command(monkeypatch):
     """`tessera boom`: its run() does whatever the test puts in `action`."""
     mod = types.ModuleType("tessera_test_fake_command")
     state = {"action": lambda: 0}
-    mod.add_arguments = lambda parser: parser.add_argument("--x", default=None)
-    mod.run = lambda args: state["action"]()
+    mod.add_boom = lambda parser: parser.add_argument("--x", default=None)
+    mod.run_boom = lambda args: state["action"]()
     monkeypatch.setitem(sys.modules, mod.__name__, mod)
-    monkeypatch.setitem(cli.COMMANDS, ("boom",), (mod.__name__, "a stand-in command"))
+    monkeypatch.setitem(cli.COMMANDS, ("boom",), (mod.__name__, "boom", "a stand-in command"))
     monkeypatch.delenv("TESSERA_DEBUG", raising=False)
 
     def set_action(fn):
