@@ -52,6 +52,7 @@ from tessera.dataprep.imaging import ImageReject, ImageSpec, process_image
 from tessera.dataprep.readers import read_url_list
 from tessera.dataprep.storage import open_storage
 from tessera.dataprep.writer import make_key, read_dedup, shard_names, write_shard
+from tessera.trainer.clip import load_scorer as load_clip_scorer
 
 CRAWL_META = "crawl.json"
 META_FORMAT = 1
@@ -92,7 +93,7 @@ def _init_worker(cfg: CrawlConfig, progress_q: Any, parent_pid: int) -> None:
         phash=f.dedup_near,
     )
     _W["pool"] = ThreadPoolExecutor(cfg.threads, thread_name_prefix="crawl")
-    _W["scorer"] = load_scorer(f.similarity_model) if f.similarity_threshold > 0 and f.similarity_model else None
+    _W["scorer"] = load_scorer(f.similarity_model, default=load_clip_scorer) if f.similarity_threshold > 0 and f.similarity_model else None
 
 
 class _Progress:
@@ -372,7 +373,7 @@ def crawl(
     if f.similarity_threshold > 0:
         if not f.similarity_model:
             raise ConfigError("config key 'crawl.filters.similarity_threshold' > 0 needs 'crawl.filters.similarity_model'")
-        load_scorer(f.similarity_model)  # fail here, with one line, rather than inside a worker
+        load_scorer(f.similarity_model, default=load_clip_scorer)  # fail here, with one line, rather than inside a worker
     pi, pn = parse_part(part)
     urls = read_url_list(input, cfg.url_col, cfg.caption_col, cfg.keep_cols)
     storage = open_storage(output, cfg.s3_endpoint_url)

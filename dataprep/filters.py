@@ -124,21 +124,10 @@ def register_scorer_loader(matches: Callable[[str], bool], loader: ScorerLoader)
     _LOADERS.insert(0, (matches, loader))
 
 
-def _default_clip_loader(spec: str) -> Scorer:
-    # The project's small CLIP (trainer/) provides `load_scorer(path) -> Scorer`.
-    try:
-        mod = importlib.import_module("tessera.trainer.clip")
-    except ImportError as e:
-        raise ConfigError(f"similarity model '{spec}': the project's CLIP (tessera.trainer.clip) is not available: {e}") from None
-    fn = getattr(mod, "load_scorer", None)
-    if fn is None:
-        raise ConfigError(f"similarity model '{spec}': tessera.trainer.clip has no load_scorer(path)")
-    return fn(spec)
-
-
-def load_scorer(spec: str) -> Scorer:
+def load_scorer(spec: str, default: ScorerLoader | None = None) -> Scorer:
     """A scorer from `spec`: `module:factory` or `file.py:factory` (called with no argument), a
-    spec claimed by a registered loader, or else a path handed to the project's CLIP loader."""
+    spec claimed by a registered loader, or else a path handed to `default` (the crawler passes the
+    project's CLIP loader, tessera.trainer.clip.load_scorer: models sit above this data layer)."""
     for matches, loader in _LOADERS:
         if matches(spec):
             return _checked(loader(spec), spec)
@@ -160,7 +149,9 @@ def load_scorer(spec: str) -> Scorer:
         if factory is None:
             raise ConfigError(f"similarity model '{spec}': '{mod_name}' has no attribute '{attr}'")
         return _checked(factory(), spec)
-    return _checked(_default_clip_loader(spec), spec)
+    if default is None:
+        raise ConfigError(f"similarity model '{spec}': not module:factory or file.py:factory, and no model loader was given for a path")
+    return _checked(default(spec), spec)
 
 
 def _checked(obj: object, spec: str) -> Scorer:

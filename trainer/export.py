@@ -27,6 +27,7 @@ import torch
 from safetensors.torch import save
 
 from tessera import __version__
+from tessera.cluster.engine import consolidate_zero_checkpoint, zero_checkpoint_client_state
 from tessera.core import config as C
 from tessera.core.errors import CheckpointError, InputError
 from tessera.core.files import atomic_write_bytes, load_checkpoint
@@ -64,12 +65,10 @@ def _transformer_from_zero(run_dir: Path, zero_dir: Path, use_ema: bool) -> tupl
     saved with the checkpoint; a checkpoint without one falls back to the run's config.toml.
     """
     try:
-        from tessera.cluster.engine import consolidate_zero_checkpoint, zero_checkpoint_client_state
-    except ImportError:
-        raise InputError(f"run '{run_dir}' holds a DeepSpeed ZeRO checkpoint ({zero_dir}) but deepspeed is not installed") from None
-    try:
         sd = consolidate_zero_checkpoint(zero_dir)
         step, client = zero_checkpoint_client_state(zero_dir)
+    except ImportError:
+        raise InputError(f"run '{run_dir}' holds a DeepSpeed ZeRO checkpoint ({zero_dir}) but deepspeed is not installed") from None
     except CheckpointError:
         raise
     except Exception as e:

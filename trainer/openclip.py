@@ -29,6 +29,11 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+
+try:  # optional: open_clip's exact pre-tokenizer pattern; `re` gives the same split on ASCII text
+    import regex
+except ImportError:  # pragma: no cover
+    regex = None
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -63,13 +68,11 @@ def byte_to_char() -> dict[int, str]:
 
 
 def _pattern() -> Any:
-    try:
-        import regex
-
+    if regex is not None:
         return regex.compile(
             r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""", regex.IGNORECASE
         )
-    except ImportError:  # the same split with `re`: letters, single digits, runs of anything else
+    else:  # the same split with `re`: letters, single digits, runs of anything else
         return re.compile(r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[^\W\d_]+|\d|(?:[^\s\w]|_)+""", re.IGNORECASE)
 
 

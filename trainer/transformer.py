@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tessera.kernels.attention import attention
+from tessera.kernels.block_sparse_attention import HAS_TRITON, block_sparse_attention
 from tessera.kernels.layouts import Layout, inverse_order, layer_layouts, sequence_order
 from tessera.trainer.config import TransformerModelConfig
 
@@ -51,10 +52,6 @@ def empty_text(batch: int, text_len: int, text_vocab: int, device: torch.device 
 
 def _block_sparse_kernel():
     """The Triton block-sparse kernel on GPU hosts that have it, else None (CPU: dense SDPA with the mask)."""
-    try:
-        from tessera.kernels.block_sparse_attention import HAS_TRITON, block_sparse_attention
-    except ImportError:
-        return None
     return block_sparse_attention if HAS_TRITON else None
 
 

@@ -14,7 +14,6 @@ import os
 import sys
 
 from tessera import __version__
-from tessera.cli.common import add_config_arguments
 from tessera.core.errors import TesseraError
 
 # (words) -> (tessera.cli module, function name, one-line help)
