@@ -68,7 +68,7 @@ def main(argv=None) -> int:
         text = torch.randint(0, cfg.text_vocab, (b, cfg.text_len), device=dev)
         image = torch.randint(0, cfg.image_vocab, (b, cfg.image_grid**2), device=dev)
 
-        def step():
+        def step(model=model, opt=opt, text=text, image=image):
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 loss = model.loss(text, image)["loss"]
             opt.zero_grad(set_to_none=True)

@@ -14,7 +14,10 @@ import os
 import sys
 
 from tessera import __version__
+from tessera.cli.common import add_config_arguments
 from tessera.core.errors import TesseraError
+
+__all__ = ["COMMANDS", "GROUP_HELP", "add_config_arguments", "main"]
 
 # (words) -> (tessera.cli module, function name, one-line help)
 COMMANDS: dict[tuple[str, ...], tuple[str, str, str]] = {

@@ -214,7 +214,7 @@ def test_default_sample_config_comes_from_the_export(copy):
     cfg["sample"] = {"temperature": 0}
     (copy / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ConfigError, match="config key 'sample.temperature': expected > 0"):
-        load(copy).default_sample_config
+        _ = load(copy).default_sample_config
 
 
 # ---------------------------------------------------------------- damaged exports

@@ -4,6 +4,11 @@ import pytest
 import pytest as _pytest
 import torch
 
+from tessera.core.errors import InputError
+from tessera.trainer.config import SampleConfig, TransformerModelConfig
+from tessera.trainer.sample import _guided, next_token, read_prompts, sample_codes, sample_codes_batched
+from tessera.trainer.transformer import DALLE, empty_text
+
 
 @_pytest.fixture(autouse=True, scope="module")
 def one_thread():
@@ -12,12 +17,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
-
-from tessera.core.errors import InputError
-from tessera.trainer.config import SampleConfig, TransformerModelConfig
-from tessera.trainer.sample import _guided, next_token, read_prompts, sample_codes, sample_codes_batched
-from tessera.trainer.transformer import DALLE, empty_text
 
 
 def model(seed=0, **kw):

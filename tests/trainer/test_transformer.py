@@ -3,6 +3,12 @@
 import pytest
 import pytest as _pytest
 import torch
+import torch.nn.functional as F
+
+from tessera.kernels.layouts import token_mask
+from tessera.trainer.config import SampleConfig, TransformerModelConfig
+from tessera.trainer.sample import filter_logits, sample_codes
+from tessera.trainer.transformer import DALLE, empty_text, pad_text
 
 
 @_pytest.fixture(autouse=True, scope="module")
@@ -12,14 +18,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
-
-import torch.nn.functional as F
-
-from tessera.kernels.layouts import token_mask
-from tessera.trainer.config import SampleConfig, TransformerModelConfig
-from tessera.trainer.sample import filter_logits, sample_codes
-from tessera.trainer.transformer import DALLE, empty_text, pad_text
 
 
 def tiny(**kw) -> TransformerModelConfig:
