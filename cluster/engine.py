@@ -5,7 +5,8 @@ Every training run goes through `build_engine`, the one place that creates the p
 The loop builds the model (on `dist.device`) and a torch optimizer, then:
 
     engine = build_engine(model, optimizer, dist, cfg.cluster, grad_clip=..., micro_batch_size=..., checkpoint_kind=...)
-    out = engine(*inputs)              # forward through the wrapper (DDP / DeepSpeed hooks)
+    out = engine(*inputs)              # forward through the wrapper (DDP / DeepSpeed hooks); at ZeRO bf16/fp16
+                                       # floating-point inputs are cast to the model's dtype (outputs come back in it)
     engine.backward(loss)
     engine.step()                      # clip (grad_clip), optimizer step, zero the gradients
     engine.last_grad_norm              # the norm before clipping, when grad_clip > 0 (else None)
@@ -211,6 +212,14 @@ class DeepSpeedEngine(Engine):
         deepspeed.init_distributed(dist_backend=dist.backend, timeout=datetime.timedelta(seconds=cfg.timeout_s), verbose=False)
         self.ds, self.ds_optimizer, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=self.ds_config)
         self.wrapped = self.ds
+        # DeepSpeed casts the model to bf16/fp16 but not the inputs: floating-point inputs are cast here
+        self.input_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.input_dtype is not None:
+            args = tuple(_cast(a, self.input_dtype) for a in args)
+            kwargs = {k: _cast(v, self.input_dtype) for k, v in kwargs.items()}
+        return self.ds(*args, **kwargs)
 
     def backward(self, loss: torch.Tensor) -> None:
         self.ds.backward(loss)
@@ -260,6 +269,10 @@ class DeepSpeedEngine(Engine):
         if path is None:
             raise CheckpointError(f"DeepSpeed checkpoint in '{directory}' could not be loaded (tag in {directory / 'latest'})")
         return int(state.get("step", 0)), dict(state.get("client") or {})
+
+
+def _cast(x: Any, dtype: torch.dtype) -> Any:
+    return x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x
 
 
 def _cpu_fp32(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

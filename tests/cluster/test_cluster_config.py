@@ -74,7 +74,10 @@ def test_dist_valid_combinations(values):
         ),
         (["cluster.zero_stage=two"], "config key 'cluster.zero_stage': expected int, got str 'two'"),
         (["cluster.overlap_comm=1"], "config key 'cluster.overlap_comm': expected bool, got int 1"),
-        (["cluster.overlap_comm=true"], "config key 'cluster.overlap_comm': applies to DeepSpeed only (zero_stage >= 1), got zero_stage = 0"),
+        (
+            ["cluster.overlap_comm=true"],
+            "config key 'cluster.overlap_comm': applies to DeepSpeed only (zero_stage >= 1), got zero_stage = 0",
+        ),
         (
             ["cluster.offload_optimizer=true"],
             "config key 'cluster.offload_optimizer': applies to DeepSpeed only (zero_stage >= 1), got zero_stage = 0",

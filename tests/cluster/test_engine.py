@@ -1,4 +1,4 @@
-"""tessera.cluster.engine: plain, DDP (+PowerSGD) and DeepSpeed ZeRO-2/3 on two real gloo ranks.
+"""tessera.cluster.engine: plain, DDP (+PowerSGD) and DeepSpeed ZeRO 1-3 (+ CPU offload, bf16) on two real gloo ranks.
 
 One pair of worker processes (this file run as a script) trains the same tiny regression model in
 every mode in turn (DeepSpeed is imported once per process, which is most of the cost), writes
@@ -20,6 +20,7 @@ MODES = {
     "zero2": dict(zero_stage=2),
     "zero3": dict(zero_stage=3),
     "zero2_offload": dict(zero_stage=2, offload_optimizer=True, overlap_comm=True, bucket_mb=1),
+    "zero1_bf16": dict(zero_stage=1, precision="bf16"),
     "ddp": dict(zero_stage=0),
     "ddp_powersgd": dict(zero_stage=0, powersgd_rank=2, powersgd_start_iter=2),
 }
@@ -120,6 +121,7 @@ def _applied(eng) -> dict:
         "overlap_comm": bool(getattr(o, "overlap_comm", False)),
         "offload": bool(getattr(o, "cpu_offload", False) or getattr(o, "offload_optimizer", False)),
         "optimizer": type(eng.ds_optimizer).__name__,
+        "param_dtype": str(next(eng.module.parameters()).dtype),
     }
 
 
@@ -153,7 +155,9 @@ def single_worker(out: Path) -> None:
         refused = ""
     except CheckpointError as e:
         refused = str(e)
-    (out / "result.json").write_text(json.dumps({"kind": eng.kind, "world": dist.world_size, "losses": losses, "refused": refused, "group": group}))
+    (out / "result.json").write_text(
+        json.dumps({"kind": eng.kind, "world": dist.world_size, "losses": losses, "refused": refused, "group": group})
+    )
 
 
 @pytest.fixture(scope="module")
@@ -230,6 +234,7 @@ def test_cluster_keys_reach_deepspeed_and_ddp(two_rank_run, mode):
         assert got["allgather_bucket_size"] == cfg.bucket_mb * 2**20 // 4
         assert got["overlap_comm"] == cfg.overlap_comm
     assert got["offload"] == cfg.offload_optimizer
+    assert got["param_dtype"] == {"fp32": "torch.float32", "bf16": "torch.bfloat16"}[cfg.precision]  # DeepSpeed cast the model
 
 
 @pytest.mark.parametrize("mode", ["zero1", "zero2", "zero3"])
