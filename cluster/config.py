@@ -3,18 +3,23 @@
 No `from __future__ import annotations` here: tessera.config resolves the type hints at load time.
 """
 
+import re
 from dataclasses import dataclass
 from typing import Literal
 
 from tessera.core.config import param
 from tessera.core.errors import ConfigError
 
+DEFAULT_TIMEOUT_S = 600.0  # the process group's collective timeout when nothing else is configured
+
 
 @dataclass
 class DistConfig:
     """How a training loop's model is wrapped: plain, DDP, or DeepSpeed ZeRO (see tessera.cluster.engine)."""
 
-    backend: Literal["auto", "gloo", "nccl"] = param("auto", "torch.distributed backend; auto = nccl with CUDA, else gloo.")
+    backend: Literal["auto", "gloo", "nccl"] = param(
+        "auto", "torch.distributed backend of the process group; auto = nccl with CUDA, else gloo (one process needs no group)."
+    )
     zero_stage: int = param(
         0, "0 = DDP (plain in a single process); 1, 2, 3 = DeepSpeed ZeRO stage (optimizer, + gradient, + parameter sharding)."
     )
@@ -26,10 +31,12 @@ class DistConfig:
     )
     powersgd_start_iter: int = param(10, "Steps of uncompressed all-reduce before PowerSGD compression starts.")
     powersgd_min_compression_rate: float = param(2.0, "Matrices that compress less than this are all-reduced uncompressed.")
-    bucket_mb: int = param(25, "Gradient bucket size in MiB (DDP bucket_cap_mb, DeepSpeed reduce/allgather bucket sizes).")
-    overlap_comm: bool = param(False, "DeepSpeed: overlap gradient reduction with the backward pass (needs more memory).")
-    offload_optimizer: bool = param(False, "DeepSpeed ZeRO 2/3: keep optimizer states in CPU memory.")
-    timeout_s: float = param(600.0, "Collective timeout of the process group, seconds.")
+    bucket_mb: int = param(25, "Gradient bucket size in MiB (DDP bucket_cap_mb, DeepSpeed reduce/allgather/prefetch bucket sizes).")
+    overlap_comm: bool = param(
+        False, "DeepSpeed ZeRO 1-3: overlap gradient reduction with the backward pass (more memory); DDP always overlaps."
+    )
+    offload_optimizer: bool = param(False, "DeepSpeed ZeRO 1-3: keep the optimizer states in CPU memory and step them there.")
+    timeout_s: float = param(DEFAULT_TIMEOUT_S, "Collective timeout of the process group, seconds.")
 
     def validate(self) -> None:
         if self.zero_stage not in (0, 1, 2, 3):
@@ -40,12 +47,21 @@ class DistConfig:
             raise ConfigError(
                 f"config key 'cluster.powersgd_rank': PowerSGD needs DDP (zero_stage = 0), DeepSpeed ZeRO stage {self.zero_stage} has no gradient hook"
             )
+        if self.powersgd_start_iter < 0:
+            raise ConfigError(f"config key 'cluster.powersgd_start_iter': expected >= 0, got {self.powersgd_start_iter}")
+        if not self.powersgd_min_compression_rate > 0:
+            raise ConfigError(f"config key 'cluster.powersgd_min_compression_rate': expected > 0, got {self.powersgd_min_compression_rate}")
         if self.precision != "fp32" and self.zero_stage == 0:
             raise ConfigError(
                 f"config key 'cluster.precision': {self.precision!r} is applied by DeepSpeed only (zero_stage >= 1); use the trainer's autocast with DDP"
             )
+        for key in ("overlap_comm", "offload_optimizer"):
+            if getattr(self, key) and self.zero_stage == 0:
+                raise ConfigError(f"config key 'cluster.{key}': applies to DeepSpeed only (zero_stage >= 1), got zero_stage = 0")
         if self.bucket_mb < 1:
             raise ConfigError(f"config key 'cluster.bucket_mb': expected >= 1, got {self.bucket_mb}")
+        if not self.timeout_s > 0:
+            raise ConfigError(f"config key 'cluster.timeout_s': expected > 0, got {self.timeout_s}")
 
 
 @dataclass
@@ -79,8 +95,6 @@ class SlurmConfig:
             raise ConfigError(f"slurm option 'gpus_per_node': expected >= 0, got {self.gpus_per_node}")
         if self.signal_before_s < 0:
             raise ConfigError(f"slurm option 'signal_before_s': expected >= 0, got {self.signal_before_s}")
-        import re
-
         if not re.fullmatch(r"(\d+-)?\d{1,2}(:\d{2}){0,2}|\d+", self.time):
             raise ConfigError(f"slurm option 'time': expected [D-]HH:MM:SS or minutes, got {self.time!r}")
 

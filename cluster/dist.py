@@ -1,17 +1,24 @@
 """Rank discovery and the process group, held in one `DistState` object passed around (never globals).
 
 Discovery order: torchrun (RANK/WORLD_SIZE/LOCAL_RANK), SLURM (SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID),
-MPI launchers (OMPI_COMM_WORLD_*, PMI_*), then mpi4py if it is importable and the world is > 1;
-otherwise a single process.
+MPI launchers (OMPI_COMM_WORLD_*, PMI_*); otherwise a single process. Under an MPI launcher without
+MASTER_ADDR, `init` finds rank 0's address with mpi4py (when importable).
+
+`init(state, backend, timeout_s)` creates the one process group (`tessera.cluster.engine.build_engine`
+calls it with `cluster.backend` and `cluster.timeout_s`); `group_timeout_s()` reads the timeout back.
 """
 
 from __future__ import annotations
 
+import datetime
 import os
 import socket
 from dataclasses import dataclass
 
 import torch
+
+from tessera.cluster.config import DEFAULT_TIMEOUT_S
+from tessera.core.errors import ConfigError
 
 
 @dataclass
@@ -74,25 +81,63 @@ def discover(env: dict[str, str] | None = None) -> DistState:
     return DistState()
 
 
-def init(state: DistState | None = None, backend: str | None = None, timeout_s: float = 300.0) -> DistState:
-    """Initialise torch.distributed for `state` (discovered if None); a single process stays uninitialised."""
-    import datetime
+def resolve_backend(backend: str | None) -> str:
+    """The torch.distributed backend for a `cluster.backend` value: "auto" (or None) = nccl with CUDA, else gloo."""
+    if backend in (None, "auto"):
+        return "nccl" if torch.cuda.is_available() else "gloo"
+    return backend
 
+
+def group_timeout_s(group=None) -> float:
+    """The collective timeout of an existing process group (the default one if None), read back from its backend."""
+    pg = group or torch.distributed.distributed_c10d._get_default_group()
+    device = torch.device("cuda") if torch.distributed.get_backend(pg) == "nccl" else torch.device("cpu")
+    return pg._get_backend(device).options._timeout.total_seconds()
+
+
+def init(
+    state: DistState | None = None, backend: str | None = "auto", timeout_s: float = DEFAULT_TIMEOUT_S, *, single_group: bool = False
+) -> DistState:
+    """Initialise torch.distributed for `state` (discovered if None) with `backend` ("auto", "gloo", "nccl") and `timeout_s`.
+
+    A single process stays uninitialised unless `single_group` (DeepSpeed wants a one-rank group). A
+    group that already exists is kept when it has the same backend and timeout; otherwise a one-line
+    ConfigError names `cluster.backend` or `cluster.timeout_s` (the group is created once, from the config).
+    """
     state = state or discover()
-    if state.world_size <= 1 or torch.distributed.is_initialized():
-        state.initialized = torch.distributed.is_initialized()
+    want = resolve_backend(backend)
+    if torch.distributed.is_initialized():
+        _check_existing(want, timeout_s)
+        state.backend, state.initialized = torch.distributed.get_backend(), True
         return state
-    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    if state.world_size <= 1 and not single_group:
+        state.initialized = False
+        return state
+    if want == "nccl" and not torch.cuda.is_available():
+        raise ConfigError("config key 'cluster.backend': 'nccl' needs CUDA, and this machine has none; use 'gloo' or 'auto'")
     if state.source == "mpi" and "MASTER_ADDR" not in os.environ:
         _mpi_rendezvous()
     os.environ.setdefault("MASTER_ADDR", os.environ.get("SLURM_LAUNCH_NODE_IPADDR", "127.0.0.1"))
-    os.environ.setdefault("MASTER_PORT", "29500")
+    os.environ.setdefault("MASTER_PORT", str(free_port()) if state.world_size <= 1 else "29500")
     torch.distributed.init_process_group(
-        backend=backend, rank=state.rank, world_size=state.world_size, timeout=datetime.timedelta(seconds=timeout_s)
+        backend=want, rank=state.rank, world_size=state.world_size, timeout=datetime.timedelta(seconds=timeout_s)
     )
-    state.backend = backend
+    state.backend = torch.distributed.get_backend()
     state.initialized = True
     return state
+
+
+def _check_existing(backend: str, timeout_s: float) -> None:
+    have = torch.distributed.get_backend()
+    if have != backend:
+        raise ConfigError(
+            f"config key 'cluster.backend': the process group already exists with backend {have!r}, not {backend!r}; set cluster.backend = {have!r} or let the engine create the group"
+        )
+    have_t = group_timeout_s()
+    if abs(have_t - timeout_s) > 1e-3:
+        raise ConfigError(
+            f"config key 'cluster.timeout_s': the process group already exists with a {have_t:g} s timeout, not {timeout_s:g} s; create it with the same cluster config"
+        )
 
 
 def _mpi_rendezvous() -> None:

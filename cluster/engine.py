@@ -1,26 +1,39 @@
 """Wrapping a model and its optimizer for training: plain, DDP, or DeepSpeed ZeRO, behind one interface.
 
-The training loop builds the model and the optimizer, then calls `build_engine(model, optimizer,
-dist, cfg)`; from then on it uses only the engine:
+Every training run goes through `build_engine`, the one place that creates the process group
+(`cluster.backend`, `cluster.timeout_s`) and wraps the model; no trainer wraps a model itself.
+The loop builds the model (on `dist.device`) and a torch optimizer, then:
 
-    out = engine(*inputs)              # forward through the wrapper (DDP / DeepSpeed hooks)
+    engine = build_engine(model, optimizer, dist, cfg.cluster, grad_clip=..., micro_batch_size=..., checkpoint_kind=...)
+    out = engine(*inputs)              # forward through the wrapper (DDP / DeepSpeed hooks); at ZeRO bf16/fp16
+                                       # floating-point inputs are cast to the model's dtype (outputs come back in it)
     engine.backward(loss)
     engine.step()                      # clip (grad_clip), optimizer step, zero the gradients
+    engine.last_grad_norm              # the norm before clipping, when grad_clip > 0 (else None)
     engine.set_lr(lr)                  # the loop's schedule, on the real optimizer's groups
+    engine.comm_stats()                # {"bytes_sent", "bytes_dense", "compression"} of the last step, or {}
     engine.save_checkpoint(dir, step, client_state)   # every rank calls it
     step, client_state = engine.load_checkpoint(dir)  # (0, {}) when dir holds none
     engine.full_state_dict()           # the whole model's weights on every rank (ZeRO-3 gathered)
+    engine.module / engine.dist / engine.kind          # the unwrapped model, the DistState, "plain" | "ddp" | "deepspeed"
 
-Kinds:
-- `PlainEngine`: one process; `DDPEngine`: torch DistributedDataParallel (gloo or nccl), with the
-  PowerSGD reducer of `tessera.cluster.powersgd` as its comm hook when `cfg.powersgd_rank > 0`. Their
-  checkpoints are our run-dir format (`tessera.core.files.save_checkpoint`, kind "engine"):
-  `dir/step_XXXXXXXX.pt` and `dir/latest.pt`, written by rank 0.
-- `DeepSpeedEngine`: `deepspeed.initialize` at ZeRO stage 1, 2 or 3 with a config dict built
-  from `DistConfig`; checkpoints are DeepSpeed's own sharded layout (`dir/latest` naming the tag
-  `step_XXXXXXXX`, one model-states file and one optimizer shard per rank).
-  `consolidate_zero_checkpoint(dir)` turns such a checkpoint into one fp32 state dict (DeepSpeed's
-  zero_to_fp32), e.g. for export.
+Kinds, chosen by `cluster.zero_stage` and the world size:
+- `PlainEngine` (zero_stage 0, one process): no process group, no wrapper.
+- `DDPEngine` (zero_stage 0, more processes): torch DistributedDataParallel (gloo or nccl) with
+  `bucket_cap_mb = cluster.bucket_mb`, and, when `cluster.powersgd_rank > 0`, the PowerSGD reducer
+  of `tessera.cluster.powersgd` as its comm hook (`powersgd_start_iter`, `powersgd_min_compression_rate`).
+  Plain and DDP checkpoints are our run-dir format (`tessera.core.files.save_checkpoint`, kind
+  `checkpoint_kind`): `dir/step_XXXXXXXX.pt` and `dir/latest.pt`, written by rank 0.
+- `DeepSpeedEngine` (zero_stage 1, 2, 3, even in one process): `deepspeed.initialize` with a config
+  dict built from `DistConfig` (`deepspeed_config`: precision, bucket_mb as the reduce / allgather /
+  prefetch bucket sizes, overlap_comm, offload_optimizer); checkpoints are DeepSpeed's own sharded
+  layout (`dir/latest` naming the tag `step_XXXXXXXX`, one model-states file and one optimizer
+  shard per rank). `consolidate_zero_checkpoint(dir)` turns one into a single fp32 state dict
+  (DeepSpeed's zero_to_fp32), e.g. for export.
+
+`comm_stats()` counts, per rank, what one backward pass hands to all-reduce: with PowerSGD the
+reducer's measured P, Q and uncompressed tensors against the dense size of the same gradients;
+plain DDP hands over every gradient (`bytes_sent == bytes_dense`); plain and DeepSpeed engines give {}.
 
 On CPU, DeepSpeed runs with DS_ACCELERATOR=cpu and a gloo process group. A torch optimizer object
 is passed in (not an "optimizer" config entry) so that no C++ op is JIT-built.
@@ -28,15 +41,20 @@ is passed in (not an "optimizer" config entry) so that no C++ op is JIT-built.
 
 from __future__ import annotations
 
+import datetime
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from tessera.cluster.config import DistConfig
-from tessera.cluster.dist import DistState, free_port, init
+from tessera.cluster.dist import DistState, discover, init
+from tessera.cluster.powersgd import PowerSGDReducer, ddp_comm_hook
+from tessera.core import files
 from tessera.core.errors import CheckpointError, ConfigError
+from tessera.kernels.powersgd import MAX_RANK
 
 CHECKPOINT_KIND = "engine"
 _RESERVED = ("kind", "format", "step", "model", "optimizer", "powersgd_step")
@@ -86,6 +104,10 @@ class Engine:
         for g in self.optimizer.param_groups:
             g["lr"] = lr
 
+    def comm_stats(self) -> dict[str, float]:
+        """Bytes this rank handed to all-reduce in the last backward pass (see the module docstring); {} without a measure."""
+        return {}
+
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Every parameter and buffer of the model, whole, on the CPU (identical on every rank)."""
         return {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}
@@ -97,8 +119,6 @@ class Engine:
         The file is a run-dir checkpoint of kind `self.checkpoint_kind`: `client_state`'s entries
         at the top level beside "step", "model" and "optimizer" (the trainers' own layout).
         """
-        from tessera.core.files import save_checkpoint
-
         directory = Path(directory)
         path = directory / f"{_tag(step)}.pt"
         if self.dist.is_main:
@@ -107,15 +127,13 @@ class Engine:
                 raise ValueError(f"client_state keys {clash} are reserved by the engine checkpoint")
             state = {**(client_state or {}), "step": int(step), "model": self.module.state_dict(), "optimizer": self.optimizer.state_dict()}
             state.update(self._extra_state())
-            save_checkpoint(path, self.checkpoint_kind, state)
-            save_checkpoint(directory / "latest.pt", self.checkpoint_kind, state)
+            files.save_checkpoint(path, self.checkpoint_kind, state)
+            files.save_checkpoint(directory / "latest.pt", self.checkpoint_kind, state)
             _prune(sorted(directory.glob("step_*.pt")), keep_last)
         self.dist.barrier()
         return path
 
     def load_checkpoint(self, directory: str | Path) -> tuple[int, dict[str, Any]]:
-        from tessera.core.files import load_checkpoint
-
         path = Path(directory) / "latest.pt"
         if not path.exists():
             if (Path(directory) / "latest").exists():
@@ -123,7 +141,9 @@ class Engine:
                     f"checkpoint directory '{directory}' holds a DeepSpeed ZeRO checkpoint; set cluster.zero_stage to load it or consolidate it"
                 )
             return 0, {}
-        ck = load_checkpoint(path, self.checkpoint_kind, map_location=str(self.dist.device) if self.dist.device.type != "cpu" else "cpu")
+        ck = files.load_checkpoint(
+            path, self.checkpoint_kind, map_location=str(self.dist.device) if self.dist.device.type != "cpu" else "cpu"
+        )
         self.module.load_state_dict(ck["model"])
         self.optimizer.load_state_dict(ck["optimizer"])
         self._load_extra_state(ck)
@@ -149,14 +169,20 @@ class DDPEngine(Engine):
         self.wrapped = torch.nn.parallel.DistributedDataParallel(
             module, device_ids=[dev.index] if dev.type == "cuda" else None, bucket_cap_mb=cfg.bucket_mb
         )
-        self.reducer = None
+        self.reducer: PowerSGDReducer | None = None
         if cfg.powersgd_rank > 0:
-            from tessera.cluster.powersgd import PowerSGDReducer, ddp_comm_hook
-
             self.reducer = PowerSGDReducer(
                 rank=cfg.powersgd_rank, min_compression_rate=cfg.powersgd_min_compression_rate, start_iter=cfg.powersgd_start_iter
             )
             self.wrapped.register_comm_hook(self.reducer, ddp_comm_hook)
+        # what DDP's own all-reduce hands over each backward pass: every gradient, in its buckets
+        self._dense_bytes = sum(p.numel() * p.element_size() for p in module.parameters() if p.requires_grad)
+
+    def comm_stats(self) -> dict[str, float]:
+        if self.reducer is None:
+            return {"bytes_sent": self._dense_bytes, "bytes_dense": self._dense_bytes, "compression": 1.0}
+        sent, dense = self.reducer.bytes_sent_last_step, self.reducer.bytes_dense_last_step
+        return {"bytes_sent": sent, "bytes_dense": dense, "compression": dense / sent if sent else 1.0}
 
     # PowerSGD: the step count is saved so that compression resumes at once; the error-feedback
     # buffers and warm-start Qs are per rank and not saved (they rebuild within a few steps).
@@ -182,9 +208,18 @@ class DeepSpeedEngine(Engine):
             # on a small machine) that only speeds up inference all-reduce; marking it incompatible
             # makes DeepSpeed fall back to the gloo group, as it does off Linux.
             deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-        deepspeed.init_distributed(dist_backend=dist.backend or _backend(cfg), verbose=False)
+        # the group exists (build_engine made it); DeepSpeed wraps it, and any group it adds gets the same timeout
+        deepspeed.init_distributed(dist_backend=dist.backend, timeout=datetime.timedelta(seconds=cfg.timeout_s), verbose=False)
         self.ds, self.ds_optimizer, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=self.ds_config)
         self.wrapped = self.ds
+        # DeepSpeed casts the model to bf16/fp16 but not the inputs: floating-point inputs are cast here
+        self.input_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.input_dtype is not None:
+            args = tuple(_cast(a, self.input_dtype) for a in args)
+            kwargs = {k: _cast(v, self.input_dtype) for k, v in kwargs.items()}
+        return self.ds(*args, **kwargs)
 
     def backward(self, loss: torch.Tensor) -> None:
         self.ds.backward(loss)
@@ -205,16 +240,9 @@ class DeepSpeedEngine(Engine):
         if self.cfg.zero_stage == 3:
             import deepspeed
 
-            params = list(self.module.parameters())
-            with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-                return {
-                    k: v.detach().float().cpu().clone() if v.is_floating_point() else v.detach().cpu().clone()
-                    for k, v in self.module.state_dict().items()
-                }
-        return {
-            k: v.detach().float().cpu().clone() if v.is_floating_point() else v.detach().cpu().clone()
-            for k, v in self.module.state_dict().items()
-        }
+            with deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None):
+                return _cpu_fp32(self.module.state_dict())
+        return _cpu_fp32(self.module.state_dict())
 
     def save_checkpoint(self, directory: str | Path, step: int, client_state: dict[str, Any] | None = None, keep_last: int = 2) -> Path:
         """Every rank writes its shard under `directory/step_XXXXXXXX/`; `directory/latest` names it."""
@@ -243,21 +271,21 @@ class DeepSpeedEngine(Engine):
         return int(state.get("step", 0)), dict(state.get("client") or {})
 
 
+def _cast(x: Any, dtype: torch.dtype) -> Any:
+    return x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+
+
+def _cpu_fp32(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().float().cpu().clone() if v.is_floating_point() else v.detach().cpu().clone() for k, v in sd.items()}
+
+
 def _prune(paths: list[Path], keep_last: int) -> None:
     """Delete all but the last `keep_last` of `paths` (sorted oldest first); 0 keeps everything."""
-    import shutil
-
     for old in paths[:-keep_last] if keep_last > 0 else []:
         if old.is_dir():
             shutil.rmtree(old, ignore_errors=True)
         else:
             old.unlink(missing_ok=True)
-
-
-def _backend(cfg: DistConfig) -> str:
-    if cfg.backend != "auto":
-        return cfg.backend
-    return "nccl" if torch.cuda.is_available() else "gloo"
 
 
 def deepspeed_config(cfg: DistConfig, world_size: int, micro_batch_size: int = 1, grad_clip: float = 0.0) -> dict[str, Any]:
@@ -279,8 +307,6 @@ def deepspeed_config(cfg: DistConfig, world_size: int, micro_batch_size: int = 1
                 "stage3_gather_16bit_weights_on_model_save": False,
             }
         )
-    if cfg.offload_optimizer and cfg.zero_stage >= 2:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     out: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": int(micro_batch_size),
         "gradient_accumulation_steps": 1,
@@ -290,6 +316,9 @@ def deepspeed_config(cfg: DistConfig, world_size: int, micro_batch_size: int = 1
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
+    if cfg.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+        out["zero_force_ds_cpu_optimizer"] = False  # the loop's torch optimizer steps the offloaded states (no C++ CPU Adam)
     if grad_clip > 0:
         out["gradient_clipping"] = float(grad_clip)
     if cfg.precision == "bf16":
@@ -306,52 +335,47 @@ def _prepare_deepspeed_env(dist: DistState) -> None:
     os.environ.setdefault("RANK", str(dist.rank))
     os.environ.setdefault("WORLD_SIZE", str(dist.world_size))
     os.environ.setdefault("LOCAL_RANK", str(dist.local_rank))
-    os.environ.setdefault("MASTER_ADDR", os.environ.get("SLURM_LAUNCH_NODE_IPADDR", "127.0.0.1"))
-    if dist.world_size == 1:
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
 
 
 def build_engine(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
-    dist: DistState | None,
+    dist: DistState | None = None,
     cfg: DistConfig | None = None,
     *,
     grad_clip: float = 0.0,
     micro_batch_size: int = 1,
     checkpoint_kind: str = CHECKPOINT_KIND,
 ) -> Engine:
-    """Wrap `model` (already on `dist.device`) and `optimizer` as `cfg` asks; initialises the process group if needed.
+    """Wrap `model` (already on `dist.device`) and `optimizer` as `cfg` asks, creating the process group if needed.
 
-    zero_stage 0: DDP when the world is larger than one process, else plain. zero_stage 1-3:
-    DeepSpeed, even in a single process (a one-rank gloo/nccl group is created for it).
-    `micro_batch_size` is the per-rank batch (DeepSpeed's bookkeeping only). `checkpoint_kind`
-    is the run-dir kind of plain/DDP checkpoints (e.g. "transformer", so export reads them).
+    `dist` None = discovered from the launcher's environment. The group is created with
+    `cfg.backend` and `cfg.timeout_s`; one that exists already must agree with both (else a
+    ConfigError naming the key). zero_stage 0: DDP when the world is larger than one process,
+    else plain (no group; PowerSGD has nothing to compress). zero_stage 1-3: DeepSpeed, even in a
+    single process (a one-rank group is created for it). `micro_batch_size` is the per-rank batch
+    (DeepSpeed's bookkeeping only). `checkpoint_kind` is the run-dir kind of plain/DDP checkpoints
+    (e.g. "transformer", so export reads them). The engine's `dist` is the initialised state.
     """
     cfg = cfg or DistConfig()
     cfg.validate()
-    dist = dist or DistState()
-    backend = _backend(cfg)
+    if cfg.powersgd_rank > MAX_RANK:
+        raise ConfigError(f"config key 'cluster.powersgd_rank': expected <= {MAX_RANK}, got {cfg.powersgd_rank}")
+    dist = dist or discover()
     if cfg.zero_stage == 0:
-        dist = init(dist, backend=backend, timeout_s=cfg.timeout_s)
+        dist = init(dist, cfg.backend, cfg.timeout_s)
         eng: Engine = (
             DDPEngine(model, optimizer, dist, cfg, grad_clip) if dist.world_size > 1 else PlainEngine(model, optimizer, dist, grad_clip)
         )
-        eng.checkpoint_kind = checkpoint_kind
-        return eng
-
-    if cfg.precision == "fp16" and not torch.cuda.is_available():
-        if not (hasattr(torch.ops.mkldnn, "_is_mkldnn_fp16_supported") and torch.ops.mkldnn._is_mkldnn_fp16_supported()):
-            raise ConfigError("config key 'cluster.precision': fp16 is not supported by this CPU (mkldnn fp16); use 'fp32' or 'bf16'")
-    _prepare_deepspeed_env(dist)
-    if dist.world_size == 1 and not torch.distributed.is_initialized():
-        import datetime
-
-        torch.distributed.init_process_group(backend=backend, rank=0, world_size=1, timeout=datetime.timedelta(seconds=cfg.timeout_s))
-        dist.backend, dist.initialized = backend, True
     else:
-        dist = init(dist, backend=backend, timeout_s=cfg.timeout_s)
-    return DeepSpeedEngine(model, optimizer, dist, cfg, grad_clip, micro_batch_size)
+        if cfg.precision == "fp16" and not torch.cuda.is_available():
+            if not (hasattr(torch.ops.mkldnn, "_is_mkldnn_fp16_supported") and torch.ops.mkldnn._is_mkldnn_fp16_supported()):
+                raise ConfigError("config key 'cluster.precision': fp16 is not supported by this CPU (mkldnn fp16); use 'fp32' or 'bf16'")
+        _prepare_deepspeed_env(dist)
+        dist = init(dist, cfg.backend, cfg.timeout_s, single_group=True)
+        eng = DeepSpeedEngine(model, optimizer, dist, cfg, grad_clip, micro_batch_size)
+    eng.checkpoint_kind = checkpoint_kind
+    return eng
 
 
 def consolidate_zero_checkpoint(directory: str | Path, tag: str | None = None) -> dict[str, torch.Tensor]:

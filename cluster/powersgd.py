@@ -31,6 +31,14 @@ works on whatever gradient list it is given.
 
 Until `start_iter` steps have passed, gradients are all-reduced uncompressed (as torch's
 powerSGD_hook does: early gradients change fast and the error feedback has nothing to build on).
+
+A step is one call of `reduce` with `last=True` (the DDP hook passes `bucket.is_last()`, so a
+step is one backward pass however many buckets DDP has). The reducer counts what it hands to
+all-reduce: `bytes_sent_last_step` (P, Q and the uncompressed tensors) against
+`bytes_dense_last_step` (what a plain all-reduce of the same gradients would hand over), per rank.
+A step whose all-reduced P is not finite (an fp16 overflow on any rank) resets the error buffers
+and Qs, so one bad step does not poison the following ones; its gradients come out non-finite
+and a loss scaler skips it.
 """
 
 from dataclasses import dataclass, field
@@ -95,6 +103,11 @@ class PowerSGDReducer:
         self.step = 0
         self.elements_uncompressed = 0  # what a plain all-reduce would have sent, cumulative
         self.elements_sent = 0  # what was sent
+        self.bytes_sent_last_step = 0  # handed to all-reduce in the last complete step (this rank)
+        self.bytes_dense_last_step = 0  # what an uncompressed all-reduce of the same gradients hands over
+        self.skipped_nonfinite = 0  # steps whose compressed state was reset after a non-finite P
+        self._step_sent = 0
+        self._step_dense = 0
         self._states: dict[object, _ListState] = {}
 
     # -- helpers -------------------------------------------------------------------------------
@@ -141,22 +154,35 @@ class PowerSGDReducer:
         return state
 
     # -- the algorithm (numbered as in the module docstring) --------------------------------------
+    def _count(self, t: torch.Tensor) -> None:
+        self.elements_sent += t.numel()
+        self._step_sent += t.numel() * t.element_size()
+
+    def _end_step(self) -> None:
+        self.bytes_sent_last_step, self.bytes_dense_last_step = self._step_sent, self._step_dense
+        self._step_sent = self._step_dense = 0
+        self.step += 1
+
     @torch.no_grad()
-    def reduce(self, grads: list[torch.Tensor], key=0) -> None:
-        world = self._world()
+    def reduce(self, grads: list[torch.Tensor], key=0, last: bool = True) -> None:
+        """Average `grads` in place; `last` ends the step (False for all but the last DDP bucket of a backward pass)."""
         grads = [g for g in grads]
-        if not grads:
-            return
-        total = sum(g.numel() for g in grads)
-        self.elements_uncompressed += total
-        if self.step < self.start_iter:
-            flat = torch.cat([g.reshape(-1) for g in grads])
-            self._all_reduce(flat)
-            flat /= world
-            _scatter(flat, grads)
-            self.elements_sent += total
-            self.step += 1
-            return
+        if grads:
+            self.elements_uncompressed += sum(g.numel() for g in grads)
+            self._step_dense += sum(g.numel() * g.element_size() for g in grads)
+            if self.step < self.start_iter:
+                flat = torch.cat([g.reshape(-1) for g in grads])
+                self._all_reduce(flat)
+                flat /= self._world()
+                _scatter(flat, grads)
+                self._count(flat)
+            else:
+                self._reduce_compressed(grads, key)
+        if last:
+            self._end_step()
+
+    def _reduce_compressed(self, grads: list[torch.Tensor], key) -> None:
+        world = self._world()
 
         # 1. split
         state = self._plan(grads, key)
@@ -166,7 +192,7 @@ class PowerSGDReducer:
         if state.uncompressed:
             flat = torch.cat([grads[i].reshape(-1) for i in state.uncompressed])
             work = self._all_reduce(flat, async_op=True)  # overlaps with steps 2-3
-            self.elements_sent += flat.numel()
+            self._count(flat)
 
         # 2. M = grad + error
         mats = []
@@ -184,6 +210,7 @@ class PowerSGDReducer:
             ps = [project(M, gs.q) for M, gs in zip(mats, state.groups)]
             p_flat = torch.cat([p.reshape(-1) for p in ps])
             self._all_reduce(p_flat)
+            finite = bool(torch.isfinite(p_flat).all())  # the same on every rank: P is all-reduced
             _scatter(p_flat, ps)
             # 5. orthogonalize P, 6. Q = M^T P, 7. all-reduce Q (mean)
             qs = []
@@ -194,7 +221,8 @@ class PowerSGDReducer:
             self._all_reduce(q_flat)
             q_flat /= world
             _scatter(q_flat, qs)
-            self.elements_sent += p_flat.numel() + q_flat.numel()
+            self._count(p_flat)
+            self._count(q_flat)
             # 8. out = P Q^T, error = M - out (one pass), 9. write back
             for M, p, gs in zip(mats, ps, state.groups):
                 if self.use_error_feedback:
@@ -205,13 +233,16 @@ class PowerSGDReducer:
                     decompress(M, p, gs.q, out=M)
                 for j, i in enumerate(gs.indices):
                     grads[i].copy_(M[j].reshape(grads[i].shape))
+            if not finite:
+                self.skipped_nonfinite += 1
+                for gs in state.groups:
+                    gs.error, gs.q = None, None
 
         if work is not None:
             work.wait()
         if state.uncompressed:
             flat /= world
             _scatter(flat, [grads[i] for i in state.uncompressed])
-        self.step += 1
 
 
 def _scatter(flat: torch.Tensor, tensors: list[torch.Tensor]) -> None:
@@ -229,7 +260,7 @@ def ddp_comm_hook(reducer: PowerSGDReducer, bucket) -> torch.futures.Future[torc
     reduces the buffer, which is what DDP expects back. Collectives run synchronously here (the
     uncompressed part overlaps with the compressed part's local compute).
     """
-    reducer.reduce(bucket.gradients(), key=bucket.index())
+    reducer.reduce(bucket.gradients(), key=bucket.index(), last=bucket.is_last())
     fut = torch.futures.Future()
     fut.set_result(bucket.buffer())
     return fut

@@ -41,6 +41,7 @@ def test_defaults_validate():
         {"zero_stage": 0, "powersgd_rank": 4},
         {"zero_stage": 1, "precision": "bf16"},
         {"zero_stage": 2, "precision": "fp16", "offload_optimizer": True},
+        {"zero_stage": 1, "offload_optimizer": True, "overlap_comm": True},
         {"zero_stage": 3, "overlap_comm": True, "backend": "nccl"},
         {"bucket_mb": 1, "timeout_s": 30.0},
     ],
@@ -73,6 +74,17 @@ def test_dist_valid_combinations(values):
         ),
         (["cluster.zero_stage=two"], "config key 'cluster.zero_stage': expected int, got str 'two'"),
         (["cluster.overlap_comm=1"], "config key 'cluster.overlap_comm': expected bool, got int 1"),
+        (
+            ["cluster.overlap_comm=true"],
+            "config key 'cluster.overlap_comm': applies to DeepSpeed only (zero_stage >= 1), got zero_stage = 0",
+        ),
+        (
+            ["cluster.offload_optimizer=true"],
+            "config key 'cluster.offload_optimizer': applies to DeepSpeed only (zero_stage >= 1), got zero_stage = 0",
+        ),
+        (["cluster.timeout_s=0"], "config key 'cluster.timeout_s': expected > 0, got 0.0"),
+        (["cluster.powersgd_start_iter=-1"], "config key 'cluster.powersgd_start_iter': expected >= 0, got -1"),
+        (["cluster.powersgd_min_compression_rate=0"], "config key 'cluster.powersgd_min_compression_rate': expected > 0, got 0.0"),
     ],
 )
 def test_dist_rejections_name_the_key(overrides, message):

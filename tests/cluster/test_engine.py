@@ -1,4 +1,4 @@
-"""tessera.cluster.engine: plain, DDP (+PowerSGD) and DeepSpeed ZeRO-2/3 on two real gloo ranks.
+"""tessera.cluster.engine: plain, DDP (+PowerSGD) and DeepSpeed ZeRO 1-3 (+ CPU offload, bf16) on two real gloo ranks.
 
 One pair of worker processes (this file run as a script) trains the same tiny regression model in
 every mode in turn (DeepSpeed is imported once per process, which is most of the cost), writes
@@ -19,6 +19,8 @@ MODES = {
     "zero1": dict(zero_stage=1),
     "zero2": dict(zero_stage=2),
     "zero3": dict(zero_stage=3),
+    "zero2_offload": dict(zero_stage=2, offload_optimizer=True, overlap_comm=True, bucket_mb=1),
+    "zero1_bf16": dict(zero_stage=1, precision="bf16"),
     "ddp": dict(zero_stage=0),
     "ddp_powersgd": dict(zero_stage=0, powersgd_rank=2, powersgd_start_iter=2),
 }
@@ -40,7 +42,7 @@ def batch(rank: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def worker(out: Path) -> None:
     from tessera.cluster.config import DistConfig
-    from tessera.cluster.dist import discover, init, shutdown
+    from tessera.cluster.dist import discover, group_timeout_s, init, shutdown
     from tessera.cluster.engine import build_engine
 
     dist = init(discover(), backend="gloo")
@@ -50,6 +52,8 @@ def worker(out: Path) -> None:
         model = make_model()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
         eng = build_engine(model, opt, dist, cfg, grad_clip=1.0, micro_batch_size=16)
+        applied = _applied(eng)
+        applied.update(backend=torch.distributed.get_backend(), timeout=group_timeout_s())
         losses = []
         for step in range(STEPS):
             x, y = batch(dist.rank, step)
@@ -98,6 +102,7 @@ def worker(out: Path) -> None:
                         "resume_same": same,
                         "continue_same": cont_same,
                         "lr0_frozen": frozen,
+                        "applied": applied,
                     }
                 )
             )
@@ -105,17 +110,34 @@ def worker(out: Path) -> None:
     shutdown(dist)
 
 
+def _applied(eng) -> dict:
+    """What the DeepSpeed optimizer really runs with (bucket sizes in elements, overlap, offload), or DDP's bucket cap."""
+    if eng.kind != "deepspeed":
+        return {"bucket_bytes_cap": eng.wrapped.bucket_bytes_cap}
+    o = eng.ds.optimizer
+    return {
+        "reduce_bucket_size": int(o.reduce_bucket_size),
+        "allgather_bucket_size": int(getattr(o, "allgather_bucket_size", -1)),
+        "overlap_comm": bool(getattr(o, "overlap_comm", False)),
+        "offload": bool(getattr(o, "cpu_offload", False) or getattr(o, "offload_optimizer", False)),
+        "optimizer": type(eng.ds_optimizer).__name__,
+        "param_dtype": str(next(eng.module.parameters()).dtype),
+    }
+
+
 def single_worker(out: Path) -> None:
     """DeepSpeed in one process (no launcher): a one-rank group; checkpoints pruned to the last two."""
     from tessera.cluster.config import DistConfig
-    from tessera.cluster.dist import discover
+    from tessera.cluster.dist import discover, group_timeout_s
     from tessera.cluster.engine import build_engine
     from tessera.core.errors import CheckpointError
 
     dist = discover()
-    assert dist.world_size == 1
+    assert dist.world_size == 1 and not torch.distributed.is_initialized()
     model = make_model()
-    eng = build_engine(model, torch.optim.AdamW(model.parameters(), lr=1e-2), dist, DistConfig(zero_stage=2), micro_batch_size=16)
+    cfg = DistConfig(zero_stage=2, timeout_s=45.0, backend="gloo")
+    eng = build_engine(model, torch.optim.AdamW(model.parameters(), lr=1e-2), dist, cfg, micro_batch_size=16)
+    group = {"backend": torch.distributed.get_backend(), "world": torch.distributed.get_world_size(), "timeout": group_timeout_s()}
     losses = []
     for step in range(1, STEPS + 1):
         x, y = batch(0, step)
@@ -133,7 +155,9 @@ def single_worker(out: Path) -> None:
         refused = ""
     except CheckpointError as e:
         refused = str(e)
-    (out / "result.json").write_text(json.dumps({"kind": eng.kind, "world": dist.world_size, "losses": losses, "refused": refused}))
+    (out / "result.json").write_text(
+        json.dumps({"kind": eng.kind, "world": dist.world_size, "losses": losses, "refused": refused, "group": group})
+    )
 
 
 @pytest.fixture(scope="module")
@@ -191,6 +215,26 @@ def test_two_ranks_train_and_agree(two_rank_run, mode):
     assert res["resume_same"] and res["lr0_frozen"]
     # PowerSGD's per-rank error buffers are not checkpointed, so only exact modes continue identically
     assert res["continue_same"] == ("powersgd_rank" not in MODES[mode])
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_cluster_keys_reach_deepspeed_and_ddp(two_rank_run, mode):
+    """bucket_mb, overlap_comm and offload_optimizer as the DeepSpeed optimizer holds them; DDP's bucket cap; the group."""
+    from tessera.cluster.config import DistConfig
+
+    cfg = DistConfig(**MODES[mode])
+    got = json.loads((two_rank_run / mode / "result.json").read_text())["applied"]
+    assert got.pop("backend") == "gloo" and got.pop("timeout") == cfg.timeout_s
+    if cfg.zero_stage == 0:
+        assert got == {"bucket_bytes_cap": cfg.bucket_mb * 2**20}
+        return
+    assert got["reduce_bucket_size"] == cfg.bucket_mb * 2**20 // 4  # fp32 elements
+    assert got["optimizer"] == ("DeepSpeedZeroOptimizer_Stage3" if cfg.zero_stage == 3 else "DeepSpeedZeroOptimizer")
+    if cfg.zero_stage < 3:
+        assert got["allgather_bucket_size"] == cfg.bucket_mb * 2**20 // 4
+        assert got["overlap_comm"] == cfg.overlap_comm
+    assert got["offload"] == cfg.offload_optimizer
+    assert got["param_dtype"] == {"fp32": "torch.float32", "bf16": "torch.bfloat16"}[cfg.precision]  # DeepSpeed cast the model
 
 
 @pytest.mark.parametrize("mode", ["zero1", "zero2", "zero3"])
@@ -308,6 +352,7 @@ def test_deepspeed_single_process(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     res = json.loads((tmp_path / "result.json").read_text())
     assert res["kind"] == "deepspeed" and res["world"] == 1
+    assert res["group"] == {"backend": "gloo", "world": 1, "timeout": 45.0}  # the one-rank group build_engine created
     assert sum(res["losses"][-5:]) / 5 < 0.3 * sum(res["losses"][:3]) / 3
     assert "DDP/plain checkpoint" in res["refused"]
     ck = tmp_path / "ckpt"

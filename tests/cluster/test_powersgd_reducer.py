@@ -197,3 +197,39 @@ def test_single_process_is_identity_on_uncompressed_and_plans_shapes():
         PowerSGDReducer(rank=0)
     f = compression_floor(4096, 1024, 4)
     assert f["sent_elements"] == (4096 + 1024) * 4 and f["flops"] > 6 * 4096 * 1024 * 4
+
+
+def test_bytes_are_counted_per_step_across_lists():
+    """A step is one backward pass: lists reduced with last=False add up until the last one (DDP's buckets)."""
+    red = PowerSGDReducer(rank=2, start_iter=1)
+    bucket_a = [torch.randn(64, 32), torch.randn(32)]
+    bucket_b = [torch.randn(16, 16, 3), torch.randn(5, 2)]  # 16 x 48 compresses; 5 x 2 does not
+    dense = 4 * sum(g.numel() for g in bucket_a + bucket_b)
+    red.reduce([g.clone() for g in bucket_a], key=0, last=False)
+    assert red.step == 0 and red.bytes_sent_last_step == 0
+    red.reduce([g.clone() for g in bucket_b], key=1, last=True)
+    assert red.step == 1 and red.bytes_sent_last_step == red.bytes_dense_last_step == dense  # before start_iter: uncompressed
+    red.reduce([g.clone() for g in bucket_a], key=0, last=False)
+    red.reduce([g.clone() for g in bucket_b], key=1, last=True)
+    compressed = 4 * ((64 + 32) * 2 + 32 + (16 + 48) * 2 + 10)
+    assert red.step == 2 and red.bytes_sent_last_step == compressed and red.bytes_dense_last_step == dense
+
+
+def test_non_finite_step_resets_the_compressed_state():
+    """An overflowed gradient (fp16 loss scaling) must not poison the error buffers of the following steps."""
+    red = PowerSGDReducer(rank=2)
+    good = [torch.randn(40, 24), torch.randn(8)]
+    red.reduce([g.clone() for g in good])
+    bad = [g.clone() for g in good]
+    bad[0][3, 5] = float("inf")
+    red.reduce(bad)
+    assert not torch.isfinite(bad[0]).all()  # the step itself is non-finite (a loss scaler skips it)
+    assert red.skipped_nonfinite == 1
+    assert all(gs.error is None and gs.q is None for gs in red._states[0].groups)
+    after = [g.clone() for g in good]
+    red.reduce(after)
+    assert torch.isfinite(after[0]).all() and red.skipped_nonfinite == 1
+    # a fresh start: the same update as a new reducer's first step
+    fresh = [g.clone() for g in good]
+    PowerSGDReducer(rank=2).reduce(fresh)
+    torch.testing.assert_close(after[0], fresh[0])
