@@ -39,6 +39,8 @@ demo-quick: setup
 	$(VENV)/bin/tessera demo --quick --output $(DEMO_OUT)-quick
 
 test: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 bench: setup
