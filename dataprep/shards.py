@@ -4,7 +4,7 @@ The dVAE stream (tessera.trainer.data), the CLIP (`read_pairs`), the tokenizer (
 the encode job and evaluation all list and read shards here.
 
 Shard specs (`list_shards`): a folder (its `*.tar`, sorted), one file, a glob (`data/*.tar`), a
-brace pattern (`data/{00000..00009}.tar`), a comma-separated list of any of these, and the same
+brace pattern (`data/{00000..00009}.tar`, `data/{a,b}.tar`), a comma-separated list of any of these, and the same
 for S3: `s3://bucket/prefix` (the prefix's `*.tar`, not those of deeper "folders"), `s3://bucket/key.tar`,
 `s3://bucket/train/*.tar`, `s3://bucket/data-{000..009}.tar`. The result is sorted and de-duplicated;
 nothing found gives one InputError naming the spec. S3 clients come from
@@ -108,9 +108,22 @@ def _list_local(part: str, pat: str, suffix: str) -> list[str]:
     raise InputError(f"shards '{part}'" + (f": '{pat}'" if pat != part else "") + " matches no file")
 
 
+def _split_commas(text: str) -> list[str]:
+    """`a,b{1,2}` -> ['a', 'b{1,2}']: commas inside braces belong to the brace pattern."""
+    parts, depth, cur = [], 0, []
+    for ch in text:
+        depth += (ch == "{") - (ch == "}")
+        if ch == "," and depth <= 0:
+            parts.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+    return parts + ["".join(cur)]
+
+
 def _spec_parts(spec: str | Path | Iterable[str | Path]) -> list[str]:
     if isinstance(spec, (str, Path)):
-        parts = [p.strip() for p in str(spec).split(",") if p.strip()]
+        parts = [p.strip() for p in _split_commas(str(spec)) if p.strip()]
     else:
         parts = [str(s).strip() for s in spec if str(s).strip()]
     if not parts:
