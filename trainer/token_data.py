@@ -23,9 +23,14 @@ import torch
 from tessera.core.errors import InputError
 from tessera.dataprep.shards import iter_all_samples, list_shards
 from tessera.trainer.data import consumer_stream
-from tessera.trainer.transformer import pad_text
 
 MANIFEST_KEYS = ("grid", "image_vocab", "text_vocab")
+
+
+def pad_text(ids: list[int], text_len: int, text_vocab: int) -> list[int]:
+    """Truncate to `text_len` and fill the remaining positions i with their padding token text_vocab + i."""
+    ids = [int(i) for i in ids[:text_len]]
+    return ids + [text_vocab + i for i in range(len(ids), text_len)]
 
 
 @dataclass
@@ -181,4 +186,4 @@ def iter_token_records(spec: str, grid: int) -> Iterator[tuple[np.ndarray, np.nd
         yield decode_record(rec, grid)
 
 
-__all__ = ["TokenManifest", "read_manifest", "decode_record", "TokenBatches", "load_token_set", "iter_token_records"]
+__all__ = ["pad_text", "TokenManifest", "read_manifest", "decode_record", "TokenBatches", "load_token_set", "iter_token_records"]
