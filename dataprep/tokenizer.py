@@ -90,7 +90,7 @@ def _captions(files: list[str]) -> Iterator[str]:
                 raise InputError(f"caption file '{url}' cannot be read ({e})") from None
 
 
-# the lister the `prep tokenizer` command checks its --input with (the command moves to tessera/cli)
+# the lister that `tessera prep tokenizer` checks its --input with (the command moves to tessera.cli.prep); list_shards is the name to use
 input_files = list_shards
 
 

@@ -262,21 +262,32 @@ TINY_CLIP = dict(
 )
 
 
-def test_train_clip_from_s3(s3, local, tmp_path):
+@pytest.fixture()
+def clip_tokenizer(s3, tmp_path) -> Path:
     tok = tmp_path / "bpe.model"
     train_tokenizer(read_captions(s3), tok, "youtokentome", 120)
+    return tok
+
+
+def test_train_clip_from_s3_reads_the_local_pairs(s3, local, tmp_path, clip_tokenizer):
+    """The library call on S3 and on the local copy: the same pairs, so the same run."""
+    cfg = ClipConfig(**TINY_CLIP)
+    m_s3 = train_clip(cfg, s3, clip_tokenizer, tmp_path / "s3", eval_data=f"{s3}/data-003.tar")
+    m_local = train_clip(cfg, str(local), clip_tokenizer, tmp_path / "local", eval_data=str(local / "data-003.tar"))
+    assert m_s3["step"] == m_local["step"] == 3 and m_s3["n_images"] == PER_SHARD and np.isfinite(m_s3["loss"])
+    assert m_s3["loss"] == m_local["loss"] and m_s3["i2t_top1"] == m_local["i2t_top1"]
+    ck = load_checkpoint(tmp_path / "s3", "clip")
+    assert ck["step"] == 3 and (tmp_path / "s3" / "checkpoints" / "step_00000003.pt").is_file()
+    assert ck["metrics"]["loss"] == m_s3["loss"]
+
+
+def test_cli_train_clip_data_s3(s3, tmp_path, clip_tokenizer):
+    """`tessera train clip --data s3://... --tokenizer ...` with a tiny config given as overrides."""
     run = tmp_path / "cli"
     over = [f"clip.{k}={v}" for k, v in TINY_CLIP.items()]
-    assert (
-        main(["train", "clip", "--data", s3, "--tokenizer", str(tok), "--output", str(run), "--eval-data", f"{s3}/data-003.tar"] + over)
-        == 0
-    )
+    args = ["train", "clip", "--data", s3, "--tokenizer", str(clip_tokenizer), "--output", str(run), "--eval-data", f"{s3}/data-003.tar"]
+    assert main(args + over) == 0
     ck = load_checkpoint(run, "clip")
     assert ck["step"] == 3 and ck["metrics"]["n_images"] == PER_SHARD and (run / "checkpoints" / "step_00000003.pt").is_file()
-    # the library call on S3 and on the local copy: the same pairs, so the same losses
-    cfg = ClipConfig(**TINY_CLIP)
-    m_s3 = train_clip(cfg, s3, tok, tmp_path / "s3", eval_data=f"{s3}/data-003.tar")
-    m_local = train_clip(cfg, str(local), tok, tmp_path / "local", eval_data=str(local / "data-003.tar"))
-    assert m_s3["step"] == m_local["step"] == 3 and m_s3["n_images"] == PER_SHARD
-    assert m_s3["loss"] == m_local["loss"] and np.isfinite(m_s3["loss"])
-    assert m_s3["loss"] == pytest.approx(ck["metrics"]["loss"])
+    lib = train_clip(ClipConfig(**TINY_CLIP), s3, clip_tokenizer, tmp_path / "lib", eval_data=f"{s3}/data-003.tar")
+    assert ck["metrics"]["loss"] == pytest.approx(lib["loss"])
