@@ -70,14 +70,17 @@ def _glob_match(key: str, pattern: str) -> bool:
     return len(ks) == len(ps) and all(fnmatch.fnmatchcase(k, p) for k, p in zip(ks, ps))
 
 
-def _s3_keys(part: str, bucket: str, prefix: str) -> list[str]:
+def _s3_keys(part: str, bucket: str, prefix: str, one_level: bool) -> tuple[list[str], bool]:
+    """The object keys under `prefix` (only those of its own level when `one_level`) and whether deeper "folders" exist."""
     if not bucket:
         raise InputError(f"shards '{part}' names no bucket; expected s3://bucket/prefix")
+    kw = {"Bucket": bucket, "Prefix": prefix, **({"Delimiter": "/"} if one_level else {})}
     try:
-        keys = []
-        for page in s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        keys, deeper = [], False
+        for page in s3_client().get_paginator("list_objects_v2").paginate(**kw):
             keys.extend(obj["Key"] for obj in page.get("Contents", []))
-        return keys
+            deeper = deeper or bool(page.get("CommonPrefixes"))
+        return keys, deeper
     except Exception as e:  # botocore's errors (no bucket, no endpoint, no credentials) come in many types
         raise InputError(f"shards '{part}': cannot list the S3 prefix ({_why(e)})") from None
 
@@ -86,13 +89,13 @@ def _list_s3(part: str, pat: str, suffix: str) -> list[str]:
     bucket, key = split_s3(pat)
     if any(ch in key for ch in GLOB_CHARS):
         literal = key[: min(key.index(ch) for ch in GLOB_CHARS if ch in key)]
-        return sorted(f"s3://{bucket}/{k}" for k in _s3_keys(part, bucket, literal) if _glob_match(k, key))
-    keys = _s3_keys(part, bucket, key)
-    if key and key in keys:  # one object
-        return [pat]
+        keys, _ = _s3_keys(part, bucket, literal, one_level="/" not in key[len(literal) :])
+        return sorted(f"s3://{bucket}/{k}" for k in keys if _glob_match(k, key))
+    if key and not key.endswith("/") and key in _s3_keys(part, bucket, key, one_level=True)[0]:
+        return [pat]  # one object
     folder = key.rstrip("/") + "/" if key.strip("/") else ""
-    inside = [k for k in keys if k.startswith(folder) and "/" not in k[len(folder) :]]
-    if not inside:
+    inside, deeper = _s3_keys(part, bucket, folder, one_level=True)  # the folder's own objects, not deeper ones
+    if not inside and not deeper:
         raise InputError(f"shards '{part}'" + (f": '{pat}'" if pat != part else "") + " matches no file")
     return sorted(f"s3://{bucket}/{k}" for k in inside if k.endswith(suffix))
 

@@ -150,6 +150,7 @@ def test_list_shards_s3_errors_name_the_spec(s3):
         (f"s3://{BUCKET}/nothing", f"shards 's3://{BUCKET}/nothing' matches no file"),
         (f"{s3}/data-{{003..004}}.tar", f"shards '{s3}/data-{{003..004}}.tar': '{s3}/data-004.tar' matches no file"),
         (f"{s3}/*.tgz", f"shards '{s3}/*.tgz': no *.tar files found"),
+        (f"s3://{BUCKET}", f"shards 's3://{BUCKET}': no *.tar files found"),  # only "folders" at the bucket's root
         ("s3://no-such-bucket-x/train", "shards 's3://no-such-bucket-x/train': cannot list the S3 prefix (NoSuchBucket: "),
         ("s3:///train", "shards 's3:///train' names no bucket"),
     ]
