@@ -198,6 +198,9 @@ def test_s3_reads_equal_local_reads(s3, local):
     a, b = ImageStream(s3, **kw), ImageStream(str(local), **kw)  # the dVAE's stream: the same batches
     for _ in range(6):  # more than one epoch (24 samples)
         assert torch.equal(next(a), next(b))
+    a, b = ImageStream(s3, **kw, workers=2), ImageStream(str(local), **kw, workers=2)  # forked data-loader workers
+    for _ in range(3):
+        assert torch.equal(next(a), next(b))
     s_batches = [x for x, _ in iter_image_batches(s3, 16, 10)]
     assert [len(x) for x in s_batches] == [10, 10, 4]
     assert torch.equal(torch.cat(s_batches), torch.cat([x for x, _ in iter_image_batches(str(local), 16, 10)]))
