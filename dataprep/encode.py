@@ -14,7 +14,6 @@ write the same file and together produce exactly what one run produces. Each par
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import tarfile
@@ -26,7 +25,11 @@ import torch
 
 from tessera.core.errors import InputError
 from tessera.core.files import atomic_write_bytes
-from tessera.core.root_config import load_root
+from tessera.core.progress import bar
+from tessera.dataprep.shards import caption_of, decode_image, iter_samples, list_shards
+from tessera.dataprep.tokenizer import load_tokenizer
+from tessera.trainer.data import split_shards
+from tessera.trainer.dvae import load_dvae
 
 
 def parse_part(text: str | None) -> tuple[int, int]:
@@ -57,6 +60,36 @@ def _manifest_parts(out: Path, n: int) -> list[Path]:
     return [out / f"manifest.part-{i:05d}-of-{n:05d}.json" for i in range(n)]
 
 
+def _encode_shard(url: str, model: Any, tok: Any, image_size: int, batch_size: int, device: torch.device, pbar: Any) -> tuple[bytes, int]:
+    """The token tar (bytes) of one image shard and its sample count."""
+    buf = io.BytesIO()
+    count = 0
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tf:
+        batch: list[tuple[str, torch.Tensor, str]] = []
+
+        def flush() -> None:
+            nonlocal count
+            if not batch:
+                return
+            x = torch.stack([b[1] for b in batch]).to(device)
+            codes = model.get_codes(x).cpu().numpy().astype(np.uint16)
+            ids = tok.encode_batch([b[2] for b in batch]) if hasattr(tok, "encode_batch") else [tok.encode(b[2]) for b in batch]
+            for (key, _, cap), c, t in zip(batch, codes, ids):
+                _add(tf, f"{key}.codes.npy", _npy(c))
+                _add(tf, f"{key}.ids.npy", _npy(np.asarray(t, dtype=np.int32)))
+                _add(tf, f"{key}.txt", cap.encode("utf-8"))
+            count += len(batch)
+            pbar.update(len(batch))
+            batch.clear()
+
+        for s in iter_samples(url):
+            batch.append((s["__key__"], decode_image(s, image_size), caption_of(s)))
+            if len(batch) == batch_size:
+                flush()
+        flush()
+    return buf.getvalue(), count
+
+
 @torch.no_grad()
 def encode_shards(
     dvae: str | Path,
@@ -71,14 +104,10 @@ def encode_shards(
 ) -> dict[str, Any]:
     """Encode (this part of) the input shards; returns this part's manifest (or the full one when complete).
 
+    `input`: any shard spec of tessera.dataprep.shards.list_shards (folders, globs, brace patterns, s3://).
     `cfg` (tessera.dataprep.config.EncodeConfig) supplies the batch size when `batch_size` is not given.
     """
     batch_size = batch_size or (cfg.batch_size if cfg is not None else 64)
-    from tessera.core.progress import bar
-    from tessera.dataprep.tokenizer import load_tokenizer
-    from tessera.trainer.data import caption_of, decode_image, iter_samples, list_shards, split_shards
-    from tessera.trainer.dvae import load_dvae
-
     i_part, n_part = parse_part(part) if isinstance(part, (str, type(None))) else part
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, mcfg = load_dvae(dvae)
@@ -96,32 +125,8 @@ def encode_shards(
     pbar = bar(None, f"encode {i_part}/{n_part}", "img")
     for url in mine:
         name = f"{index[url]:05d}.tar"
-        buf = io.BytesIO()
-        count = 0
-        with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tf:
-            batch: list[tuple[str, torch.Tensor, str]] = []
-
-            def flush() -> None:
-                nonlocal count
-                if not batch:
-                    return
-                x = torch.stack([b[1] for b in batch]).to(device)
-                codes = model.get_codes(x).cpu().numpy().astype(np.uint16)
-                ids = tok.encode_batch([b[2] for b in batch]) if hasattr(tok, "encode_batch") else [tok.encode(b[2]) for b in batch]
-                for (key, _, cap), c, t in zip(batch, codes, ids):
-                    _add(tf, f"{key}.codes.npy", _npy(c))
-                    _add(tf, f"{key}.ids.npy", _npy(np.asarray(t, dtype=np.int32)))
-                    _add(tf, f"{key}.txt", cap.encode("utf-8"))
-                count += len(batch)
-                pbar.update(len(batch))
-                batch.clear()
-
-            for s in iter_samples(url):
-                batch.append((s["__key__"], decode_image(s, mcfg.image_size), caption_of(s)))
-                if len(batch) == batch_size:
-                    flush()
-            flush()
-        atomic_write_bytes(out / name, buf.getvalue())
+        data, count = _encode_shard(url, model, tok, mcfg.image_size, batch_size, device, pbar)
+        atomic_write_bytes(out / name, data)
         entries.append({"name": name, "count": count, "input": url})
     pbar.close()
 
@@ -155,5 +160,3 @@ def _write_manifest(out: Path, common: dict, entries: list[dict]) -> dict:
     }
     atomic_write_bytes(out / "manifest.json", (json.dumps(manifest, indent=2) + "\n").encode())
     return manifest
-
-

@@ -19,6 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pcsv
+import pyarrow.parquet as pq
 
 from tessera.core.errors import InputError
 
@@ -68,8 +71,6 @@ def _require(path: Path, names: list[str], wanted: list[str], what: dict[str, st
 
 
 def _read_parquet(path: Path, gz: bool, cols: list[str], what: dict[str, str]) -> pa.Table:
-    import pyarrow.parquet as pq
-
     try:
         source = io.BytesIO(_open_bytes(path, True)) if gz else str(path)
         pf = pq.ParquetFile(source)
@@ -83,8 +84,6 @@ def _read_parquet(path: Path, gz: bool, cols: list[str], what: dict[str, str]) -
 
 
 def _read_delimited(path: Path, gz: bool, delimiter: str, cols: list[str], what: dict[str, str], text_cols: list[str]) -> pa.Table:
-    import pyarrow.csv as pcsv
-
     data = _open_bytes(path, gz)
     if not data.strip():
         raise InputError(f"URL list '{path}' is empty")
@@ -244,8 +243,6 @@ def read_url_list(
     except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
         raise InputError(f"URL list '{path}': the files' columns have incompatible types: {str(e).splitlines()[0]}") from None
     urls = table.column("url")
-    import pyarrow.compute as pc
-
     usable = pc.sum(pc.and_(pc.is_valid(urls), pc.not_equal(urls, ""))).as_py() or 0
     if usable == 0:
         raise InputError(f"URL list '{path}' has no usable rows (no non-empty value in column '{url_col}')")

@@ -8,16 +8,40 @@
   `AWS_ENDPOINT_URL`, profiles), so S3-compatible stores and moto's server work alike.
 
 Names are flat file names inside the output; a name with a separator or `..` is refused.
+
+`s3_client(endpoint_url)` is the one place S3 clients are made (the shard reader in
+tessera.dataprep.shards uses it too): one client per process and settings.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import threading
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 from tessera.core.errors import InputError
+
+# the settings a client depends on besides an explicit endpoint: a change (another test server) makes a new client
+_S3_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_PROFILE")
+_CLIENTS: dict[tuple, Any] = {}
+_CLIENTS_LOCK = threading.Lock()
+
+
+def s3_client(endpoint_url: str | None = None) -> Any:
+    """A boto3 S3 client: `endpoint_url` when given, else boto3's own settings (AWS_ENDPOINT_URL_S3,
+    AWS_ENDPOINT_URL, profiles). Cached per process (data-loader workers are forked) and settings."""
+    import boto3
+
+    key = (os.getpid(), endpoint_url or None, *(os.environ.get(k) for k in _S3_ENV))
+    with _CLIENTS_LOCK:
+        if key not in _CLIENTS:
+            # a session of its own: boto3's default session is not safe to share between threads
+            _CLIENTS[key] = boto3.session.Session().client("s3", endpoint_url=endpoint_url or None)
+        return _CLIENTS[key]
+
 
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
 
@@ -99,9 +123,7 @@ class S3Storage:
             raise InputError(f"output '{url}' has '.' or '..' in its prefix")
         self.prefix = prefix + "/" if prefix else ""
         self.url = url
-        import boto3
-
-        self.client = boto3.client("s3", endpoint_url=endpoint_url or None)
+        self.client = s3_client(endpoint_url)
 
     def __str__(self) -> str:
         return self.url

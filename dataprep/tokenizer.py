@@ -2,8 +2,8 @@
 
     tessera prep tokenizer --input SHARDS_OR_TEXT --output FILE --vocab-size 16384 --kind youtokentome
 
-trains on the captions of webdataset shards (a folder of `*.tar`, one tar, a glob or a brace
-pattern, each holding `{key}.txt`) or of a text file (one caption per line), lower-cased as in the
+trains on the captions of webdataset shards (a folder of `*.tar`, one tar, a glob, a brace pattern
+or s3://bucket/prefix, each holding `{key}.txt`) or of a text file (one caption per line), lower-cased as in the
 paper (16384 tokens). It writes the model file `FILE` and the sidecar `FILE.json`
 (`{"kind", "vocab_size", "lowercase", ...}`), each to a temporary name and then renamed; the sidecar
 is renamed last, so a `FILE.json` always describes a complete model.
@@ -20,19 +20,24 @@ both kinds then stop early, the sidecar records the size actually reached, and a
 
 from __future__ import annotations
 
-import argparse
-import glob
 import io
 import json
 import logging
 import os
+import re
+import subprocess
 import sys
 import tarfile
 import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
+import sentencepiece as spm
+import youtokentome as yttm
+
 from tessera.core.errors import InputError
+from tessera.dataprep.shards import is_tar_name, iter_members, list_shards, open_text
+from tessera.dataprep.storage import is_s3
 
 log = logging.getLogger("tessera.tokenizer")
 
@@ -51,59 +56,40 @@ def normalize(text: str, lowercase: bool = True) -> str:
 # Reading captions
 
 
-def _expand(spec: str) -> list[str]:
-    try:
-        from braceexpand import braceexpand
-
-        return list(braceexpand(spec))
-    except ImportError:  # pragma: no cover (webdataset depends on braceexpand)
-        return [spec]
-
-
-def _tar_captions(path: Path) -> Iterator[str]:
-    try:
-        with tarfile.open(path, "r:*") as tf:
-            for m in tf:
-                if m.isfile() and m.name.endswith(".txt"):
-                    f = tf.extractfile(m)
-                    if f is not None:
-                        yield f.read().decode("utf-8", errors="replace")
-    except (tarfile.TarError, EOFError, OSError) as e:
-        raise InputError(f"shard '{path}' is not a readable tar file ({type(e).__name__}: {e})") from None
-
-
-def input_files(spec: str | Path) -> list[Path]:
-    """The files behind an --input: a folder of *.tar, a tar, a glob/brace pattern of tars, or a text file."""
-    spec = str(spec)
-    p = Path(spec)
-    if p.is_dir():
-        tars = sorted(p.glob("*.tar"))
-        if not tars:
-            raise InputError(f"input folder '{p}' holds no *.tar shards")
-        return tars
-    if p.is_file():
-        return [p]
-    files: list[Path] = []
-    for part in _expand(spec):
-        matches = sorted(glob.glob(part)) if any(ch in part for ch in "*?[") else ([part] if Path(part).is_file() else [])
-        files.extend(Path(m) for m in matches)
-    if not files:
-        raise InputError(f"input '{spec}' matches no file (expected a folder of *.tar, a tar, a pattern, or a text file)")
-    return files
-
-
 def read_captions(spec: str | Path) -> Iterator[str]:
-    """Every caption of the input: `{key}.txt` members of tars, or the lines of a text file."""
-    for f in input_files(spec):
-        if f.suffix == ".tar" or tarfile.is_tarfile(f):
-            yield from _tar_captions(f)
-        else:
+    """Every caption of the input: the `*.txt` members of tar shards, or the lines of a text file.
+
+    `spec` is any shard spec of tessera.dataprep.shards.list_shards (folders, tars, globs, brace
+    patterns, s3://); a listed file whose name is not a tar's is read as text, one caption per line
+    (a local file is also taken as a tar when it is one). The spec is listed at once, so a bad one
+    fails here, before any training.
+    """
+    return _captions(list_shards(spec))
+
+
+def _is_tar(url: str) -> bool:
+    if is_tar_name(url) or is_s3(url):
+        return is_tar_name(url)
+    try:
+        return tarfile.is_tarfile(url)
+    except OSError:  # unreadable: opening it as text names it
+        return False
+
+
+def _captions(files: list[str]) -> Iterator[str]:
+    for url in files:
+        if _is_tar(url):
+            for _, data in iter_members(url, lambda name: name.endswith(".txt")):
+                yield data.decode("utf-8", errors="replace")
+            continue
+        with open_text(url) as fh:
             try:
-                with open(f, encoding="utf-8", errors="replace") as fh:
-                    for line in fh:
-                        yield line
+                yield from fh
             except OSError as e:
-                raise InputError(f"caption file '{f}' cannot be read ({e.strerror})") from None
+                raise InputError(f"caption file '{url}' cannot be read ({e})") from None
+
+
+# the lister that `tessera prep tokenizer` checks its --input with (the command moves to tessera.cli.prep); list_shards is the name to use
 
 
 # --------------------------------------------------------------------------------------------
@@ -185,8 +171,6 @@ class SentencePieceTokenizer(Tokenizer):
     kind = "sentencepiece"
 
     def _load(self) -> None:
-        import sentencepiece as spm
-
         try:
             self._sp = spm.SentencePieceProcessor(model_file=str(self.path))
         except (OSError, RuntimeError) as e:
@@ -217,8 +201,6 @@ class SentencePieceTokenizer(Tokenizer):
 
     @staticmethod
     def train(text_file: Path, model_path: Path, vocab_size: int, character_coverage: float, threads: int) -> None:
-        import sentencepiece as spm
-
         buf = io.BytesIO()
         try:
             spm.SentencePieceTrainer.train(
@@ -240,8 +222,6 @@ class SentencePieceTokenizer(Tokenizer):
         except RuntimeError as e:
             msg = str(e).splitlines()[0]
             if "smaller than required_chars" in msg:
-                import re
-
                 m = re.search(r"(\d+) vs (\d+)", msg)
                 need = f"at least {m.group(2)}" if m else "more"
                 raise InputError(
@@ -255,8 +235,6 @@ class YouTokenToMeTokenizer(Tokenizer):
     kind = "youtokentome"
 
     def _load(self) -> None:
-        import youtokentome as yttm
-
         if not self.path.is_file():
             raise InputError(f"tokenizer model '{self.path}' does not exist")
         try:
@@ -272,8 +250,6 @@ class YouTokenToMeTokenizer(Tokenizer):
         return self._vocab_size
 
     def encode_batch(self, texts: Sequence[str], dropout: float = 0.0) -> list[list[int]]:
-        import youtokentome as yttm
-
         self._check_dropout(dropout)
         texts = [normalize(t, self.lowercase) for t in texts]
         return self._bpe.encode(texts, output_type=yttm.OutputType.ID, dropout_prob=float(dropout))
@@ -285,8 +261,6 @@ class YouTokenToMeTokenizer(Tokenizer):
     def train(text_file: Path, model_path: Path, vocab_size: int, character_coverage: float, threads: int) -> None:
         # youtokentome prints its progress through C++ iostreams, which buffer until the process
         # exits; training in a child process keeps that out of our stdout.
-        import subprocess
-
         kw = dict(
             data=str(text_file),
             model=str(model_path),
@@ -418,4 +392,4 @@ def train_tokenizer(
     return load_tokenizer(output)
 
 
-__all__ = ["Tokenizer", "load_tokenizer", "train_tokenizer", "read_captions", "input_files", "normalize", "KINDS", "TOKENIZERS"]
+__all__ = ["Tokenizer", "load_tokenizer", "train_tokenizer", "read_captions", "normalize", "KINDS", "TOKENIZERS"]

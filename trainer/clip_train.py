@@ -18,90 +18,19 @@ A run directory (tessera.trainer.rundir.RunDir) gets config.toml, metrics.jsonl,
 from __future__ import annotations
 
 import argparse
-import io
 import math
-import tarfile
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 import torch
-from PIL import Image
 
 from tessera.core.errors import InputError
 from tessera.core.root_config import load_root
+from tessera.dataprep.shards import read_pairs
 from tessera.trainer.clip import CLIP, ClipScorer, checkpoint_state, model_from_state, pad_ids
 from tessera.trainer.config import ClipConfig
 from tessera.trainer.precision import autocast_dtype
-
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
-
-
-def _check_tar_end(tf: tarfile.TarFile, path: Path) -> None:
-    """tarfile stops quietly at a member header cut short; a whole archive has its end-of-archive
-    zero blocks (>= 1024 bytes) after the last member, so anything else is a truncated file."""
-    f = tf.fileobj
-    f.seek(0, 2)
-    size = f.tell()
-    f.seek(tf.offset)
-    tail = f.read(size - tf.offset)
-    if len(tail) < 1024 or tail.strip(b"\0"):
-        raise InputError(f"shard '{path}' is truncated (ends inside a member header at byte {tf.offset + len(tail)})")
-
-
-def read_pairs(spec: str | Path, image_size: int, limit: int | None = None) -> tuple[torch.Tensor, list[str]]:
-    """(images uint8 (N, 3, S, S), captions) from webdataset shards ({key}.jpg|png|webp + {key}.txt).
-
-    `spec`: a folder of *.tar, a tar, a glob or a brace pattern. Images of another size are resized
-    (bicubic) to `image_size` after a center crop.
-    """
-    from tessera.dataprep.tokenizer import input_files
-
-    imgs: list[np.ndarray] = []
-    caps: list[str] = []
-    for path in input_files(spec):
-        pending: dict[str, dict[str, bytes]] = {}
-        try:
-            with tarfile.open(path, "r:*") as tf:
-                for m in tf:
-                    if not m.isfile():
-                        continue
-                    key, _, ext = m.name.rpartition(".")
-                    ext = "." + ext.lower()
-                    if ext not in IMAGE_EXTS and ext != ".txt":
-                        continue
-                    f = tf.extractfile(m)
-                    entry = pending.setdefault(key, {})
-                    entry["txt" if ext == ".txt" else "img"] = f.read() if f else b""
-                    if "txt" in entry and "img" in entry:
-                        del pending[key]
-                        imgs.append(_decode(entry["img"], image_size, path, key))
-                        caps.append(entry["txt"].decode("utf-8", errors="replace").strip())
-                        if limit is not None and len(caps) >= limit:
-                            return _stack(imgs), caps
-                _check_tar_end(tf, path)
-        except (tarfile.TarError, EOFError) as e:
-            raise InputError(f"shard '{path}' is not a readable tar file ({type(e).__name__})") from None
-    if not caps:
-        raise InputError(f"image shards '{spec}' hold no (image, caption) pairs")
-    return _stack(imgs), caps
-
-
-def _decode(data: bytes, size: int, path: Path, key: str) -> np.ndarray:
-    try:
-        im = Image.open(io.BytesIO(data)).convert("RGB")
-    except Exception:
-        raise InputError(f"shard '{path}': image '{key}' cannot be decoded") from None
-    w, h = im.size
-    if (w, h) != (size, size):
-        s = min(w, h)
-        im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s)).resize((size, size), Image.Resampling.BICUBIC)
-    return np.asarray(im).transpose(2, 0, 1).copy()
-
-
-def _stack(imgs: list[np.ndarray]) -> torch.Tensor:
-    return torch.from_numpy(np.stack(imgs))
 
 
 @torch.no_grad()

@@ -1,8 +1,7 @@
-"""Streaming webdataset shards for training: listing, rank/worker splitting, deterministic shuffling.
+"""Streaming webdataset shards for training: rank/worker splitting, deterministic shuffling, resumable streams.
 
-Shard specs (`list_shards`): a folder (its `*.tar`, sorted), a brace pattern
-(`data/{00000..00009}.tar`), a glob, a comma-separated list of any of these, or
-`s3://bucket/prefix` (boto3; endpoint from AWS_ENDPOINT_URL when set).
+Listing and reading shards (local folders, globs, brace patterns, s3://) is tessera.dataprep.shards,
+shared with every other stage; this module decides who reads what, in which order.
 
 Splitting (`split_shards`): consumer c = rank * nworkers + worker of C = world * nworkers takes
 shards c, c + C, c + 2C, ... so no two consumers read the same shard. With fewer shards than
@@ -17,89 +16,17 @@ point (no image decoding) and continues exactly where it stopped.
 
 from __future__ import annotations
 
-import glob
-import io
-import json
-import os
 import random
-import tarfile
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
-import numpy as np
 import torch
 
 from tessera.core.errors import InputError
+from tessera.dataprep.shards import decode_image, iter_all_samples, iter_samples, list_shards
 
 # --------------------------------------------------------------------------------------------
-# Listing and splitting (generic: image shards and token shards alike)
-
-
-def _s3_client():
-    try:
-        from tessera.dataprep.storage import s3_client  # type: ignore
-
-        return s3_client()
-    except Exception:
-        import boto3
-
-        return boto3.client("s3", endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None)
-
-
-def _split_s3(url: str) -> tuple[str, str]:
-    rest = url[len("s3://") :]
-    bucket, _, key = rest.partition("/")
-    return bucket, key
-
-
-def _list_s3(spec: str, suffix: str) -> list[str]:
-    bucket, prefix = _split_s3(spec.rstrip("/") + ("/" if not spec.endswith(suffix) else ""))
-    if spec.endswith(suffix):
-        return [spec]
-    client = _s3_client()
-    out: list[str] = []
-    try:
-        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-            for obj in page.get("Contents", []):
-                key = obj["Key"]
-                if key.endswith(suffix) and "/" not in key[len(prefix) :]:
-                    out.append(f"s3://{bucket}/{key}")
-    except Exception as e:
-        raise InputError(f"shards '{spec}': cannot list the S3 prefix ({type(e).__name__}: {str(e).splitlines()[0][:100]})") from None
-    return sorted(out)
-
-
-def list_shards(spec: str | list[str] | tuple[str, ...], suffix: str = ".tar") -> list[str]:
-    """The shard paths/URLs of `spec`, sorted and de-duplicated; InputError naming `spec` if none."""
-    if isinstance(spec, (list, tuple)):
-        parts = [str(s) for s in spec]
-    else:
-        if not spec or not str(spec).strip():
-            raise InputError("shards: no shard spec given (expected a folder, a brace pattern of tars, or s3://bucket/prefix)")
-        parts = [p.strip() for p in str(spec).split(",") if p.strip()]
-    out: list[str] = []
-    for part in parts:
-        if part.startswith("s3://"):
-            found = _list_s3(part, suffix)
-        else:
-            from braceexpand import braceexpand
-
-            found = []
-            for pat in braceexpand(part):
-                p = Path(pat)
-                if p.is_dir():
-                    found.extend(str(x) for x in sorted(p.glob(f"*{suffix}")))
-                elif any(ch in pat for ch in "*?["):
-                    found.extend(sorted(glob.glob(pat)))
-                elif p.is_file():
-                    found.append(str(p))
-                else:
-                    raise InputError(f"shards '{part}': '{pat}' does not exist")
-        if not found:
-            raise InputError(f"shards '{part}': no *{suffix} files found")
-        out.extend(found)
-    return sorted(dict.fromkeys(out))
+# Splitting (generic: image shards and token shards alike)
 
 
 def split_shards(shards: list[str], rank: int, world: int, worker: int = 0, nworkers: int = 1) -> list[str]:
@@ -132,78 +59,6 @@ def epoch_order(shards: list[str], seed: int, epoch: int) -> list[str]:
     order = list(shards)
     random.Random(f"shards/{seed}/{epoch}").shuffle(order)
     return order
-
-
-# --------------------------------------------------------------------------------------------
-# Reading tars
-
-
-def open_shard(url: str):
-    """A binary stream of a local or s3:// shard."""
-    if url.startswith("s3://"):
-        bucket, key = _split_s3(url)
-        try:
-            return _s3_client().get_object(Bucket=bucket, Key=key)["Body"]
-        except Exception as e:
-            raise InputError(f"shard '{url}': cannot read ({type(e).__name__})") from None
-    try:
-        return open(url, "rb")
-    except OSError as e:
-        raise InputError(f"shard '{url}': cannot open ({e.strerror})") from None
-
-
-def iter_samples(url: str) -> Iterator[dict[str, Any]]:
-    """Samples of one webdataset tar: dicts {"__key__", "__shard__", ext: bytes}, grouped by key."""
-    stream = open_shard(url)
-    cur: dict[str, Any] | None = None
-    try:
-        with tarfile.open(fileobj=stream, mode="r|*") as tf:
-            for m in tf:
-                if not m.isfile():
-                    continue
-                name = os.path.basename(m.name)
-                if name.startswith("."):
-                    continue
-                key, _, ext = name.partition(".")
-                data = tf.extractfile(m).read()  # type: ignore[union-attr]
-                if cur is None or cur["__key__"] != key:
-                    if cur is not None:
-                        yield cur
-                    cur = {"__key__": key, "__shard__": url}
-                cur[ext] = data
-    except (tarfile.TarError, EOFError, OSError) as e:
-        raise InputError(f"shard '{url}' is truncated or not a tar ({type(e).__name__})") from None
-    finally:
-        stream.close()
-    if cur is not None:
-        yield cur
-
-
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-
-
-def decode_image(sample: dict[str, Any], size: int) -> torch.Tensor:
-    """float[3, size, size] in [0, 1]; other sizes are resized (shorter side) and center-cropped."""
-    from PIL import Image
-
-    raw = next((sample[e] for e in IMAGE_EXTS if e in sample), None)
-    if raw is None:
-        raise InputError(f"shard '{sample.get('__shard__')}': sample '{sample['__key__']}' has no image ({'/'.join(IMAGE_EXTS)})")
-    try:
-        img = Image.open(io.BytesIO(raw)).convert("RGB")
-    except Exception as e:
-        raise InputError(
-            f"shard '{sample.get('__shard__')}': image of sample '{sample['__key__']}' is undecodable ({type(e).__name__})"
-        ) from None
-    if img.size != (size, size):
-        w, h = img.size
-        s = size / min(w, h)
-        img = img.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC)
-        w, h = img.size
-        left, top = (w - size) // 2, (h - size) // 2
-        img = img.crop((left, top, left + size, top + size))
-    arr = np.asarray(img, dtype=np.uint8)
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -381,31 +236,21 @@ class ImageStream:
 def iter_image_batches(
     spec: str | list[str], image_size: int, batch_size: int, limit: int | None = None
 ) -> Iterator[tuple[torch.Tensor, list[dict]]]:
-    """One ordered pass (no shuffling, no splitting) over shards: (images, samples) batches, for evaluation."""
-    shards = list_shards(spec) if not isinstance(spec, list) else spec
+    """One ordered pass (no shuffling, no splitting) over shards: (images, samples) batches, for evaluation.
+
+    A list is taken as the shards themselves, in its order; anything else is listed with list_shards.
+    """
+    shards = spec if isinstance(spec, list) else list_shards(spec)
     imgs: list[torch.Tensor] = []
     recs: list[dict] = []
-    seen = 0
-    for url in shards:
-        for s in iter_samples(url):
-            if limit is not None and seen >= limit:
-                break
-            imgs.append(decode_image(s, image_size))
-            recs.append(s)
-            seen += 1
-            if len(imgs) == batch_size:
-                yield torch.stack(imgs), recs
-                imgs, recs = [], []
+    for s in iter_all_samples(shards, limit):
+        imgs.append(decode_image(s, image_size))
+        recs.append(s)
+        if len(imgs) == batch_size:
+            yield torch.stack(imgs), recs
+            imgs, recs = [], []
     if imgs:
         yield torch.stack(imgs), recs
 
 
-def caption_of(sample: dict) -> str:
-    if "txt" in sample:
-        return sample["txt"].decode("utf-8", errors="replace")
-    if "json" in sample:
-        try:
-            return str(json.loads(sample["json"]).get("caption", ""))
-        except ValueError:
-            return ""
-    return ""
+__all__ = ["split_shards", "assign", "epoch_order", "consumer_stream", "ImageStream", "iter_image_batches"]

@@ -33,9 +33,7 @@ Where captions come from: an images folder written by `tessera sample` (`NNN_KK.
 
 from __future__ import annotations
 
-import argparse
 import glob
-import io
 import json
 import math
 import re
@@ -45,9 +43,17 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 from tessera.core.errors import InputError
 from tessera.core.files import atomic_write_bytes
+from tessera.dataprep import detector
+from tessera.dataprep.shards import crop_resize, first_image_size, read_pairs
+from tessera.dataprep.storage import is_s3
+from tessera.dataprep.synthetic import parse_caption
+from tessera.trainer.clip import load_clip
+from tessera.trainer.image_metrics import psnr, ssim
+from tessera.trainer.inception import load_inception
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp"}
 SKIP_NAMES = {"grid.png"}
@@ -72,29 +78,29 @@ def _to_batch(arrays: list[np.ndarray], size: int | None) -> torch.Tensor:
     size = size or min(arrays[0].shape[:2])
     out = []
     for a in arrays:
-        h, w = a.shape[:2]
-        if (h, w) != (size, size):
-            s = min(h, w)
-            im = (
-                Image.fromarray(a)
-                .crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
-                .resize((size, size), Image.Resampling.BICUBIC)
-            )
-            a = np.asarray(im)
+        if a.shape[:2] != (size, size):
+            a = np.asarray(crop_resize(Image.fromarray(a), size))
         out.append(a.transpose(2, 0, 1))
     return torch.from_numpy(np.stack(out))
 
 
-def load_images(spec: str | Path, size: int | None = None, limit: int | None = None) -> tuple[torch.Tensor, list[str | None]]:
-    """(uint8 images (N, 3, S, S), captions or None each) from a folder, a glob, or webdataset shards."""
-    spec = str(spec)
+def _is_shards(spec: str) -> bool:
+    """Webdataset shards rather than image files: s3://, a tar, a folder holding tars, or a pattern of tars."""
+    if is_s3(spec):
+        return True
     p = Path(spec)
-    tars = sorted(p.glob("*.tar")) if p.is_dir() else []
-    if (p.is_file() and p.suffix == ".tar") or tars or (not p.exists() and spec.endswith(".tar")):
-        from tessera.trainer.clip_train import read_pairs
+    if p.is_dir():
+        return any(p.glob("*.tar"))
+    return p.suffix == ".tar" if p.is_file() else spec.endswith(".tar")
 
-        imgs, caps = read_pairs(spec, size or 64, limit) if size else _read_pairs_native(spec, limit)
+
+def load_images(spec: str | Path, size: int | None = None, limit: int | None = None) -> tuple[torch.Tensor, list[str | None]]:
+    """(uint8 images (N, 3, S, S), captions or None each) from a folder, a glob, or webdataset shards (any shard spec, s3:// too)."""
+    spec = str(spec)
+    if _is_shards(spec):
+        imgs, caps = read_pairs(spec, size or first_image_size(spec), limit)
         return imgs, list(caps)
+    p = Path(spec)
     if p.is_dir():
         files = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_EXTS and f.name not in SKIP_NAMES)
         if not files:
@@ -105,6 +111,11 @@ def load_images(spec: str | Path, size: int | None = None, limit: int | None = N
             raise InputError(f"images '{spec}' match no image file")
     if limit:
         files = files[:limit]
+    return _to_batch([_load_image(f) for f in files], size), _file_captions(files)
+
+
+def _file_captions(files: list[Path]) -> list[str | None]:
+    """Each image's caption: its `{stem}.txt`, else line NNN of its folder's prompts.txt for `NNN_KK.png`, else None."""
     prompts_cache: dict[Path, list[str] | None] = {}
     captions: list[str | None] = []
     for f in files:
@@ -120,27 +131,7 @@ def load_images(spec: str | Path, size: int | None = None, limit: int | None = N
         prompts = prompts_cache[f.parent]
         m = re.fullmatch(r"(\d+)_(\d+)", f.stem)
         captions.append(prompts[int(m.group(1))] if prompts and m and int(m.group(1)) < len(prompts) else None)
-    return _to_batch([_load_image(f) for f in files], size), captions
-
-
-def _read_pairs_native(spec: str, limit: int | None) -> tuple[torch.Tensor, list[str]]:
-    """Shards at their own image size (the first image's side)."""
-    from tessera.dataprep.tokenizer import input_files
-    from tessera.trainer.clip_train import read_pairs
-
-    first = input_files(spec)[0]
-    import tarfile
-
-    size = None
-    with tarfile.open(first) as tf:
-        for m in tf:
-            if m.isfile() and Path(m.name).suffix.lower() in IMAGE_EXTS:
-                with Image.open(io.BytesIO(tf.extractfile(m).read())) as im:
-                    size = min(im.size)
-                break
-    if size is None:
-        raise InputError(f"shard '{first}' holds no images")
-    return read_pairs(spec, size, limit)
+    return captions
 
 
 # --------------------------------------------------------------------------------------------
@@ -208,15 +199,11 @@ class InceptionFeatures:
     """
 
     def __init__(self, path: str | Path, device: str | torch.device = "cpu", variant: str | None = None):
-        from tessera.trainer.inception import load_inception
-
         p = Path(path)
         if not p.is_file():
             raise InputError(f"Inception weights '{p}' do not exist")
         try:
             if p.suffix == ".safetensors":
-                from safetensors.torch import load_file
-
                 sd = load_file(p)
             else:
                 sd = torch.load(p, map_location="cpu", weights_only=True)
@@ -269,9 +256,6 @@ def evaluate(
 
     clip: a ClipScorer or None; inception: an InceptionFeatures or None.
     """
-    from tessera.dataprep import detector
-    from tessera.dataprep.synthetic import parse_caption
-
     if len(images) == 0 or len(reference) == 0:
         raise InputError(f"eval: need images on both sides, got {len(images)} generated and {len(reference)} reference")
     x, r = _float(images), _float(reference)
@@ -306,8 +290,6 @@ def evaluate(
         acc = detector.score(x[[i for i, _ in parsed]], [a for _, a in parsed])
         report["attributes"] = {k: round(v, 4) if isinstance(v, float) else v for k, v in acc.items()}
     if paired:
-        from tessera.trainer.image_metrics import psnr, ssim
-
         if x.shape != r.shape:
             raise InputError(f"eval --paired: generated images {tuple(x.shape)} and reference {tuple(r.shape)} differ in count or size")
         report["psnr"] = float(psnr(x, r).mean())

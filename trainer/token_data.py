@@ -4,8 +4,8 @@ A token-shard folder holds `{shard:05d}.tar` files with `{key}.codes.npy` (uint1
 `{key}.ids.npy` (int32 BPE ids of the lower-cased caption), `{key}.txt` (caption), and a
 `manifest.json` ({"grid", "image_vocab", "text_vocab", "tokenizer", "dvae", "count", "shards"}).
 
-Listing, rank/worker splitting, deterministic shuffling and exact resume come from
-`tessera.trainer.data` (shared with the dVAE's image stream); this module decodes token records and
+Listing and reading come from tessera.dataprep.shards; rank/worker splitting, deterministic
+shuffling and exact resume from `tessera.trainer.data` (shared with the dVAE's image stream); this module decodes token records and
 builds (text, image) batches, with BPE-dropout (re-encoding the caption) when a tokenizer is given.
 """
 
@@ -21,10 +21,16 @@ import numpy as np
 import torch
 
 from tessera.core.errors import InputError
-from tessera.trainer.data import consumer_stream, iter_samples, list_shards
-from tessera.trainer.transformer import pad_text
+from tessera.dataprep.shards import iter_all_samples, list_shards
+from tessera.trainer.data import consumer_stream
 
 MANIFEST_KEYS = ("grid", "image_vocab", "text_vocab")
+
+
+def pad_text(ids: list[int], text_len: int, text_vocab: int) -> list[int]:
+    """Truncate to `text_len` and fill the remaining positions i with their padding token text_vocab + i."""
+    ids = [int(i) for i in ids[:text_len]]
+    return ids + [text_vocab + i for i in range(len(ids), text_len)]
 
 
 @dataclass
@@ -165,23 +171,19 @@ def load_token_set(
 ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """One ordered pass over shards (evaluation): (text long[n, T], image long[n, N], captions)."""
     texts, images, caps = [], [], []
-    for url in list_shards(spec):
-        for rec in iter_samples(url):
-            if limit is not None and len(caps) >= limit:
-                break
-            ids, codes, caption = decode_record(rec, grid)
-            texts.append(pad_text([i for i in ids.tolist() if 0 <= i < text_vocab], text_len, text_vocab))
-            images.append(codes)
-            caps.append(caption)
+    for rec in iter_all_samples(list_shards(spec), limit):
+        ids, codes, caption = decode_record(rec, grid)
+        texts.append(pad_text([i for i in ids.tolist() if 0 <= i < text_vocab], text_len, text_vocab))
+        images.append(codes)
+        caps.append(caption)
     if not caps:
         raise InputError(f"token shards '{spec}': no samples")
     return torch.tensor(texts, dtype=torch.long), torch.from_numpy(np.stack(images)), caps
 
 
 def iter_token_records(spec: str, grid: int) -> Iterator[tuple[np.ndarray, np.ndarray, str]]:
-    for url in list_shards(spec):
-        for rec in iter_samples(url):
-            yield decode_record(rec, grid)
+    for rec in iter_all_samples(list_shards(spec)):
+        yield decode_record(rec, grid)
 
 
-__all__ = ["TokenManifest", "read_manifest", "decode_record", "TokenBatches", "load_token_set", "iter_token_records"]
+__all__ = ["pad_text", "TokenManifest", "read_manifest", "decode_record", "TokenBatches", "load_token_set", "iter_token_records"]

@@ -33,12 +33,7 @@ from tessera.kernels.attention import attention
 from tessera.kernels.block_sparse_attention import HAS_TRITON, block_sparse_attention
 from tessera.kernels.layouts import Layout, inverse_order, layer_layouts, sequence_order
 from tessera.trainer.config import TransformerModelConfig
-
-
-def pad_text(ids: list[int], text_len: int, text_vocab: int) -> list[int]:
-    """Truncate to `text_len` and fill the remaining positions i with their padding token text_vocab + i."""
-    ids = [int(i) for i in ids[:text_len]]
-    return ids + [text_vocab + i for i in range(len(ids), text_len)]
+from tessera.trainer.token_data import pad_text  # the text half of a token record (data layer)
 
 
 def empty_text(batch: int, text_len: int, text_vocab: int, device: torch.device | str = "cpu") -> torch.Tensor:

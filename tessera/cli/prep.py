@@ -12,8 +12,9 @@ from tessera.core.root_config import TesseraConfig, load_root
 from tessera.dataprep.config import CrawlConfig
 from tessera.dataprep.crawl import crawl
 from tessera.dataprep.encode import encode_shards
+from tessera.dataprep.shards import list_shards
 from tessera.dataprep.synthetic import generate, write_url_lists
-from tessera.dataprep.tokenizer import KINDS, input_files, read_captions, sidecar_path, train_tokenizer
+from tessera.dataprep.tokenizer import KINDS, read_captions, sidecar_path, train_tokenizer
 
 
 def add_crawl(parser: argparse.ArgumentParser) -> None:
@@ -131,7 +132,7 @@ def add_tokenizer(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--input",
         required=True,
-        help="webdataset shards (folder of *.tar, a tar, a glob or brace pattern) or a text file with one caption per line",
+        help="webdataset shards (folder of *.tar, a tar, a glob or brace pattern, local or s3://bucket/prefix) or a text file with one caption per line",
     )
     parser.add_argument("--output", required=True, help="model file to write (FILE and FILE.json)")
     parser.add_argument("--vocab-size", type=int, default=None, help="vocabulary size, specials included (default: tokenizer.vocab_size)")
@@ -152,7 +153,7 @@ def run_tokenizer(args: argparse.Namespace) -> int:
     kind = args.kind or cfg.kind
     vocab = args.vocab_size if args.vocab_size is not None else cfg.vocab_size
     lowercase = cfg.lowercase and not args.no_lowercase
-    input_files(args.input)  # fail early, naming the input
+    list_shards(args.input)  # fail early, naming the input
     logging.basicConfig(level=logging.INFO, format="tessera: %(message)s")
     tok = train_tokenizer(
         read_captions(args.input), args.output, kind=kind, vocab_size=vocab, lowercase=lowercase, character_coverage=args.character_coverage

@@ -8,7 +8,8 @@ import pytest
 from tessera.cli import main
 from tessera.core.errors import InputError
 from tessera.dataprep import synthetic as S
-from tessera.dataprep.tokenizer import KINDS, input_files, load_tokenizer, read_captions, tokenizer_from_bytes, train_tokenizer
+from tessera.dataprep.shards import list_shards
+from tessera.dataprep.tokenizer import KINDS, load_tokenizer, read_captions, tokenizer_from_bytes, train_tokenizer
 
 CAPTIONS = [S.caption(a) for a in S.all_combinations()]
 
@@ -85,7 +86,7 @@ def test_reads_shards_text_files_and_patterns(tmp_path):
     got = list(read_captions(shards))
     assert got == CAPTIONS
     assert list(read_captions(str(shards / "{00000..00001}.tar"))) == CAPTIONS
-    assert len(input_files(str(shards / "0000*.tar"))) == 2
+    assert len(list_shards(str(shards / "0000*.tar"))) == 2
     txt = tmp_path / "caps.txt"
     txt.write_text("\n".join(CAPTIONS[:5]) + "\n")
     assert [c.strip() for c in read_captions(txt)] == CAPTIONS[:5]
@@ -110,9 +111,9 @@ def test_cli_on_shards(tmp_path, capsys):
 
 def test_bad_inputs(tmp_path, capsys):
     with pytest.raises(InputError, match="matches no file"):
-        list(read_captions(tmp_path / "nope"))
+        read_captions(tmp_path / "nope")  # listed at once, before any caption is read
     with pytest.raises(InputError, match="no \\*.tar"):
-        input_files(tmp_path)
+        read_captions(tmp_path)
     (tmp_path / "bad.tar").write_bytes(b"this is not a tar file" * 50)
     with pytest.raises(InputError, match="bad.tar"):
         list(read_captions(tmp_path / "bad.tar"))
@@ -131,3 +132,34 @@ def test_bad_inputs(tmp_path, capsys):
             load_tokenizer(tmp_path / "m")
     assert main(["prep", "tokenizer", "--input", str(tmp_path / "missing"), "--output", str(tmp_path / "x")]) == 2
     assert "missing" in capsys.readouterr().err
+
+
+def test_cli_on_s3_shards_and_an_s3_text_file(tmp_path, s3_server, monkeypatch, capsys):
+    """`tessera prep tokenizer --input s3://...` against moto's S3 server: trained on every caption of the S3 shards."""
+    import boto3
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
+    s3 = boto3.client("s3", endpoint_url=s3_server)
+    s3.create_bucket(Bucket="tokenizer-test")
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    _write_shard(shards / "00000.tar", CAPTIONS[:300])
+    _write_shard(shards / "00001.tar", CAPTIONS[300:], start=10000)
+    for p in sorted(shards.iterdir()):
+        s3.upload_file(str(p), "tokenizer-test", f"caps/{p.name}")
+    s3.put_object(Bucket="tokenizer-test", Key="caps.txt", Body=("\n".join(CAPTIONS[:50]) + "\n").encode())
+    assert list(read_captions("s3://tokenizer-test/caps")) == list(read_captions(shards)) == CAPTIONS
+    out = tmp_path / "s3.yttm"
+    args = ["--vocab-size", "200", "--kind", "youtokentome"]
+    assert main(["prep", "tokenizer", "--input", "s3://tokenizer-test/caps", "--output", str(out)] + args) == 0
+    assert f"trained on {len(CAPTIONS)} captions" in capsys.readouterr().out
+    tok = load_tokenizer(out)
+    meta = json.loads((tmp_path / "s3.yttm.json").read_text())
+    assert meta["num_captions"] == len(CAPTIONS) and meta["vocab_size"] == tok.vocab_size and 40 < tok.vocab_size <= 200
+    ids = tok.encode_batch(CAPTIONS)
+    assert all(0 <= i < tok.vocab_size for row in ids for i in row)
+    assert [tok.decode(row) for row in ids] == CAPTIONS
+    assert sum(map(len, tok.encode_batch(CAPTIONS))) < sum(map(len, CAPTIONS)) / 3  # merges were learned
+    assert [c.strip() for c in read_captions("s3://tokenizer-test/caps.txt")] == CAPTIONS[:50]
+    assert main(["prep", "tokenizer", "--input", "s3://tokenizer-test/missing", "--output", str(tmp_path / "x")] + args) == 2
+    assert "s3://tokenizer-test/missing' matches no file" in capsys.readouterr().err

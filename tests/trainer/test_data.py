@@ -1,11 +1,12 @@
-import os
+"""tessera.trainer.data: rank/worker splitting, deterministic shuffling, exact resume, ordered evaluation batches.
+Listing and reading shards (local and s3://) are tested with tessera.dataprep.shards in tests/dataprep/test_shards.py."""
 
 import pytest
 import torch
 from dvae_shapes import write_shape_shards
 
-from tessera.core.errors import InputError
-from tessera.trainer.data import ImageStream, consumer_stream, iter_image_batches, iter_samples, list_shards, split_shards
+from tessera.dataprep.shards import list_shards
+from tessera.trainer.data import ImageStream, consumer_stream, iter_image_batches, split_shards
 
 
 @pytest.fixture(scope="module")
@@ -13,25 +14,6 @@ def shards(tmp_path_factory):
     d = tmp_path_factory.mktemp("shards")
     write_shape_shards(d, n_shards=5, per_shard=12, size=16, seed=3)
     return d
-
-
-def test_list_shards_folder_brace_glob_and_list(shards):
-    names = [f"{i:05d}.tar" for i in range(5)]
-    assert [os.path.basename(p) for p in list_shards(str(shards))] == names
-    assert [os.path.basename(p) for p in list_shards(f"{shards}/{{00001..00003}}.tar")] == names[1:4]
-    assert len(list_shards(f"{shards}/*.tar")) == 5
-    both = list_shards(f"{shards}/00004.tar,{shards}/00000.tar,{shards}/00000.tar")
-    assert [os.path.basename(p) for p in both] == ["00000.tar", "00004.tar"]
-
-
-def test_list_shards_errors_name_the_spec(tmp_path):
-    with pytest.raises(InputError, match="nope.tar"):
-        list_shards(str(tmp_path / "nope.tar"))
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(InputError, match="no \\*.tar files"):
-        list_shards(str(tmp_path / "empty"))
-    with pytest.raises(InputError, match="no shard spec"):
-        list_shards("")
 
 
 def test_split_shards_is_a_partition():
@@ -88,44 +70,7 @@ def test_image_stream_resumes_exactly(shards, workers):
         assert x.shape == (5, 3, 16, 16) and torch.equal(x, y)
 
 
-def test_truncated_shard_is_named(tmp_path, shards):
-    data = (shards / "00000.tar").read_bytes()
-    bad = tmp_path / "00000.tar"
-    bad.write_bytes(data[: len(data) // 2 + 100])
-    with pytest.raises(InputError, match="00000.tar"):
-        list(iter_samples(str(bad)))
-
-
 def test_eval_batches_are_ordered_and_limited(shards):
     batches = list(iter_image_batches(str(shards), 16, 8, limit=20))
     assert [b[0].shape[0] for b in batches] == [8, 8, 4]
     assert batches[0][1][0]["__key__"] == "000000000"[:9] and 0.0 <= float(batches[0][0].min()) <= float(batches[0][0].max()) <= 1.0
-
-
-def test_s3_listing_and_reading_through_a_real_s3_server(shards, monkeypatch):
-    boto3 = pytest.importorskip("boto3")
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        url = f"http://{host}:{port}"
-        monkeypatch.setenv("AWS_ENDPOINT_URL", url)
-        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
-        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
-        monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-        s3 = boto3.client("s3", endpoint_url=url)
-        s3.create_bucket(Bucket="imgs")
-        for p in sorted(shards.glob("*.tar"))[:2]:
-            s3.upload_file(str(p), "imgs", f"train/{p.name}")
-        s3.put_object(Bucket="imgs", Key="train/00000.parquet", Body=b"x")
-        found = list_shards("s3://imgs/train")
-        assert found == ["s3://imgs/train/00000.tar", "s3://imgs/train/00001.tar"]
-        keys = [s["__key__"] for s in iter_samples(found[1])]
-        local = [s["__key__"] for s in iter_samples(str(shards / "00001.tar"))]
-        assert keys == local and len(keys) == 12
-        with pytest.raises(InputError, match="s3://imgs/nothing"):
-            list_shards("s3://imgs/nothing")
-    finally:
-        server.stop()
