@@ -1,4 +1,4 @@
-"""`tessera cluster submit-train|submit-array` (tessera.cluster.cli): flags -> sbatch script, submission, errors.
+"""`tessera cluster submit-train|submit-array` (tessera.cli.cluster): flags -> sbatch script, submission, errors.
 
 No SLURM needed: --dry-run prints the script, and submission goes to a stand-in `sbatch` on PATH
 that records what it was given.
