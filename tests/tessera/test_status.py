@@ -245,3 +245,15 @@ def test_not_a_run_dir_is_one_line_exit_2(tmp_path, capsys):
         code, out, err = status(capsys, str(target))
         assert code == 2 and out == ""
         assert err.startswith(f"tessera: error: {says}") and err.count("\n") == 1, err
+
+
+def test_a_job_record_without_a_slurm_client_here(tmp_path, monkeypatch, capsys):
+    """status run off the cluster (no squeue on PATH): the job id is still shown, its state UNKNOWN, with a note."""
+    slurm.record_job(tmp_path / "run", slurm.Submitted("123"), command=["tessera", "train", "dvae", "--output", "run"])
+    (tmp_path / "bin").mkdir()
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))
+    s = read_status(tmp_path / "run")
+    assert s["slurm"]["job_id"] == "123" and s["slurm"]["state"] == "UNKNOWN" and s["slurm"]["state_source"] is None
+    assert s["notes"] == ["'squeue' not found: is the SLURM client installed and on PATH?"]
+    code, out, _ = status(capsys, str(tmp_path / "run"))
+    assert code == 0 and table(out)["slurm job"] == "123: UNKNOWN; not started yet"
