@@ -167,20 +167,14 @@ def _checkpoint(p: Path, notes: list[str]) -> dict[str, Any]:
     cdir = p / "checkpoints"
     latest = cdir / "latest.pt"
     zero = cdir / "zero" / "latest"
-    if zero.is_file():  # DeepSpeed ZeRO: 'latest' names the tag step_XXXXXXXX (a folder of shards)
-        tag = zero.read_text().strip()
-        step = int(tag[5:]) if tag.startswith("step_") and tag[5:].isdigit() else None
-        return {"path": str(cdir / "zero" / tag), "step": step, "time": _mtime(cdir / "zero" / tag) or _mtime(zero), "kind": "transformer"}
+    if zero.is_file():
+        return _zero_checkpoint(cdir / "zero", zero.read_text().strip(), notes)
     steps = sorted(cdir.glob("step_*.pt")) if cdir.is_dir() else []
     target = latest if latest.is_file() else (steps[-1] if steps else None)
     if target is None:
         return {}
     out: dict[str, Any] = {"path": str(target), "time": _mtime(target), "step": _step_of_name(steps[-1]) if steps else None}
-    try:
-        ck = torch.load(target, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # truncated or foreign: report what the file names say
-        notes.append(f"checkpoint '{target}' could not be read ({type(e).__name__})")
-        return out
+    ck = _load_mmap(target, notes)
     if isinstance(ck, dict):
         if isinstance(ck.get("step"), int):
             out["step"] = ck["step"]
@@ -188,6 +182,37 @@ def _checkpoint(p: Path, notes: list[str]) -> dict[str, Any]:
         out["elapsed_s"] = ck.get("elapsed_s")
         out["final_metrics"] = bool(ck.get("metrics"))
     return out
+
+
+def _zero_checkpoint(zdir: Path, tag: str, notes: list[str]) -> dict[str, Any]:
+    """A DeepSpeed ZeRO checkpoint (transformer): 'latest' names the tag step_XXXXXXXX, a folder of shards whose rank-0
+    model-states file holds the trainer's client state (tessera.cluster.engine.DeepSpeedEngine.save_checkpoint)."""
+    folder = zdir / tag
+    files = [f for f in folder.iterdir() if f.is_file()] if folder.is_dir() else []
+    out: dict[str, Any] = {
+        "path": str(folder),
+        "step": _step_of_name(folder),
+        "time": max((_mtime(f) or 0 for f in files), default=None) or _mtime(zdir / "latest"),
+        "kind": "transformer",
+    }
+    states = next(
+        (folder / n for n in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt") if (folder / n).is_file()), None
+    )
+    ck = _load_mmap(states, notes) if states is not None else None
+    if isinstance(ck, dict):
+        if isinstance(ck.get("step"), int):
+            out["step"] = ck["step"]
+        out["elapsed_s"] = (ck.get("client") or {}).get("elapsed_s")
+    return out
+
+
+def _load_mmap(path: Path, notes: list[str]) -> Any:
+    """torch.load memory-mapped (only the pickled header is read); None with a note when the file is unreadable."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # truncated or foreign: the caller falls back on what the file names say
+        notes.append(f"checkpoint '{path}' could not be read ({type(e).__name__})")
+        return None
 
 
 def _finished(p: Path, kind: str | None, ck: dict[str, Any], cfg: dict[str, Any], notes: list[str]) -> dict[str, Any]:
