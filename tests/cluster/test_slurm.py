@@ -9,11 +9,16 @@ from pathlib import Path
 
 import pytest
 
+from tessera import cli
 from tessera.cluster import slurm
 from tessera.cluster.config import SlurmConfig
+from tessera.dataprep import synthetic
+from tessera.status import read_status
 
 REPO = Path(__file__).resolve().parents[2]
 PY = sys.executable
+sys.path.insert(0, str(REPO / "tests" / "trainer"))
+from dvae_shapes import write_shape_shards  # noqa: E402
 
 
 def sbatch_lines(script: str) -> list[str]:
@@ -175,8 +180,6 @@ def test_array_job_runs_real_crawl_parts(slurm_cluster, tmp_path):
     """`tessera cluster submit-array --parts 2 -- tessera prep crawl ...` over images served on 127.0.0.1."""
     import csv
     import tarfile
-
-    from tessera.dataprep import synthetic
 
     (tmp_path / "img").mkdir()
     rows = []
@@ -407,8 +410,6 @@ STATUS_DVAE = [
 
 
 def cli_status(capsys, run_dir) -> dict[str, str]:
-    from tessera import cli
-
     assert cli.main(["status", str(run_dir)]) == 0
     out = capsys.readouterr().out
     return {line[:16].strip(): line[16:].strip() for line in out.splitlines()}
@@ -417,11 +418,6 @@ def cli_status(capsys, run_dir) -> dict[str, str]:
 @pytest.mark.slurm
 def test_status_of_a_dvae_job_submitted_with_submit_train(slurm_cluster, tmp_path, capsys):
     """submit-train -> the job id in RUN_DIR; status: RUNNING with a step while it trains, COMPLETED and finished after."""
-    from tessera.status import read_status
-
-    sys.path.insert(0, str(REPO / "tests" / "trainer"))
-    from dvae_shapes import write_shape_shards
-
     write_shape_shards(tmp_path / "shards", n_shards=2, per_shard=16, size=16, seed=3)
     r = subprocess.run(
         [PY, "-m", "tessera.cli", "cluster", "submit-train", "--time", "00:05:00", "--job-name", "status", "--signal-before", "0"]
@@ -469,8 +465,6 @@ def test_status_of_a_dvae_job_submitted_with_submit_train(slurm_cluster, tmp_pat
 @pytest.mark.slurm
 def test_status_counts_the_starts_of_a_requeued_job(slurm_cluster, tmp_path, capsys):
     """The job script appends every (re)start to RUN_DIR/slurm_starts.jsonl; status shows the requeue."""
-    from tessera.status import read_status
-
     worker = tmp_path / "w.py"
     worker.write_text(
         textwrap.dedent("""
