@@ -213,11 +213,14 @@ def train_job_script(cfg: SlurmConfig, command: Sequence[str], config: str | Non
 
     `config` (a preset or TOML) is passed on as the command's --config unless it has one.
     """
-    cmd = job_command(command)
-    if config and "--config" not in cmd:
-        cmd = [*cmd, "--config", config]
+    cmd = _train_command(command, config)
     run_dir = output_dir_of(cmd)
     return render_train_script(cfg, cmd, run_dir=run_dir), run_dir
+
+
+def _train_command(command: Sequence[str], config: str | None) -> list[str]:
+    cmd = job_command(command)
+    return [*cmd, "--config", config] if config and "--config" not in cmd else cmd
 
 
 def submit_train(cfg: SlurmConfig, command: Sequence[str], config: str | None = None, workdir: str | Path | None = None) -> Submitted:
@@ -227,7 +230,7 @@ def submit_train(cfg: SlurmConfig, command: Sequence[str], config: str | None = 
     out = Submitted(job, cluster)
     if run_dir:
         out.run_dir = Path(workdir or ".") / run_dir
-        record_job(out.run_dir, out, command=job_command(command), job_name=cfg.job_name)
+        record_job(out.run_dir, out, command=_train_command(command, config), job_name=cfg.job_name)
     return out
 
 

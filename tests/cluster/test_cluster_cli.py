@@ -305,12 +305,14 @@ def test_submit_train_records_the_job_in_the_run_dir(fake_sbatch, tmp_path, caps
     workdir = tmp_path / "work"
     workdir.mkdir()
     before = time.time()
-    code, out, _ = submit(capsys, "submit-train", "--chdir", str(workdir), "--", "tessera", "train", "dvae", "--output", "runs/d")
+    code, out, _ = submit(
+        capsys, "submit-train", "--chdir", str(workdir), "--config", "demo", "--", "tessera", "train", "dvae", "--output", "runs/d"
+    )
     assert code == 0 and out == "4242\n"
     rec = json.loads((workdir / "runs" / "d" / "slurm_job.json").read_text())  # relative to the job's directory, created
     assert rec["job_id"] == "4242" and rec["cluster"] == "cluster" and rec["job_name"] == "tessera"
     assert before <= rec["submitted"] <= time.time()
-    assert rec["command"] == ["tessera", "train", "dvae", "--output", "runs/d"]
+    assert rec["command"] == ["tessera", "train", "dvae", "--output", "runs/d", "--config", "demo"]  # the command the job runs
     assert not list((workdir / "runs" / "d").glob(".*tmp*"))  # written through a temporary name
     sent = (fake_sbatch / "stdin").read_text()
     assert "mkdir -p runs/d" in sent and ">> runs/d/slurm_starts.jsonl" in sent
