@@ -10,22 +10,32 @@ Two kinds of job:
   given `tessera prep crawl|encode ...` command with `--part i/N`.
 
 `submit` pipes a script to `sbatch --parsable` and returns the job id; `job_state` asks squeue,
-then scontrol, then sacct.
+then scontrol, then sacct. `submit_train` / `submit_array` are what `tessera cluster submit-train|-array` call.
+
+A training job whose command names its run directory (`--output RUN_DIR`) is tracked there:
+    RUN_DIR/slurm_job.json      written (atomically) by `submit_train`: job id, cluster, time, command
+    RUN_DIR/slurm_starts.jsonl  one line appended by the job script at every (re)start of the job
+                                ({"job_id", "restart", "time", "nodes"}), so requeues are visible
+`read_job_record` reads both back (`tessera status RUN_DIR`).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from tessera.cluster.config import SlurmConfig
-from tessera.core.errors import TesseraError
+from tessera.core.errors import InputError, TesseraError
+from tessera.core.files import atomic_write_bytes
 
 
 class SlurmError(TesseraError):
@@ -33,6 +43,31 @@ class SlurmError(TesseraError):
 
 
 TERMINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
+JOB_RECORD = "slurm_job.json"
+JOB_STARTS = "slurm_starts.jsonl"
+NO_COMMAND = "no command given: put it after '--', e.g. -- tessera prep crawl ..."
+
+
+def job_command(command: Sequence[str]) -> list[str]:
+    """The command after the CLI's '--' (which argparse.REMAINDER keeps); InputError when there is none."""
+    cmd = list(command)
+    if cmd and cmd[0] == "--":
+        cmd = cmd[1:]
+    if not cmd:
+        raise InputError(NO_COMMAND)
+    return cmd
+
+
+def output_dir_of(command: Sequence[str]) -> str | None:
+    """The value of the command's `--output DIR` / `--output=DIR` (the run directory of `tessera train ...`)."""
+    cmd = list(command)
+    found = None
+    for i, a in enumerate(cmd):
+        if a == "--output" and i + 1 < len(cmd):
+            found = cmd[i + 1]
+        elif a.startswith("--output="):
+            found = a[len("--output=") :]
+    return found or None
 
 
 def _command_line(command: Sequence[str]) -> str:
@@ -64,8 +99,21 @@ def _script(sbatch: Iterable[str], body: Iterable[str], setup: Iterable[str]) ->
     return "\n".join(out) + "\n"
 
 
-def render_train_script(cfg: SlurmConfig, command: Sequence[str]) -> str:
-    """The sbatch script of a (multi-node) training job running `command` on every rank."""
+def _start_record_lines(run_dir: str) -> list[str]:
+    """Shell lines appending this (re)start of the job to RUN_DIR/slurm_starts.jsonl (relative paths: the job's cwd)."""
+    d = shlex.quote(run_dir)
+    line = '{"job_id": "%s", "restart": %s, "time": %s, "nodes": "%s"}\\n'
+    return [
+        f"mkdir -p {d}",
+        f'printf \'{line}\' "$SLURM_JOB_ID" "${{SLURM_RESTART_COUNT:-0}}" "$(date +%s)" "$SLURM_JOB_NODELIST" >> {d}/{JOB_STARTS}',
+    ]
+
+
+def render_train_script(cfg: SlurmConfig, command: Sequence[str], run_dir: str | None = None) -> str:
+    """The sbatch script of a (multi-node) training job running `command` on every rank.
+
+    With `run_dir` (the command's --output), each (re)start of the job appends a line to RUN_DIR/slurm_starts.jsonl.
+    """
     cfg.validate()
     cmd = _command_line(command)
     sb = [f"--nodes={cfg.nodes}"]
@@ -89,6 +137,8 @@ def render_train_script(cfg: SlurmConfig, command: Sequence[str]) -> str:
         "export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$SLURM_CPUS_PER_TASK}",
         'echo "tessera: job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0} on $SLURM_JOB_NODELIST"',
     ]
+    if run_dir:
+        body += _start_record_lines(run_dir)
     if not torchrun:
         body.append(f"srun --kill-on-bad-exit=1 {cmd}")
     else:
@@ -134,33 +184,174 @@ def _run(args: list[str], **kw: Any) -> subprocess.CompletedProcess:
         raise SlurmError(f"'{args[0]}' not found: is the SLURM client installed and on PATH?") from None
 
 
-def submit(script: str, workdir: str | Path | None = None, extra_args: Sequence[str] = ()) -> str:
-    """Submit `script` (text) with `sbatch --parsable`; returns the job id (the array's id for arrays)."""
+def _sbatch(script: str, workdir: str | Path | None, extra_args: Sequence[str]) -> tuple[str, str | None]:
+    """(job id, cluster name or None) of `sbatch --parsable`, which answers 'ID' or 'ID;CLUSTER'."""
     r = _run(["sbatch", "--parsable", *extra_args], input=script, cwd=workdir)
     if r.returncode != 0:
-        raise SlurmError(
-            f"sbatch refused the job: {(r.stderr or r.stdout).strip().splitlines()[-1] if (r.stderr or r.stdout).strip() else r.returncode}"
-        )
-    return r.stdout.strip().split(";")[0]
+        said = (r.stderr or r.stdout).strip()
+        raise SlurmError(f"sbatch refused the job: {said.splitlines()[-1] if said else r.returncode}")
+    job, _, cluster = r.stdout.strip().partition(";")
+    return job, cluster or None
 
 
-def job_state(job_id: str) -> str | None:
-    """State of a job or array task ('123', '123_4'): PENDING, RUNNING, COMPLETED, ...; None if unknown."""
-    r = _run(["squeue", "-h", "-j", job_id, "-o", "%T"])
-    if r.returncode == 0 and r.stdout.strip():
-        return r.stdout.split()[0]
+def submit(script: str, workdir: str | Path | None = None, extra_args: Sequence[str] = ()) -> str:
+    """Submit `script` (text) with `sbatch --parsable`; returns the job id (the array's id for arrays)."""
+    return _sbatch(script, workdir, extra_args)[0]
+
+
+@dataclass
+class Submitted:
+    """A submitted job: its id, the cluster sbatch named (None on a single cluster) and the run directory it tracks."""
+
+    job_id: str
+    cluster: str | None = None
+    run_dir: Path | None = None
+
+
+def train_job_script(cfg: SlurmConfig, command: Sequence[str], config: str | None = None) -> tuple[str, str | None]:
+    """(sbatch script, run directory as the command names it) of `tessera cluster submit-train`.
+
+    `config` (a preset or TOML) is passed on as the command's --config unless it has one.
+    """
+    cmd = _train_command(command, config)
+    run_dir = output_dir_of(cmd)
+    return render_train_script(cfg, cmd, run_dir=run_dir), run_dir
+
+
+def _train_command(command: Sequence[str], config: str | None) -> list[str]:
+    cmd = job_command(command)
+    return [*cmd, "--config", config] if config and "--config" not in cmd else cmd
+
+
+def submit_train(cfg: SlurmConfig, command: Sequence[str], config: str | None = None, workdir: str | Path | None = None) -> Submitted:
+    """Render and submit a training job; record it in its run directory (relative to `workdir`) when the command names one."""
+    script, run_dir = train_job_script(cfg, command, config)
+    job, cluster = _sbatch(script, workdir, ())
+    out = Submitted(job, cluster)
+    if run_dir:
+        out.run_dir = Path(workdir or ".") / run_dir
+        record_job(out.run_dir, out, command=_train_command(command, config), job_name=cfg.job_name)
+    return out
+
+
+def array_job_script(cfg: SlurmConfig, parts: int, command: Sequence[str], max_parallel: int = 0) -> str:
+    return render_array_script(cfg, parts, job_command(command), max_parallel=max_parallel)
+
+
+def submit_array(
+    cfg: SlurmConfig, parts: int, command: Sequence[str], max_parallel: int = 0, workdir: str | Path | None = None
+) -> Submitted:
+    """Render and submit the array job of `tessera cluster submit-array`."""
+    job, cluster = _sbatch(array_job_script(cfg, parts, command, max_parallel), workdir, ())
+    return Submitted(job, cluster)
+
+
+def record_job(run_dir: str | Path, job: Submitted, command: Sequence[str] = (), job_name: str = "") -> Path:
+    """Write RUN_DIR/slurm_job.json (atomically; RUN_DIR is created): the job id, cluster, submit host and time, command."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    rec = {
+        "job_id": job.job_id,
+        "cluster": job.cluster,
+        "job_name": job_name,
+        "submit_host": socket.gethostname(),
+        "submitted": round(time.time(), 3),
+        "submitted_iso": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "command": list(command),
+    }
+    path = run_dir / JOB_RECORD
+    atomic_write_bytes(path, (json.dumps(rec, indent=2) + "\n").encode())
+    return path
+
+
+def read_job_record(run_dir: str | Path) -> dict[str, Any] | None:
+    """The SLURM job tracked in `run_dir` (slurm_job.json and the starts the job script appended), or None.
+
+    Returns {"job_id", "cluster", "submitted", ..., "starts": [{"job_id", "restart", "time", "nodes"}, ...]} with
+    only the starts of that job id; when slurm_job.json is missing the last start's job is taken.
+    """
+    run_dir = Path(run_dir)
+    rec: dict[str, Any] = {}
+    p = run_dir / JOB_RECORD
+    if p.is_file():
+        try:
+            rec = json.loads(p.read_text())
+        except (OSError, ValueError):
+            raise InputError(f"'{p}' is not a JSON job record") from None
+        if not isinstance(rec, dict) or not str(rec.get("job_id", "")).strip():
+            raise InputError(f"'{p}' names no job_id")
+    starts = []
+    sp = run_dir / JOB_STARTS
+    if sp.is_file():
+        for line in sp.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue  # a line cut short by a node failure
+            if isinstance(row, dict) and row.get("job_id"):
+                starts.append(row)
+    if not rec and not starts:
+        return None
+    job_id = str(rec.get("job_id") or starts[-1]["job_id"])
+    return {**rec, "job_id": job_id, "starts": [r for r in starts if str(r["job_id"]) == job_id]}
+
+
+@dataclass
+class JobInfo:
+    """A job's state and who said so: squeue, scontrol, sacct, or None when none of them knows the job (state UNKNOWN)."""
+
+    state: str
+    source: str | None = None
+    reason: str | None = None
+
+
+def _clean_state(state: str) -> str:
+    """'CANCELLED by 0' (sacct), 'CANCELLED+' -> 'CANCELLED'."""
+    return state.split()[0].rstrip("+").upper() if state.strip() else "UNKNOWN"
+
+
+def _scontrol_fields(job_id: str) -> dict[str, str] | None:
     r = _run(["scontrol", "-o", "show", "job", job_id])
-    if r.returncode == 0:
-        for line in r.stdout.splitlines():
-            fields = dict(kv.split("=", 1) for kv in line.split() if "=" in kv)
-            if "_" in job_id and f"{fields.get('ArrayJobId')}_{fields.get('ArrayTaskId')}" != job_id:
-                continue
-            if "JobState" in fields:
-                return fields["JobState"]
-    r = _run(["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "State"])
-    if r.returncode == 0 and r.stdout.strip():
-        return r.stdout.split()[0]
+    if r.returncode != 0:
+        return None
+    for line in r.stdout.splitlines():
+        fields = dict(kv.split("=", 1) for kv in line.split() if "=" in kv)
+        if "_" in job_id and f"{fields.get('ArrayJobId')}_{fields.get('ArrayTaskId')}" != job_id:
+            continue
+        if "JobState" in fields:
+            return fields
     return None
+
+
+def _sacct_state(job_id: str) -> str | None:
+    """sacct's state, None without accounting (slurmdbd): sacct then fails or is not installed at all."""
+    try:
+        r = subprocess.run(["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "State"], capture_output=True, text=True, timeout=30)
+    except (FileNotFoundError, subprocess.TimeoutExpired):
+        return None
+    lines = [line for line in r.stdout.splitlines() if line.strip()] if r.returncode == 0 else []
+    return lines[0] if lines else None
+
+
+def job_info(job_id: str) -> JobInfo:
+    """Ask squeue (pending/running jobs), then scontrol (jobs slurmctld still holds: MinJobAge after the end), then sacct."""
+    r = _run(["squeue", "-h", "-j", job_id, "-o", "%T|%r"])
+    if r.returncode == 0 and r.stdout.strip():
+        state, _, reason = r.stdout.splitlines()[0].partition("|")
+        return JobInfo(_clean_state(state), "squeue", reason.strip() if reason.strip() not in ("", "None") else None)
+    fields = _scontrol_fields(job_id)
+    if fields is not None:
+        reason = fields.get("Reason")
+        return JobInfo(_clean_state(fields["JobState"]), "scontrol", reason if reason not in (None, "None") else None)
+    state = _sacct_state(job_id)
+    if state is not None:
+        return JobInfo(_clean_state(state), "sacct")
+    return JobInfo("UNKNOWN")
+
+
+def job_state(job_id: str) -> str:
+    """State of a job or array task ('123', '123_4'): PENDING, RUNNING, COMPLETED, FAILED, CANCELLED, ...; UNKNOWN when no one knows it."""
+    return job_info(job_id).state
 
 
 def array_states(job_id: str) -> dict[int, str]:

@@ -1,17 +1,22 @@
-"""`tessera cluster submit-train|submit-array` (tessera.cluster.cli): flags -> sbatch script, submission, errors.
+"""`tessera cluster submit-train|submit-array` (tessera.cli.cluster): flags -> sbatch script, submission, errors.
 
 No SLURM needed: --dry-run prints the script, and submission goes to a stand-in `sbatch` on PATH
 that records what it was given.
 """
 
+import json
 import os
 import stat
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from tessera import cli
+from tessera.cluster import slurm
+from tessera.core.errors import InputError
 
 PY = sys.executable
 
@@ -291,3 +296,79 @@ def test_missing_sbatch_is_one_line_exit_2(tmp_path, monkeypatch, capsys):
     code, out, err = submit(capsys, "submit-train", "--", "tessera", "train", "dvae")
     assert code == 2 and out == ""
     assert err == "tessera: error: 'sbatch' not found: is the SLURM client installed and on PATH?\n"
+
+
+# ---------------------------------------------------------------- the job record in the run directory
+
+
+def test_submit_train_records_the_job_in_the_run_dir(fake_sbatch, tmp_path, capsys):
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    before = time.time()
+    code, out, _ = submit(
+        capsys, "submit-train", "--chdir", str(workdir), "--config", "demo", "--", "tessera", "train", "dvae", "--output", "runs/d"
+    )
+    assert code == 0 and out == "4242\n"
+    rec = json.loads((workdir / "runs" / "d" / "slurm_job.json").read_text())  # relative to the job's directory, created
+    assert rec["job_id"] == "4242" and rec["cluster"] == "cluster" and rec["job_name"] == "tessera"
+    assert before <= rec["submitted"] <= time.time()
+    assert rec["command"] == ["tessera", "train", "dvae", "--output", "runs/d", "--config", "demo"]  # the command the job runs
+    assert not list((workdir / "runs" / "d").glob(".*tmp*"))  # written through a temporary name
+    sent = (fake_sbatch / "stdin").read_text()
+    assert "mkdir -p runs/d" in sent and ">> runs/d/slurm_starts.jsonl" in sent
+    # --output=DIR, an absolute path, and a resubmission replacing the record
+    abs_dir = tmp_path / "abs run"
+    code, out, _ = submit(capsys, "submit-train", "--", "tessera", "train", "clip", f"--output={abs_dir}")
+    assert code == 0 and json.loads((abs_dir / "slurm_job.json").read_text())["job_id"] == "4242"
+    assert f">> '{abs_dir}'/slurm_starts.jsonl" in (fake_sbatch / "stdin").read_text()
+
+
+def test_no_output_no_record_and_dry_run_writes_nothing(fake_sbatch, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, out, _ = submit(capsys, "submit-train", "--", "tessera", "train", "dvae")
+    assert code == 0 and "slurm_starts" not in (fake_sbatch / "stdin").read_text()
+    code, out, _ = submit(capsys, "submit-train", "--dry-run", "--", "tessera", "train", "dvae", "--output", "runs/x")
+    assert code == 0 and ">> runs/x/slurm_starts.jsonl" in out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bin", "rec"]  # nothing recorded, no run dir created
+    code, out, _ = submit(capsys, "submit-array", "--parts", "2", "--", "tessera", "prep", "encode", "--output", "tok")
+    assert code == 0 and not (tmp_path / "tok").exists()  # array jobs have no run directory
+
+
+def test_the_script_appends_each_start_to_the_run_dir(tmp_path, capsys):
+    """The rendered start-record lines, run by bash as the job would at its first start and a requeue."""
+    code, out, _ = submit(capsys, "submit-train", "--dry-run", "--", "tessera", "train", "dvae", "--output", "runs/a b")
+    assert code == 0
+    lines = [line for line in body_lines(out) if "runs/a b" in line and not line.startswith("srun")]
+    assert len(lines) == 2
+    for restart in ("", "1"):
+        env = dict(os.environ, SLURM_JOB_ID="99", SLURM_JOB_NODELIST="node[1-2]")
+        env.pop("SLURM_RESTART_COUNT", None)
+        if restart:
+            env["SLURM_RESTART_COUNT"] = restart
+        r = subprocess.run(["bash", "-c", "set -uo pipefail\n" + "\n".join(lines)], cwd=tmp_path, env=env, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+    starts = [json.loads(line) for line in (tmp_path / "runs" / "a b" / "slurm_starts.jsonl").read_text().splitlines()]
+    assert [(s["job_id"], s["restart"], s["nodes"]) for s in starts] == [("99", 0, "node[1-2]"), ("99", 1, "node[1-2]")]
+    assert all(abs(s["time"] - time.time()) < 60 for s in starts)
+    rec = slurm.read_job_record(tmp_path / "runs" / "a b")  # no slurm_job.json: the job of the last start
+    assert rec["job_id"] == "99" and len(rec["starts"]) == 2
+
+
+def test_read_job_record_keeps_the_starts_of_the_recorded_job(tmp_path):
+    run = tmp_path / "run"
+    slurm.record_job(run, slurm.Submitted("7", "c1"), command=["x"])
+    (run / "slurm_starts.jsonl").write_text(
+        '{"job_id": "5", "restart": 0, "time": 1, "nodes": "n"}\n{"job_id": "7", "restart": 0, "time": 2, "nodes": "n"}\n{"job_id": "7", "re'
+    )
+    rec = slurm.read_job_record(run)
+    assert rec["job_id"] == "7" and rec["cluster"] == "c1" and [s["time"] for s in rec["starts"]] == [2]  # cut line skipped
+    assert slurm.read_job_record(tmp_path) is None
+    (run / "slurm_job.json").write_text("{not json")
+    with pytest.raises(InputError, match="slurm_job.json' is not a JSON job record"):
+        slurm.read_job_record(run)
+
+
+def test_job_info_without_a_slurm_client(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(slurm.SlurmError, match="'squeue' not found"):
+        slurm.job_info("1")

@@ -9,11 +9,16 @@ from pathlib import Path
 
 import pytest
 
+from tessera import cli
 from tessera.cluster import slurm
 from tessera.cluster.config import SlurmConfig
+from tessera.dataprep import synthetic
+from tessera.status import read_status
 
 REPO = Path(__file__).resolve().parents[2]
 PY = sys.executable
+sys.path.insert(0, str(REPO / "tests" / "trainer"))
+from dvae_shapes import write_shape_shards  # noqa: E402
 
 
 def sbatch_lines(script: str) -> list[str]:
@@ -175,8 +180,6 @@ def test_array_job_runs_real_crawl_parts(slurm_cluster, tmp_path):
     """`tessera cluster submit-array --parts 2 -- tessera prep crawl ...` over images served on 127.0.0.1."""
     import csv
     import tarfile
-
-    from tessera.dataprep import synthetic
 
     (tmp_path / "img").mkdir()
     rows = []
@@ -379,3 +382,122 @@ def test_torchrun_job_stops_on_batch_signal(slurm_cluster, tmp_path):
     assert got[0]["step"] == got[1]["step"]  # they agreed on the same step
     assert got[0]["stop_file"] == str(tmp_path / f".tessera-stop-{job}")
     assert not (tmp_path / f".tessera-stop-{job}").exists()  # removed by the script at the end
+
+
+# ---------------------------------------------------------------- tessera status of submitted jobs
+
+STATUS_DVAE = [
+    "dvae.train.codebook_init=none",
+    "dvae.train.diversity_weight=0",
+    "dvae.train.mse_weight=0",
+    "dvae.model.image_size=16",
+    "dvae.model.n_groups=3",
+    "dvae.model.n_hid=8",
+    "dvae.model.n_blk_per_group=1",
+    "dvae.model.vocab_size=32",
+    "dvae.model.n_init=16",
+    "dvae.train.batch_size=8",
+    "dvae.train.shuffle_buffer=8",
+    "dvae.train.eval_samples=16",
+    "dvae.train.time_budget_s=0",
+    "dvae.train.steps=600",
+    "dvae.train.log_every=20",
+    "dvae.train.eval_every=600",
+    "dvae.train.sample_every=600",
+    "dvae.train.ckpt_every=200",
+    "dvae.train.workers=0",
+]
+
+
+def cli_status(capsys, run_dir) -> dict[str, str]:
+    assert cli.main(["status", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    return {line[:16].strip(): line[16:].strip() for line in out.splitlines()}
+
+
+@pytest.mark.slurm
+def test_status_of_a_dvae_job_submitted_with_submit_train(slurm_cluster, tmp_path, capsys):
+    """submit-train -> the job id in RUN_DIR; status: RUNNING with a step while it trains, COMPLETED and finished after."""
+    write_shape_shards(tmp_path / "shards", n_shards=2, per_shard=16, size=16, seed=3)
+    r = subprocess.run(
+        [PY, "-m", "tessera.cli", "cluster", "submit-train", "--time", "00:05:00", "--job-name", "status", "--signal-before", "0"]
+        + ["--output-log", str(tmp_path / "status-%j.out"), "--config", "demo", "--"]
+        + ["tessera", "train", "dvae", "--data", "shards", "--output", "runs/d", *STATUS_DVAE],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stderr
+    job = r.stdout.strip()
+    run = tmp_path / "runs" / "d"
+    assert json.loads((run / "slurm_job.json").read_text())["job_id"] == job
+    seen, running = [], None
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        s = read_status(run)
+        seen.append(s["slurm"]["state"])
+        if s["slurm"]["state"] == "RUNNING" and s["step"] is not None and not s["finished"]:
+            running = s
+            break
+        if s["slurm"]["state"] in slurm.TERMINAL_STATES:
+            break
+        time.sleep(0.2)
+    log = "".join(p.read_text() for p in tmp_path.glob("status-*.out"))
+    assert running is not None, (seen, log)
+    assert running["slurm"]["job_id"] == job and running["slurm"]["state_source"] == "squeue"
+    assert running["kind"] == "dvae" and 0 < running["step"] < 600 and running["target_steps"] == 600
+    assert running["slurm"]["starts"] == 1 and running["slurm"]["restarts"] == 0
+    assert slurm.wait(job, timeout_s=180, poll_s=0.5) == "COMPLETED", log + slurm_cluster.logs()
+    # after the end: squeue no longer lists the job; slurmctld still holds it (MinJobAge=300 s), so scontrol
+    # answers; this cluster keeps no accounting (accounting_storage/none), so sacct has nothing to say
+    s = read_status(run)
+    assert s["slurm"]["state"] == "COMPLETED" and s["slurm"]["state_source"] == "scontrol", s["slurm"]
+    assert slurm._sacct_state(job) is None
+    assert s["finished"] is True and s["step"] == 600 and s["stop_reason"] == "steps"
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert s["loss"] == [r for r in rows if "loss" in r][-1]["loss"]
+    t = cli_status(capsys, run)
+    assert t["step"] == "600 / 600" and t["finished"] == "yes (the configured steps reached)"
+    assert t["slurm job"] == f"{job}: COMPLETED (from scontrol); 1 start(s), 0 requeue(s)"
+
+
+@pytest.mark.slurm
+def test_status_counts_the_starts_of_a_requeued_job(slurm_cluster, tmp_path, capsys):
+    """The job script appends every (re)start to RUN_DIR/slurm_starts.jsonl; status shows the requeue."""
+    worker = tmp_path / "w.py"
+    worker.write_text(
+        textwrap.dedent("""
+        import os, sys, time
+        out = sys.argv[sys.argv.index("--output") + 1]
+        if os.environ.get("SLURM_RESTART_COUNT", "0") == "0":
+            open(os.path.join(out, "first"), "w").write("1")
+            time.sleep(120)  # requeued by the test
+    """)
+    )
+    r = subprocess.run(
+        [PY, "-m", "tessera.cli", "cluster", "submit-train", "--time", "00:05:00", "--job-name", "rq", "--signal-before", "0"]
+        + ["--output-log", str(tmp_path / "rq-%j.out"), "--", PY, str(worker), "--output", "run"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stderr
+    job = r.stdout.strip()
+    wait_for(tmp_path / "run" / "first", 60, slurm_cluster, "first start")
+    s = read_status(tmp_path / "run")
+    assert (s["kind"], s["step"], s["slurm"]["state"], s["slurm"]["starts"]) == (None, None, "RUNNING", 1)
+    slurm_cluster.run("scontrol", "requeue", job)
+    deadline = time.monotonic() + 30
+    while slurm.job_state(job) != "PENDING" and time.monotonic() < deadline:
+        time.sleep(0.3)
+    s = read_status(tmp_path / "run")
+    assert s["slurm"]["state"] == "PENDING" and s["slurm"]["reason"] == "BeginTime", s["slurm"]  # the requeue delay
+    # slurmd refuses a credential made in the second its job's old one was revoked ("Job credential revoked")
+    time.sleep(2)
+    slurm_cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now")
+    assert slurm.wait(job, timeout_s=60, poll_s=0.5) == "COMPLETED", slurm_cluster.logs()
+    s = read_status(tmp_path / "run")
+    assert (s["slurm"]["starts"], s["slurm"]["restarts"], s["slurm"]["state"]) == (2, 1, "COMPLETED")
+    assert cli_status(capsys, tmp_path / "run")["slurm job"] == f"{job}: COMPLETED (from scontrol); 2 start(s), 1 requeue(s)"
