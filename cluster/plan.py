@@ -120,6 +120,8 @@ def _state_bytes_per_param(layout: str, precision: str) -> dict[str, float]:
     if layout == "paper16":
         return {"weights": 2, "gradients": 2, "master": 0, "moments": 4, "grad_fp32": 0, "cast_cache": 0}
     grad32 = 4 if layout.startswith("zero") else 0
+    if layout == "zero3":  # gradients reduce-scattered straight into the fp32 partition (18 bytes / N, as DeepSpeed counts)
+        return {"weights": 2, "gradients": 0, "master": 4, "moments": 8, "grad_fp32": 4, "cast_cache": 0}
     return {"weights": 2, "gradients": 2, "master": 4, "moments": 8, "grad_fp32": grad32, "cast_cache": 0}
 
 
@@ -157,6 +159,12 @@ def model_state_bytes(shape: ModelShape, layout: str, precision: str, hw: Hardwa
         "gradients": part["gradients"] + part["grad_fp32"],
         "optimizer": part["master"] + part["moments"],
     }
+
+
+def model_states_total(shape: ModelShape, layout: str, precision: str, hw: Hardware) -> float:
+    """Per-GPU model-state bytes as DeepSpeed's estimators count them (ZeRO-3: + 4 bytes x the largest layer, gathered)."""
+    out = sum(model_state_bytes(shape, layout, precision, hw).values())
+    return out + (4 * shape.largest_layer if layout == "zero3" else 0)
 
 
 def comm_buffer_bytes(shape: ModelShape, layout: str, precision: str, hw: Hardware, rank: int, bucket_mb: float) -> float:
@@ -229,6 +237,11 @@ def powersgd_rate(shape: ModelShape, rank: int, factor_bytes: int, grad_bytes: i
     rest = shape.params - sum(m * n * c for m, n, c in comp)
     sent += rest * 4
     return 1.0 - sent / (shape.matrix_params * grad_bytes + (shape.params - shape.matrix_params) * 4)
+
+
+def matrix_rate(m: int, n: int, rank: int, factor_bytes: int = 2, grad_bytes: int = 4) -> float:
+    """Compression of one m x n gradient matrix: 1 - r (m + n) factor bytes / (m n gradient bytes)."""
+    return 1.0 - rank * (m + n) * factor_bytes / (m * n * grad_bytes)
 
 
 def paper_rate(rank: int, d_model: int) -> float:
@@ -491,11 +504,13 @@ __all__ = [
     "hardware",
     "memory",
     "model_state_bytes",
+    "model_states_total",
     "comm_buffer_bytes",
     "activation_bytes",
     "largest_micro_batch",
     "powersgd_rate",
     "paper_rate",
+    "matrix_rate",
     "advised_rank",
     "comm_bytes",
     "step_time",

@@ -17,8 +17,10 @@ scores; this is what torch's SDPA on CPU and the block-sparse Triton kernel keep
   LayerNorm 1 input and output (2d), q k v (3d), attention output (d) and its merged copy (d),
   LayerNorm 2 input and output (2d), MLP hidden before and after GELU (2h): 9d + 2h,
 plus the log-sum-exp (n_heads fp32). With activation checkpointing each resblock keeps only its
-input (d) and one resblock is recomputed at a time during the backward pass. The heads keep their
-logits (activation width) and the cross-entropy its fp32 log-softmax.
+input (d) and one resblock is recomputed at a time during the backward pass. The cross-entropy keeps
+its fp32 log-softmax (the logits themselves are not kept); the peak comes at the start of the
+backward pass, when the fp32 gradients of the log-softmax and of the logits exist beside all of that:
+three logit-sized fp32 tensors, which dominate with a large vocabulary and a small model.
 
 dVAE (trainer/dvae.py): every conv is listed with its input size; a conv keeps its input, so the
 saved activations are the sum of the conv inputs, plus the encoder logits and the softmax / KL /
@@ -116,10 +118,10 @@ def transformer_shape(cfg: TransformerModelConfig) -> ModelShape:
         attention_flops_fwd=attn,
         dense_attention_flops_fwd=4.0 * d * dense_pairs,
         recompute_flops_fwd=matmul + attn,
-        act_elems=L * per_layer + tail + logits,
-        act_fp32_elems=lse + logits,
-        ckpt_act_elems=L * d * s + per_layer + tail + logits,
-        ckpt_act_fp32_elems=cfg.n_heads * s + logits,
+        act_elems=L * per_layer + tail,
+        act_fp32_elems=lse + 3 * logits,  # log-softmax, and the two logit-sized gradients of the backward's start
+        ckpt_act_elems=L * d * s + per_layer + tail,
+        ckpt_act_fp32_elems=cfg.n_heads * s + 3 * logits,
         buffer_bytes=2 * L * s * s,  # each resblock registers its bool mask and its raster-order mask
         notes=(f"{L} resblocks, S = {t} text + {n_img} image tokens",),
     )
