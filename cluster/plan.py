@@ -326,8 +326,12 @@ def step_time(shape, layout, precision, hw, batch, micro_batch, checkpoint, rank
 # The plan
 
 
-def _precision_of(cfg: TesseraConfig, model: str, hw: Hardware) -> str:
-    """The precision the config asks for on a GPU (auto / fast: bf16, or fp16 where the GPU has no bf16)."""
+def _precision_of(cfg: TesseraConfig, model: str, hw: Hardware, given: str | None = None) -> str:
+    """`given`, else the precision the config asks for on a GPU (auto / fast: bf16, or fp16 where the GPU has no bf16)."""
+    if given is not None:
+        if given not in PRECISIONS:
+            raise ConfigError(f"plan: --precision must be one of {', '.join(PRECISIONS)}, got {given!r}")
+        return given
     want = cfg.transformer.train.precision if model == "transformer" else cfg.dvae.train.precision
     if want in ("auto", "fast"):
         want = "bf16"
@@ -351,7 +355,9 @@ def evaluate(shape, layout, precision, hw, batch, micro_batch, checkpoint, rank,
         "time": t,
     }
     if t.get("supported"):
-        best = t["step_overlap_powersgd_s"] if rank > 0 and layout in ("ddp", "paper", "paper16") else t["step_overlap_s"]
+        psgd = rank > 0 and layout in ("ddp", "paper", "paper16") and t["step_overlap_powersgd_s"] < t["step_overlap_s"]
+        best = t["step_overlap_powersgd_s"] if psgd else t["step_overlap_s"]
+        row["powersgd"] = psgd  # compression pays off only where it shortens the step
         row["step_s"] = best
         row["days"] = best * steps / 86400
     return row
@@ -363,15 +369,24 @@ def _candidates(shape, hw, precision, batch, rank, bucket_mb, steps, layouts) ->
     for layout in layouts:
         for ckpt in (False, True):
             fit = largest_micro_batch(shape, layout, precision, hw, ckpt, rank, bucket_mb)
-            mb = max(1, min(fit, per_gpu))
+            accum = math.ceil(per_gpu / max(1, fit))
+            mb = max(1, math.ceil(per_gpu / accum))  # equal micro-batches: 128 per GPU in 4 of 32, not 35 + 35 + 35 + 23
             rows.append(evaluate(shape, layout, precision, hw, batch, mb, ckpt, rank, bucket_mb, steps))
     return rows
 
 
-def advise(rows: list[dict]) -> dict | None:
-    """The fastest candidate that fits (step time with overlap and PowerSGD where the layout has it), or None."""
+def advise(rows: list[dict], tolerance: float = 0.02) -> dict | None:
+    """The simplest candidate that fits and is within `tolerance` of the fastest that fits, or None.
+
+    Simplest: the first in LAYOUTS order (less sharding, fewer moving parts), checkpointing off before on.
+    Step times are with overlap, and with PowerSGD where the layout has it and it shortens the step.
+    """
     ok = [r for r in rows if r["fits"] and r["time"].get("supported")]
-    return min(ok, key=lambda r: (r["step_s"], r["checkpoint"])) if ok else None
+    if not ok:
+        return None
+    fastest = min(r["step_s"] for r in ok)
+    close = [r for r in ok if r["step_s"] <= fastest * (1 + tolerance)]
+    return min(close, key=lambda r: (LAYOUTS.index(r["layout"]), r["checkpoint"]))
 
 
 def _grid_row(shape, layout, precision, hw, rank, bucket_mb) -> dict:
@@ -395,7 +410,9 @@ def _grid_row(shape, layout, precision, hw, rank, bucket_mb) -> dict:
     }
 
 
-def plan_model(cfg: TesseraConfig, hw: Hardware, model: str, tokens: float | None = None, rank: int | None = None) -> dict:
+def plan_model(
+    cfg: TesseraConfig, hw: Hardware, model: str, tokens: float | None = None, rank: int | None = None, precision: str | None = None
+) -> dict:
     """The plan of one model ("transformer" or "dvae") of `cfg` on `hw` (a JSON-able dict)."""
     if model == "transformer":
         shape, train, d = transformer_shape(cfg.transformer.model), cfg.transformer.train, cfg.transformer.model.d_model
@@ -405,7 +422,7 @@ def plan_model(cfg: TesseraConfig, hw: Hardware, model: str, tokens: float | Non
     steps = train.steps if tokens is None or model != "transformer" else tokens / (batch * shape.tokens_per_sample)
     if rank is None:
         rank = cfg.cluster.powersgd_rank or (advised_rank(d) if model == "transformer" else 0)
-    precision = _precision_of(cfg, model, hw)
+    precision = _precision_of(cfg, model, hw, precision)
     rows = _candidates(shape, hw, precision, batch, rank, cfg.cluster.bucket_mb, steps, LAYOUTS)
     grid = [_grid_row(shape, lay, p, hw, rank, cfg.cluster.bucket_mb) for lay in LAYOUTS for p in PRECISIONS]
     return {
@@ -453,7 +470,12 @@ def dvae_hardware(hw: Hardware, batch: int, gpus: int | None = None) -> Hardware
 
 
 def plan_training(
-    cfg: TesseraConfig, hw: Hardware, tokens: float | None = None, rank: int | None = None, dvae_gpus: int | None = None
+    cfg: TesseraConfig,
+    hw: Hardware,
+    tokens: float | None = None,
+    rank: int | None = None,
+    dvae_gpus: int | None = None,
+    precision: str | None = None,
 ) -> dict:
     """The whole training plan: the hardware, the assumptions, and one plan per model (the dVAE on `dvae_hardware`)."""
     dhw = dvae_hardware(hw, cfg.dvae.train.batch_size, dvae_gpus)
@@ -472,15 +494,16 @@ def plan_training(
         },
         "config": cfg.name,
         "assumptions": ASSUMPTIONS,
-        "transformer": plan_model(cfg, hw, "transformer", tokens, rank),
-        "dvae": plan_model(cfg, dhw, "dvae"),
+        "transformer": plan_model(cfg, hw, "transformer", tokens, rank, precision),
+        "dvae": plan_model(cfg, dhw, "dvae", precision=precision),
     }
 
 
 ASSUMPTIONS = [
     "peak memory = every item held at once (weights, gradients, optimizer state, saved activations, buffers): an upper bound",
     "a GPU keeps reserve_gb free for the CUDA context and allocator slack; GB = 1e9 bytes",
-    "compute time = training FLOPs / (peak TFLOPS x efficiency); FLOPs = 3 x forward (4 x with activation checkpointing)",
+    "compute time = training FLOPs / (peak TFLOPS x efficiency); FLOPs = 3 x forward (4 x with activation checkpointing);"
+    " the efficiency is the same at every micro-batch (small micro-batches reach less in practice)",
     "attention FLOPs count only the query-key pairs each layer's mask allows (block-sparse kernels skip empty 64x64 tiles)",
     "flat collectives (DDP, ZeRO) run as rings limited by the slower of the NVLink and the network link;"
     " the paper layout runs its within-node and across-node phases one after the other",
@@ -492,6 +515,8 @@ ASSUMPTIONS = [
     "mixed precision: 16-bit weights and gradients, fp32 master and Adam moments (+ an fp32 gradient partition under ZeRO,"
     " as DeepSpeed); DDP with bf16/fp16 is torch autocast (fp32 weights, gradients and moments, 16-bit weight copies)",
     "fp16 in the paper layout uses one gradient scale per resblock (a few bytes; no extra memory)",
+    "the advice is the simplest layout (ddp, zero1, zero2, zero3, paper, paper16 in that order; checkpointing off first)"
+    " within 2% of the fastest candidate that fits; micro-batches are equal (the per-GPU batch split into accumulation steps)",
 ]
 
 

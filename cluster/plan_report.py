@@ -138,13 +138,15 @@ def format_advice(m: dict) -> list[str]:
     if a is None:
         return ["advice: no layout fits this GPU's memory at micro-batch 1, even with activation checkpointing"]
     rank = m["powersgd"]["rank"]
-    uses_psgd = rank > 0 and a["layout"] in ("ddp", "paper", "paper16")
+    uses_psgd = a.get("powersgd", False)
+    if rank > 0 and not uses_psgd:
+        rank = "none (it would not shorten the step)" if a["layout"] in ("ddp", "paper", "paper16") else "none (not used by this layout)"
     why = [
         f"advice: layout {a['layout']}, precision {a['precision']}, micro-batch {a['micro_batch']}"
         f" ({a['time']['micro_steps']} accumulation steps), activation checkpointing {'on' if a['checkpoint'] else 'off'},"
-        f" PowerSGD rank {rank if uses_psgd else 'none (not used by this layout)'}: {a['step_s']:.3g} s per step, {a['days']:.1f} days",
-        f"  why: the fastest candidate whose peak ({_gb(a['memory_bytes']['peak'])} GB) fits; largest micro-batch"
-        f" {a['largest_micro_batch']}",
+        f" PowerSGD rank {rank if rank else 'none'}: {a['step_s']:.3g} s per step, {a['days']:.1f} days",
+        f"  why: the simplest layout within 2% of the fastest that fits; its peak {_gb(a['memory_bytes']['peak'])} GB"
+        f" at micro-batch {a['micro_batch']} (largest that fits: {a['largest_micro_batch']})",
     ]
     faster = [r for r in m["candidates"] if r.get("step_s", 1e30) < a["step_s"] and not r["fits"]]
     for r in faster[:3]:

@@ -26,6 +26,7 @@ def add_plan(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reserve-gb", type=float, help="GB kept free on every GPU (default 1)")
     parser.add_argument("--tokens", type=float, help="transformer tokens to train (default: steps x batch x sequence length)")
     parser.add_argument("--powersgd-rank", type=int, help="PowerSGD rank (default: cluster.powersgd_rank, else the advised rank)")
+    parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="training precision (default: the config's)")
     parser.add_argument("--dvae-gpus", type=int, help="GPUs of the dVAE job (default: whole nodes, at least one image each)")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. transformer.model.n_layers=32")
@@ -48,7 +49,7 @@ def run_plan(args: argparse.Namespace) -> int:
         efficiency=args.efficiency,
         reserve_gb=args.reserve_gb,
     )
-    plan = plan_training(cfg, hw, tokens=args.tokens, rank=args.powersgd_rank, dvae_gpus=args.dvae_gpus)
+    plan = plan_training(cfg, hw, tokens=args.tokens, rank=args.powersgd_rank, dvae_gpus=args.dvae_gpus, precision=args.precision)
     print(json.dumps(plan, indent=2) if args.json else format_plan(plan), end="\n" if args.json else "")
     return 0
 

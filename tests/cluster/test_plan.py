@@ -99,6 +99,8 @@ def test_largest_layer_equals_deepspeeds_count_of_the_live_model(ds):
         total, largest = stage3.model_to_params(DALLE(cfg))
         shape = transformer_shape(cfg)
         assert (shape.params, shape.largest_layer) == (total, largest)
+    cfg = load_root("demo").dvae.model
+    assert stage3.model_to_params(DVAE(cfg)) == (dvae_shape(cfg).params, dvae_shape(cfg).largest_layer)
 
 
 @pytest.mark.parametrize("preset", ["demo", "dalle-12b"])
@@ -232,6 +234,15 @@ def test_the_paper_configuration_and_its_statements():
     assert all(r["largest_micro_batch_checkpointed"] == 0 for r in unsharded)
     assert t["advice"] is not None and t["advice"]["layout"] in ("zero3", "paper", "paper16")
     assert t["powersgd"]["rank"] == 896
+
+
+def test_advice_prefers_the_simplest_layout_when_times_tie():
+    cfg = load_root("dalle-12b", ["transformer.model.n_layers=8", "transformer.model.d_model=1024", "transformer.model.n_heads=16"])
+    plan = P.plan_training(cfg, P.hardware(8, 8, "H100-80GB"), precision="bf16")
+    a = plan["transformer"]["advice"]
+    fastest = min(r["step_s"] for r in plan["transformer"]["candidates"] if r["fits"])
+    assert a["layout"] == "ddp" and a["step_s"] <= fastest * 1.02
+    assert a["micro_batch"] * a["time"]["micro_steps"] == 1024 // 8
 
 
 @pytest.mark.parametrize(
