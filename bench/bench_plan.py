@@ -109,7 +109,7 @@ def projection(preset: str, overrides: list[str], batch: int, cpu_flops: float) 
     shape = transformer_shape(load_root(preset, overrides).transformer.model)
     hw = Hardware(gpus=1, gpus_per_node=1, name="cpu", memory_gb=1e6, tflops_override=cpu_flops / 1e12, efficiency=1.0)
     mem = memory(shape, "ddp", "fp32", hw, batch, False)
-    mem["peak"] -= mem["comm_buffers"]  # a single process has no DDP buckets
+    mem["peak"] -= mem.pop("comm_buffers")  # a single process has no DDP buckets
     t = step_time(shape, "ddp", "fp32", hw, batch, batch, False, 0)
     return {"peak_bytes": mem["peak"], "memory": mem, "step_s": t["compute_s"], "params": shape.params}
 
