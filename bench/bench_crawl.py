@@ -1,6 +1,6 @@
 """Crawler throughput: Tessera vs img2dataset on the same local url list, served by nginx on loopback.
 
-    .venv/bin/python bench/bench_crawl.py [--n 4000] [--processes 2] [--threads 32] [--skip-i2d]
+    .venv/bin/python bench/bench_crawl.py [--n 4000] [--processes 2] [--threads 32] [--image-size 64] [--skip-i2d] [--json PATH]
 
 1. Generates N noisy 512x384 JPEGs once (cached in .bench-cache/crawl-images/).
 2. Starts nginx with a generated config on a free high port, serving that folder from a temp dir.
@@ -9,6 +9,9 @@
    and with `tessera prep crawl`, same processes, threads and shard size; each from a cold start
    (process start-up included, as a user sees it).
 4. Prints wall time, successes and images/s of both, and the ratio.
+5. Writes Tessera's best run to a JSON result file (default bench/results/crawl.json; one entry per
+   image size, others kept): images/s, images/s per core, output bytes per sample, the settings.
+   `tessera plan crawl` reads it (tessera.cluster.plan_crawl).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import glob
 import io
 import json
 import os
+import platform
 import shutil
 import socket
 import subprocess
@@ -111,7 +115,7 @@ def ensure_i2d() -> Path | None:
     return exe if r.returncode == 0 and exe.exists() else None
 
 
-def run_i2d(exe: Path, url_list: Path, out: Path, processes: int, threads: int, shard: int) -> dict:
+def run_i2d(exe: Path, url_list: Path, out: Path, processes: int, threads: int, shard: int, size: int = 64) -> dict:
     cmd = [
         str(exe),
         "--url_list",
@@ -131,7 +135,7 @@ def run_i2d(exe: Path, url_list: Path, out: Path, processes: int, threads: int, 
         "--thread_count",
         str(threads),
         "--image_size",
-        "64",
+        str(size),
         "--resize_mode",
         "center_crop",
         "--number_sample_per_shard",
@@ -152,7 +156,7 @@ def run_i2d(exe: Path, url_list: Path, out: Path, processes: int, threads: int, 
     return {"wall_s": wall, "successes": ok}
 
 
-def run_tessera(url_list: Path, out: Path, processes: int, threads: int, shard: int) -> dict:
+def run_tessera(url_list: Path, out: Path, processes: int, threads: int, shard: int, size: int = 64) -> dict:
     cmd = [
         str(REPO / ".venv" / "bin" / "python"),
         "-m",
@@ -164,7 +168,7 @@ def run_tessera(url_list: Path, out: Path, processes: int, threads: int, shard: 
         "--output",
         str(out),
         "--image-size",
-        "64",
+        str(size),
         "--resize",
         "center_crop",
         "--processes",
@@ -185,7 +189,52 @@ def run_tessera(url_list: Path, out: Path, processes: int, threads: int, shard: 
     if r.returncode != 0:
         raise RuntimeError(f"tessera crawl failed: {r.stderr[-2000:]}")
     ok = sum(json.load(open(p))["successes"] for p in glob.glob(str(out / "*_stats.json")))
-    return {"wall_s": wall, "successes": ok}
+    return {"wall_s": wall, "successes": ok, "output_bytes": sum(os.path.getsize(p) for p in glob.glob(str(out / "*.tar")))}
+
+
+def _cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def write_result(path: Path, args: argparse.Namespace, runs: list[dict], source_bytes: float) -> None:
+    """Tessera's best run as one entry of the JSON result file (entries of other image sizes are kept)."""
+    best = max(runs, key=lambda r: r["successes"] / r["wall_s"])
+    cores = min(args.processes, os.cpu_count() or 1)
+    entry = {
+        "tool": "tessera prep crawl",
+        "date": time.strftime("%Y-%m-%dT%H:%MZ", time.gmtime()),
+        "machine": f"{os.cpu_count()} cores of {_cpu_name()}",
+        "load_average_1m": round(os.getloadavg()[0], 2),
+        "cores_used": cores,
+        "processes": args.processes,
+        "threads": args.threads,
+        "image_size": args.image_size,
+        "resize": "center_crop",
+        "output_format": "jpg",
+        "quality": 95,
+        "shard_size": args.shard_size,
+        "source": "noisy 512x384 JPEGs over loopback HTTP (nginx)",
+        "source_bytes_per_image": round(source_bytes),
+        "images": best["successes"],
+        "wall_s": round(best["wall_s"], 3),
+        "images_per_s": round(best["successes"] / best["wall_s"], 2),
+        "images_per_s_per_core": round(best["successes"] / best["wall_s"] / cores, 2),
+        "output_bytes_per_sample": round(best["output_bytes"] / max(best["successes"], 1)),
+        "note": "wall time from a cold start (process start-up included); a loaded machine lowers the rate",
+    }
+    old = json.loads(path.read_text()) if path.exists() else {"runs": []}
+    kept = [r for r in old.get("runs", []) if r.get("image_size") != args.image_size]
+    data = {"benchmark": "bench/bench_crawl.py", "runs": sorted(kept + [entry], key=lambda r: r["image_size"])}
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(path)
+    print(f"wrote {path} (image_size {args.image_size}: {entry['images_per_s_per_core']} images/s per core)")
 
 
 def main() -> None:
@@ -196,6 +245,8 @@ def main() -> None:
     ap.add_argument("--shard-size", type=int, default=1000)
     ap.add_argument("--skip-i2d", action="store_true")
     ap.add_argument("--repeat", type=int, default=1, help="runs of each tool (alternating); the best is reported too")
+    ap.add_argument("--image-size", type=int, default=64, help="output side in pixels (center crop)")
+    ap.add_argument("--json", type=Path, default=REPO / "bench" / "results" / "crawl.json", help="result file of Tessera's best run")
     args = ap.parse_args()
 
     import pyarrow as pa
@@ -215,17 +266,17 @@ def main() -> None:
         sizes = [os.path.getsize(images / n) for n in names]
         print(
             f"{len(names)} JPEGs 512x384, mean {np.mean(sizes) / 1024:.0f} KiB, nginx on 127.0.0.1:{port}; "
-            f"{args.processes} processes x {args.threads} threads, 64px center crop, shards of {args.shard_size}; {os.cpu_count()} cores"
+            f"{args.processes} processes x {args.threads} threads, {args.image_size}px center crop, shards of {args.shard_size}; {os.cpu_count()} cores"
         )
         exe = None if args.skip_i2d else ensure_i2d()
         results: dict[str, list[dict]] = {"img2dataset": [], "tessera": []}
         for rep in range(args.repeat):
             if exe is not None:
                 out = work / f"i2d-{rep}"
-                results["img2dataset"].append(run_i2d(exe, url_list, out, args.processes, args.threads, args.shard_size))
+                results["img2dataset"].append(run_i2d(exe, url_list, out, args.processes, args.threads, args.shard_size, args.image_size))
                 shutil.rmtree(out, ignore_errors=True)
             out = work / f"tessera-{rep}"
-            results["tessera"].append(run_tessera(url_list, out, args.processes, args.threads, args.shard_size))
+            results["tessera"].append(run_tessera(url_list, out, args.processes, args.threads, args.shard_size, args.image_size))
             shutil.rmtree(out, ignore_errors=True)
         summary = {}
         for tool, runs in results.items():
@@ -238,6 +289,8 @@ def main() -> None:
                 summary[tool] = best
         if len(summary) == 2:
             print(f"ratio tessera/img2dataset (best runs): {summary['tessera'] / summary['img2dataset']:.2f}x")
+        if results["tessera"]:
+            write_result(args.json, args, results["tessera"], float(np.mean(sizes)))
     finally:
         nginx.terminate()
         nginx.wait(timeout=10)
