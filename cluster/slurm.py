@@ -33,6 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+import torch
+
 from tessera.cluster.config import SlurmConfig
 from tessera.core.errors import InputError, TesseraError
 from tessera.core.files import atomic_write_bytes
@@ -427,8 +429,6 @@ class PreemptionHandler:
         """`should_stop` of any rank, on every rank (one all-reduce when a process group is up)."""
         flag = self.should_stop
         if getattr(dist, "initialized", False) and getattr(dist, "world_size", 1) > 1:
-            import torch
-
             t = torch.tensor([1.0 if flag else 0.0], device=dist.device)
             torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
             flag = bool(t.item() > 0)

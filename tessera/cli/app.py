@@ -34,6 +34,9 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str, str]] = {
     ("demo",): ("tessera.cli.demo", "demo", "run the whole pipeline end to end on the embedded dataset"),
     ("cluster", "submit-train"): ("tessera.cli.cluster", "submit_train", "render and submit a requeueable SLURM training job"),
     ("cluster", "submit-array"): ("tessera.cli.cluster", "submit_array", "render and submit a SLURM array job of prep crawl/encode parts"),
+    ("status",): ("tessera.cli.status", "status", "step, loss, throughput, last checkpoint and SLURM job state of a run directory"),
+    ("plan",): ("tessera.cli.plan", "plan", "size a training job: memory, FLOPs, communication, step time, days, advice"),
+    ("plan", "crawl"): ("tessera.cli.plan", "plan_crawl", "project a crawl's time and storage from the measured crawler throughput"),
     ("config",): ("tessera.cli.config", "config", "print a resolved config, or every key with its type and documentation"),
 }
 
