@@ -105,7 +105,7 @@ def test_both_clamps_hold():
     m = 2
     s = rules_scaler(2, replicas=m)
     assert s.bounds == (m * 2.0**7, m * 2.0**24)
-    # up: 11000 clean updates would reach M 2^24 * 2^-0 ... and beyond, M 2^(13 + 11.5)
+    # up: 11500 clean updates would take M 2^13 to M 2^24.5; the ceiling stops it at M 2^24
     for _ in range(11_500):
         s.update([True, True])
     assert s.state_dict()["scales"] == [m * 2.0**24] * 2
