@@ -49,7 +49,6 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
 
 from tessera.cluster.dist import DistState, free_port, init
-from tessera.cluster.engine import Engine
 from tessera.cluster.sharded_powersgd import CrossGroupReducer, Slot, paper_compression_rate
 from tessera.core.errors import CheckpointError, ConfigError
 from tessera.core.files import atomic_write_bytes, load_checkpoint, save_checkpoint
@@ -165,7 +164,7 @@ def _ensure_group(dist: DistState, timeout_s: float) -> DistState:
     return dist
 
 
-class ShardedPowerSGDEngine(Engine):
+class ShardedPowerSGDEngine:
     """FSDP2 within groups of `ranks_per_node` ranks, PowerSGD (rank `powersgd_rank`, 0 = fp32 all-reduce) across them.
 
     `grad_scale(fqn) -> float` is the current gradient scale of the parameter's resblock (default 1):
@@ -173,7 +172,7 @@ class ShardedPowerSGDEngine(Engine):
     elements of the model's ModuleLists). `d_model` only feeds the paper's rate in `comm_stats`.
     """
 
-    kind = "sharded"
+    kind = "sharded"  # the interface of tessera.cluster.engine.Engine, without importing it (engine.py may import this module)
 
     def __init__(
         self,
@@ -212,7 +211,9 @@ class ShardedPowerSGDEngine(Engine):
             optimizer = _rebuild_optimizer(optimizer, old_names, new_params)
         else:
             optimizer = optimizer(list(new_params.values()))
-        super().__init__(module, optimizer, dist, grad_clip)
+        self.module = self.wrapped = module
+        self.optimizer, self.dist, self.grad_clip = optimizer, dist, grad_clip
+        self.last_grad_norm: float | None = None
         self.checkpoint_kind = checkpoint_kind
         self.powersgd_rank, self.d_model = powersgd_rank, d_model
         self.reducer = CrossGroupReducer(
@@ -242,6 +243,26 @@ class ShardedPowerSGDEngine(Engine):
     @staticmethod
     def _reshards(u: FSDPModule) -> bool:
         return all(g.post_forward_mesh_info is not None for g in _fsdp_groups(u))
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.module(*args, **kwargs)
+
+    def train(self, mode: bool = True) -> "ShardedPowerSGDEngine":
+        self.module.train(mode)
+        return self
+
+    def eval(self) -> "ShardedPowerSGDEngine":
+        return self.train(False)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()  # FSDP reduce-scatters each unit's gradients; its hook reduces them across groups
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def set_lr(self, lr: float) -> None:
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
 
     # -- the step ------------------------------------------------------------------------------------
     def step(self) -> None:
