@@ -1,0 +1,391 @@
+"""Sharding within a node (FSDP2), PowerSGD across nodes: the "sharded" engine (DALL-E paper section 2.5, App. E).
+
+Topology: the world's ranks form groups of `ranks_per_node` consecutive ranks (a node, as torchrun
+and SLURM's block distribution number them); `Topology.discover` takes the size from the explicit
+value, else LOCAL_WORLD_SIZE (torchrun), else SLURM_NTASKS_PER_NODE / SLURM_TASKS_PER_NODE, else the
+whole world is one node. The device mesh is (replicate = groups, shard = ranks per node).
+
+Within a group, `torch.distributed.fsdp.fully_shard` on the 1-D "shard" mesh shards every parameter
+on dim 0 and reduce-scatters the gradients (one FSDP unit per resblock, then the root, as torchtitan
+applies it per transformer block). Across groups nothing is reduced by FSDP; the all-reduce hook of
+each unit (`FSDPModule.set_all_reduce_hook`) hands the unit's flat reduce-scatter output to
+`tessera.cluster.sharded_powersgd.CrossGroupReducer`, which averages it over the ranks of the same
+local ordinal: PowerSGD for matrix shards, fp32 all-reduce for embeddings, gains and biases.
+
+    model = DALLE(cfg).to(dist.device)       # identical on every rank (rank 0's weights are broadcast)
+    engine = ShardedPowerSGDEngine(model, lambda params: torch.optim.AdamW(params, lr=...), dist,
+                                   ranks_per_node=2, powersgd_rank=4, d_model=cfg.d_model)
+    loss = engine.module.loss(text, image)["loss"]; engine.backward(loss); engine.step()
+    engine.comm_stats()                      # bytes of the last step, within and across groups
+
+The optimizer: FSDP2 replaces the parameters by DTensors, so it must be built after sharding. Pass a
+factory `make_optimizer(params) -> Optimizer`, or an optimizer built on the unsharded model (no state
+yet): it is rebuilt, same class, defaults and param-group settings, on the sharded parameters.
+
+Checkpoints: `dir/step_XXXXXXXX/` holds `meta.pt` (step, client state, topology) and one
+`ordinal_OOOO.pt` per local ordinal (its parameter and optimizer shards, and the error buffers summed
+over the same-ordinal ranks), written by group 0 into a temporary directory that is renamed; then
+`dir/latest.sharded` names it. On resume every rank reads its ordinal's file; group 0 divides the
+error sums by the number of groups and broadcasts them (the paper's scheme: the mean error keeps the
+sum over groups, so the compressed updates continue as before). Resuming needs the same topology.
+"""
+
+from __future__ import annotations
+
+import datetime
+import inspect
+import os
+import re
+import shutil
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as tdist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.tensor import DTensor
+
+from tessera.cluster.dist import DistState, free_port, init
+from tessera.cluster.sharded_powersgd import CrossGroupReducer, Slot, paper_compression_rate
+from tessera.core.errors import CheckpointError, ConfigError
+from tessera.core.files import atomic_write_bytes, load_checkpoint, save_checkpoint
+
+LATEST = "latest.sharded"
+DENSE_NAME = re.compile(r"emb")
+
+
+@dataclass(frozen=True)
+class Topology:
+    """`world` ranks in groups of `ranks_per_node`; this rank's group and local ordinal."""
+
+    rank: int
+    world: int
+    ranks_per_node: int
+
+    def __post_init__(self) -> None:
+        k, w = self.ranks_per_node, self.world
+        if k < 1 or k > w or w % k:
+            raise ConfigError(f"config key 'cluster.ranks_per_node': {k} ranks per node do not divide the world of {w} ranks")
+
+    @property
+    def n_groups(self) -> int:
+        return self.world // self.ranks_per_node
+
+    @property
+    def group(self) -> int:
+        return self.rank // self.ranks_per_node
+
+    @property
+    def ordinal(self) -> int:
+        return self.rank % self.ranks_per_node
+
+    @classmethod
+    def discover(cls, rank: int, world: int, ranks_per_node: int = 0, env: dict[str, str] | None = None) -> "Topology":
+        """`ranks_per_node` > 0 wins; else LOCAL_WORLD_SIZE, SLURM_NTASKS_PER_NODE, SLURM_TASKS_PER_NODE; else one node."""
+        e = os.environ if env is None else env
+        k = ranks_per_node
+        for name in ("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE", "SLURM_TASKS_PER_NODE"):
+            if k > 0:
+                break
+            m = re.match(r"\s*(\d+)", e.get(name, ""))  # SLURM_TASKS_PER_NODE reads like "4(x2)"
+            k = int(m.group(1)) if m else 0
+        return cls(rank, world, k if k > 0 else world)
+
+
+def build_mesh(topo: Topology, device_type: str = "cpu") -> DeviceMesh:
+    """The 2-D mesh (replicate, shard): row g holds group g's ranks, column o the ranks of local ordinal o."""
+    return init_device_mesh(device_type, (topo.n_groups, topo.ranks_per_node), mesh_dim_names=("replicate", "shard"))
+
+
+def default_units(module: torch.nn.Module) -> list[torch.nn.Module]:
+    """The FSDP units below the root: every element of every nn.ModuleList (the resblocks), outermost lists only."""
+    units: list[torch.nn.Module] = []
+    for _, m in module.named_modules():
+        if isinstance(m, torch.nn.ModuleList) and not any(_is_inside(m, u) for u in units):
+            units.extend(m)
+    return units
+
+
+def _is_inside(m: torch.nn.Module, unit: torch.nn.Module) -> bool:
+    return any(x is m for x in unit.modules())
+
+
+def dense_parameter_names(module: torch.nn.Module, pattern: re.Pattern = DENSE_NAME) -> set[str]:
+    """Parameters all-reduced uncompressed: 1-D ones (gains, biases), those of nn.Embedding modules, names matching `pattern`."""
+    out = {n for n, p in module.named_parameters() if p.dim() < 2 or pattern.search(n)}
+    for mname, m in module.named_modules():
+        if isinstance(m, torch.nn.Embedding):
+            out.update(f"{mname}.{n}" if mname else n for n, _ in m.named_parameters(recurse=False))
+    return out
+
+
+def _fsdp_groups(m: FSDPModule) -> list:
+    return list(m._get_fsdp_state()._fsdp_param_groups)  # torch 2.13: no public accessor for a unit's parameters
+
+
+def _unit_slots(m: FSDPModule, names: dict[int, str]) -> list[Slot]:
+    """The unit's parameters in the order of its flat reduce-scatter output (torch's foreach_reduce layout)."""
+    slots, offset = [], 0
+    for group in _fsdp_groups(m):
+        for fp in group.fsdp_params:
+            if fp.fsdp_placement.dim != 0:
+                raise ConfigError("the sharded engine shards parameters on dim 0 only")
+            padded = fp.padded_sharded_param_size.numel()
+            slots.append(Slot(fqn=names[id(fp.sharded_param)], offset=offset, shape=tuple(fp.sharded_size), padded_numel=padded))
+            offset += padded
+    return slots
+
+
+def _rebuild_optimizer(opt: torch.optim.Optimizer, old_names: dict[int, str], new_params: dict[str, torch.nn.Parameter]):
+    if any(opt.state.values()):
+        raise ConfigError("the sharded engine needs an optimizer that has not stepped yet (it is rebuilt on the sharded parameters)")
+    groups = []
+    for g in opt.param_groups:
+        groups.append({**{k: v for k, v in g.items() if k != "params"}, "params": [new_params[old_names[id(p)]] for p in g["params"]]})
+    accepted = inspect.signature(type(opt)).parameters
+    return type(opt)(groups, **{k: v for k, v in opt.defaults.items() if k in accepted})
+
+
+def _local(v: Any) -> Any:
+    return v.to_local().detach().clone() if isinstance(v, DTensor) else v
+
+
+def _ensure_group(dist: DistState, timeout_s: float) -> DistState:
+    if dist.world_size > 1 or tdist.is_initialized():
+        return init(dist, backend=dist.backend or ("nccl" if torch.cuda.is_available() else "gloo"), timeout_s=timeout_s)
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    tdist.init_process_group(
+        backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1, timeout=datetime.timedelta(seconds=timeout_s)
+    )
+    dist.backend, dist.initialized = backend, True
+    return dist
+
+
+class ShardedPowerSGDEngine:
+    """FSDP2 within groups of `ranks_per_node` ranks, PowerSGD (rank `powersgd_rank`, 0 = fp32 all-reduce) across them.
+
+    `grad_scale(fqn) -> float` is the current gradient scale of the parameter's resblock (default 1):
+    the error buffers hold gradient / scale. `units(module)` lists the FSDP units (default: the
+    elements of the model's ModuleLists). `d_model` only feeds the paper's rate in `comm_stats`.
+    """
+
+    kind = "sharded"  # the interface of tessera.cluster.engine.Engine, without importing it (engine.py may import this module)
+
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        optimizer: torch.optim.Optimizer | Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer],
+        dist: DistState | None = None,
+        *,
+        ranks_per_node: int = 0,
+        powersgd_rank: int = 0,
+        grad_clip: float = 0.0,
+        grad_scale: Callable[[str], float] | None = None,
+        units: Callable[[torch.nn.Module], list[torch.nn.Module]] = default_units,
+        reshard_after_forward: bool = True,
+        d_model: int | None = None,
+        seed: int = 0,
+        backend: str = "auto",
+        timeout_s: float = 600.0,
+        checkpoint_kind: str = "engine",
+    ):
+        dist = _ensure_group(dist or DistState(), timeout_s)
+        self.topology = Topology.discover(dist.rank, dist.world_size, ranks_per_node)
+        self.mesh = build_mesh(self.topology, dist.device.type)
+        self.shard_mesh, self.replicate_group = self.mesh["shard"], self.mesh["replicate"].get_group()
+        old_names = {id(p): n for n, p in module.named_parameters()}
+        dense = dense_parameter_names(module)
+        with torch.no_grad():  # every rank starts from rank 0's weights, as DDP does
+            for t in [*module.parameters(), *module.buffers()]:
+                if dist.world_size > 1:
+                    tdist.broadcast(t.data, src=0)
+        self.units = [*units(module), module]
+        for u in self.units[:-1]:
+            fully_shard(u, mesh=self.shard_mesh, reshard_after_forward=reshard_after_forward)
+        fully_shard(module, mesh=self.shard_mesh, reshard_after_forward=reshard_after_forward)
+        new_params = dict(module.named_parameters())
+        if isinstance(optimizer, torch.optim.Optimizer):
+            optimizer = _rebuild_optimizer(optimizer, old_names, new_params)
+        else:
+            optimizer = optimizer(list(new_params.values()))
+        self.module = self.wrapped = module
+        self.optimizer, self.dist, self.grad_clip = optimizer, dist, grad_clip
+        self.last_grad_norm: float | None = None
+        self.checkpoint_kind = checkpoint_kind
+        self.powersgd_rank, self.d_model = powersgd_rank, d_model
+        self.reducer = CrossGroupReducer(
+            powersgd_rank, self.replicate_group, self.topology.n_groups, scale=grad_scale, seed=seed, backend=backend, device=dist.device
+        )
+        self._plan_units({id(p): n for n, p in new_params.items()}, dense)
+        self._last_bytes: dict[str, Any] = {}
+
+    def _plan_units(self, names: dict[int, str], dense: set[str]) -> None:
+        names_of_units = {id(m): n or "<root>" for n, m in self.module.named_modules()}
+        self._intra = {"reduce_scatter": 0, "all_gather": 0}
+        k = self.topology.ranks_per_node
+        for u in self.units:
+            if not _fsdp_groups(u):
+                continue
+            name = names_of_units[id(u)]
+            slots = _unit_slots(u, names)
+            self.reducer.plan(name, slots, dense)
+            u.set_all_reduce_hook(self.reducer.hook(name))
+            if k > 1:  # payload per rank: the padded unsharded gradient in, the padded unsharded parameters out
+                es = next(iter(_fsdp_groups(u)[0].fsdp_params)).sharded_param.element_size()
+                full = sum(s.padded_numel for s in slots) * k * es
+                gathers = 1 if u is self.module else (2 if self._reshards(u) else 1)
+                self._intra["reduce_scatter"] += full
+                self._intra["all_gather"] += gathers * full
+
+    @staticmethod
+    def _reshards(u: FSDPModule) -> bool:
+        return all(g.post_forward_mesh_info is not None for g in _fsdp_groups(u))
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.module(*args, **kwargs)
+
+    def train(self, mode: bool = True) -> "ShardedPowerSGDEngine":
+        self.module.train(mode)
+        return self
+
+    def eval(self) -> "ShardedPowerSGDEngine":
+        return self.train(False)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()  # FSDP reduce-scatters each unit's gradients; its hook reduces them across groups
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def set_lr(self, lr: float) -> None:
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+
+    # -- the step ------------------------------------------------------------------------------------
+    def step(self) -> None:
+        if self.grad_clip > 0:
+            norm = torch.nn.utils.clip_grad_norm_([p for p in self.module.parameters() if p.grad is not None], self.grad_clip)
+            self.last_grad_norm = float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self._last_bytes = self._bytes(self.reducer.take_bytes())
+
+    def _bytes(self, inter) -> dict[str, Any]:
+        sent = inter.compressed + inter.uncompressed
+        out: dict[str, Any] = {
+            "intra_reduce_scatter_bytes": self._intra["reduce_scatter"],
+            "intra_all_gather_bytes": self._intra["all_gather"],
+            "inter_compressed_bytes": inter.compressed,
+            "inter_uncompressed_bytes": inter.uncompressed,
+            "inter_bytes": sent,
+            "inter_dense_bytes": inter.dense_equivalent,
+            "inter_ratio": sent / inter.dense_equivalent if inter.dense_equivalent else 1.0,
+            "measured_compression_rate": 1.0 - inter.compressed / inter.compressed_dense_equivalent
+            if inter.compressed_dense_equivalent
+            else 0.0,
+        }
+        if self.d_model and self.powersgd_rank:
+            out["paper_compression_rate"] = paper_compression_rate(self.powersgd_rank, self.d_model)
+        return out
+
+    def comm_stats(self) -> dict[str, Any]:
+        """Payload bytes each rank handed to collectives in the last step, within and across groups, and the rates."""
+        return dict(self._last_bytes)
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The whole model on every rank, on the CPU (every rank must call it: it all-gathers)."""
+        out = {}
+        for k, v in self.module.state_dict().items():
+            v = v.full_tensor() if isinstance(v, DTensor) else v
+            out[k] = v.detach().cpu().clone()
+        return out
+
+    # -- checkpoints --------------------------------------------------------------------------------
+    def save_checkpoint(self, directory: str | Path, step: int, client_state: dict[str, Any] | None = None, keep_last: int = 2) -> Path:
+        directory = Path(directory)
+        tag = f"step_{int(step):08d}"
+        final, tmp = directory / tag, directory / f".{tag}.tmp"
+        topo = self.topology
+        errors = {k: v.clone() for k, v in self.reducer.error_state().items()}
+        for t in errors.values():
+            if topo.n_groups > 1:
+                tdist.all_reduce(t, group=self.replicate_group)  # the sum over same-ordinal ranks
+        if self.dist.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        self.dist.barrier()
+        if topo.group == 0:
+            state = {
+                "model": {k: _local(v) for k, v in self.module.state_dict().items()},
+                "optimizer": _localize_optimizer(self.optimizer.state_dict()),
+                "error_sum": errors,
+            }
+            save_checkpoint(tmp / f"ordinal_{topo.ordinal:04d}.pt", self.checkpoint_kind, state)
+        if self.dist.is_main:
+            meta = {"step": int(step), "client": client_state or {}, "world": topo.world, "ranks_per_node": topo.ranks_per_node}
+            save_checkpoint(tmp / "meta.pt", self.checkpoint_kind, meta)
+        self.dist.barrier()
+        if self.dist.is_main:
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)
+            atomic_write_bytes(directory / LATEST, tag.encode())
+            old = sorted(p for p in directory.glob("step_*") if p.is_dir())
+            for p in old[:-keep_last] if keep_last > 0 else []:
+                shutil.rmtree(p, ignore_errors=True)
+        self.dist.barrier()
+        return final
+
+    def load_checkpoint(self, directory: str | Path) -> tuple[int, dict[str, Any]]:
+        directory = Path(directory)
+        if not (directory / LATEST).exists():
+            for other in ("latest.pt", "latest"):
+                if (directory / other).exists():
+                    raise CheckpointError(
+                        f"checkpoint directory '{directory}' holds a {other} checkpoint of another engine, not a sharded one"
+                    )
+            return 0, {}
+        folder = directory / (directory / LATEST).read_text().strip()
+        meta = load_checkpoint(folder / "meta.pt", self.checkpoint_kind)
+        topo = self.topology
+        if (meta["world"], meta["ranks_per_node"]) != (topo.world, topo.ranks_per_node):
+            raise CheckpointError(
+                f"checkpoint '{folder}' was written by {meta['world']} ranks in groups of {meta['ranks_per_node']}, "
+                f"this run has {topo.world} in groups of {topo.ranks_per_node}"
+            )
+        shard = load_checkpoint(folder / f"ordinal_{topo.ordinal:04d}.pt", self.checkpoint_kind, map_location=str(self.dist.device))
+        with torch.no_grad():
+            for k, v in self.module.state_dict().items():
+                (v.to_local() if isinstance(v, DTensor) else v).copy_(shard["model"][k])
+        self.optimizer.load_state_dict(shard["optimizer"])
+        _wrap_optimizer_state(self.optimizer)
+        self._load_errors(shard["error_sum"])
+        return int(meta["step"]), dict(meta["client"])
+
+    def _load_errors(self, sums: dict[str, torch.Tensor]) -> None:
+        topo = self.topology
+        with torch.no_grad():
+            for k, e in self.reducer.error_state().items():
+                if topo.group == 0:
+                    e.copy_(sums[k] / topo.n_groups)
+                if topo.n_groups > 1:
+                    tdist.broadcast(e, src=topo.ordinal, group=self.replicate_group)  # group 0's rank of this ordinal
+
+
+def _localize_optimizer(sd: dict[str, Any]) -> dict[str, Any]:
+    return {**sd, "state": {i: {k: _local(v) for k, v in s.items()} for i, s in sd["state"].items()}}
+
+
+def _wrap_optimizer_state(opt: torch.optim.Optimizer) -> None:
+    """After load_state_dict: per-parameter state tensors become DTensors shaped like their (sharded) parameter again."""
+    for g in opt.param_groups:
+        for p in g["params"]:
+            if not isinstance(p, DTensor):
+                continue
+            st = opt.state.get(p, {})
+            local_shape = p.to_local().shape
+            for k, v in list(st.items()):
+                if torch.is_tensor(v) and not isinstance(v, DTensor) and v.dim() > 0 and v.shape == local_shape:
+                    st[k] = DTensor.from_local(v, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
