@@ -37,12 +37,26 @@ class DistConfig:
     )
     offload_optimizer: bool = param(False, "DeepSpeed ZeRO 1-3: keep the optimizer states in CPU memory and step them there.")
     timeout_s: float = param(DEFAULT_TIMEOUT_S, "Collective timeout of the process group, seconds.")
+    sharded: bool = param(
+        False,
+        "The paper's layout (App. E): FSDP2 shards parameters within groups of ranks_per_node ranks; ranks of the same local "
+        "ordinal all-reduce PowerSGD factors of their shard gradients across groups (powersgd_rank; 0 = uncompressed fp32).",
+    )
+    ranks_per_node: int = param(
+        0, "Ranks per group of the sharded layout (0 = LOCAL_WORLD_SIZE, else SLURM_NTASKS_PER_NODE, else the world)."
+    )
 
     def validate(self) -> None:
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"config key 'cluster.zero_stage': expected 0, 1, 2 or 3, got {self.zero_stage}")
         if self.powersgd_rank < 0:
             raise ConfigError(f"config key 'cluster.powersgd_rank': expected >= 0, got {self.powersgd_rank}")
+        if self.sharded and self.zero_stage > 0:
+            raise ConfigError(
+                f"config key 'cluster.sharded': the sharded layout replaces DeepSpeed ZeRO; set zero_stage = 0, got {self.zero_stage}"
+            )
+        if self.ranks_per_node < 0:
+            raise ConfigError(f"config key 'cluster.ranks_per_node': expected >= 0, got {self.ranks_per_node}")
         if self.powersgd_rank > 0 and self.zero_stage > 0:
             raise ConfigError(
                 f"config key 'cluster.powersgd_rank': PowerSGD needs DDP (zero_stage = 0), DeepSpeed ZeRO stage {self.zero_stage} has no gradient hook"

@@ -52,6 +52,7 @@ import torch
 from tessera.cluster.config import DistConfig
 from tessera.cluster.dist import DistState, discover, init
 from tessera.cluster.powersgd import PowerSGDReducer, ddp_comm_hook
+from tessera.cluster.sharded import ShardedPowerSGDEngine
 from tessera.core import files
 from tessera.core.errors import CheckpointError, ConfigError
 from tessera.kernels.powersgd import MAX_RANK
@@ -362,7 +363,19 @@ def build_engine(
     if cfg.powersgd_rank > MAX_RANK:
         raise ConfigError(f"config key 'cluster.powersgd_rank': expected <= {MAX_RANK}, got {cfg.powersgd_rank}")
     dist = dist or discover()
-    if cfg.zero_stage == 0:
+    if cfg.sharded:
+        dist = init(dist, cfg.backend, cfg.timeout_s, single_group=True)
+        eng = ShardedPowerSGDEngine(
+            model,
+            optimizer,
+            dist,
+            ranks_per_node=cfg.ranks_per_node,
+            powersgd_rank=cfg.powersgd_rank,
+            grad_clip=grad_clip,
+            timeout_s=cfg.timeout_s,
+            checkpoint_kind=checkpoint_kind,
+        )
+    elif cfg.zero_stage == 0:
         dist = init(dist, cfg.backend, cfg.timeout_s)
         eng: Engine = (
             DDPEngine(model, optimizer, dist, cfg, grad_clip) if dist.world_size > 1 else PlainEngine(model, optimizer, dist, grad_clip)

@@ -171,9 +171,21 @@ def curves_worker(out: Path, dist) -> None:
             torch.save(full, out / f"{key.replace('/', '_')}_rank{dist.rank}.pt")
             torch.save(dict(eng.reducer.error_state()), out / f"{key.replace('/', '_')}_errors_rank{dist.rank}.pt")
     if dist.world_size == 4:
+        res["dalle/build_engine"] = through_build_engine(dist)
         scaled_and_overflow(out, dist, res)
         checkpoint_first(out, dist, res)
     (out / f"rank{dist.rank}.json").write_text(json.dumps(res))
+
+
+def through_build_engine(dist) -> dict:
+    """cluster.sharded = true reaches this layout through build_engine, the one place that wraps models."""
+    from tessera.cluster.config import DistConfig
+    from tessera.cluster.engine import build_engine
+
+    model = make_model("dalle")
+    cfg = DistConfig(backend="gloo", sharded=True, ranks_per_node=2, powersgd_rank=FULL_RANK)
+    eng = build_engine(model, make_opt(model.parameters()), dist, cfg, grad_clip=1.0)
+    return {"kind": eng.kind, "losses": train(eng, "dalle", dist, range(STEPS))}
 
 
 def scaled_and_overflow(out: Path, dist, res: dict) -> None:
@@ -317,6 +329,12 @@ def test_full_rank_powersgd_matches_uncompressed(runs, name):
         full, dense = res[f"{name}/{layout}/r{FULL_RANK}"], res[f"{name}/{layout}/r0"]
         assert full["stats"]["inter_compressed_bytes"] > 0  # it really compressed
         assert _close(full["losses"], dense["losses"]), (layout, full["losses"], dense["losses"])
+
+
+def test_build_engine_selects_the_sharded_layout(runs):
+    got = _res(runs, 4)["dalle/build_engine"]
+    assert got["kind"] == "sharded"
+    assert _close(got["losses"], _res(runs, 4)[f"dalle/2x2/r{FULL_RANK}"]["losses"])
 
 
 def test_parameters_sharded_within_group_and_identical_across(runs):
