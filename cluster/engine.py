@@ -50,6 +50,8 @@ class Engine:
     """The uniform interface; `module` is always the unwrapped model (what the loop built)."""
 
     kind = "base"
+    scaler: Any = None  # a torch.amp.GradScaler for fp16 (build_engine's `scaler`)
+    last_step_skipped = False
 
     def __init__(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer, dist: DistState, grad_clip: float = 0.0):
         self.module = module
@@ -71,12 +73,27 @@ class Engine:
         return self.train(False)
 
     def backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
+        """Gradients of `loss`, scaled by the loss scaler when one is set (fp16)."""
+        (loss if self.scaler is None else self.scaler.scale(loss)).backward()
 
     def step(self) -> None:
-        if self.grad_clip > 0:
-            self.last_grad_norm = float(torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip))
-        self.optimizer.step()
+        """Unscale (fp16), clip to `grad_clip` (0: measure only), step, zero the gradients.
+
+        With a scaler the step is skipped when a gradient is inf/nan (`last_step_skipped`) and the
+        scale adapts (torch.amp.GradScaler); `last_grad_norm` is the unscaled norm before clipping.
+        """
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
+        self.last_grad_norm = float(torch.nn.utils.clip_grad_norm_(self.module.parameters(), max_norm))
+        if self.scaler is None:
+            self.optimizer.step()
+            self.last_step_skipped = False
+        else:
+            scale = self.scaler.get_scale()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.last_step_skipped = self.scaler.get_scale() < scale
         self.optimizer.zero_grad(set_to_none=True)
 
     def zero_grad(self) -> None:
@@ -320,6 +337,7 @@ def build_engine(
     grad_clip: float = 0.0,
     micro_batch_size: int = 1,
     checkpoint_kind: str = CHECKPOINT_KIND,
+    scaler: Any = None,
 ) -> Engine:
     """Wrap `model` (already on `dist.device`) and `optimizer` as `cfg` asks; initialises the process group if needed.
 
@@ -327,6 +345,8 @@ def build_engine(
     DeepSpeed, even in a single process (a one-rank gloo/nccl group is created for it).
     `micro_batch_size` is the per-rank batch (DeepSpeed's bookkeeping only). `checkpoint_kind`
     is the run-dir kind of plain/DDP checkpoints (e.g. "transformer", so export reads them).
+    `scaler`: a torch.amp.GradScaler (fp16 autocast) that backward/step apply; plain and DDP only
+    (DeepSpeed scales the loss itself with cluster.precision = "fp16").
     """
     cfg = cfg or DistConfig()
     cfg.validate()
@@ -338,7 +358,10 @@ def build_engine(
             DDPEngine(model, optimizer, dist, cfg, grad_clip) if dist.world_size > 1 else PlainEngine(model, optimizer, dist, grad_clip)
         )
         eng.checkpoint_kind = checkpoint_kind
+        eng.scaler = scaler
         return eng
+    if scaler is not None:
+        raise ConfigError("fp16 training precision under DeepSpeed: set cluster.precision = 'fp16' (DeepSpeed's own loss scaling)")
 
     if cfg.precision == "fp16" and not torch.cuda.is_available():
         if not (hasattr(torch.ops.mkldnn, "_is_mkldnn_fp16_supported") and torch.ops.mkldnn._is_mkldnn_fp16_supported()):
