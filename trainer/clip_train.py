@@ -1,27 +1,22 @@
-"""Training the small CLIP on image shards: `tessera train clip` and `train_clip(...)`.
-
-    tessera train clip --config demo --data SHARDS --tokenizer FILE --output RUN_DIR [--eval-data SHARDS]
+"""Training the small CLIP on image shards: `train_clip(...)` (`tessera train clip`), a task of tessera.trainer.fit.
 
 The pairs (image, caption) are read once into memory as uint8 (the CLIP is small and so is its
-data: `clip.max_train_samples` bounds it), then sampled in shuffled epochs. Each step encodes a
-batch of captions (with BPE-dropout when `clip.bpe_dropout` > 0), computes the symmetric
-contrastive loss and takes an AdamW step under a warm-up + cosine schedule.
+data: `clip.max_train_samples` bounds it), then sampled in shuffled epochs (the generator's state
+and the epoch's order are in the checkpoint, so a resumed run sees the same batches). Each step
+encodes a batch of captions (with BPE-dropout when `clip.bpe_dropout` > 0; its draws are not
+resumable), computes the symmetric contrastive loss and takes an AdamW step under a warm-up +
+cosine schedule; the loop clips the gradients to `clip.grad_clip` and checks for divergence.
 
 Evaluation is retrieval among distinct captions: for each held-out image, is the most similar
 caption (among all distinct captions of the evaluation set) its own? Many images share a caption
 in the synthetic data, so chance is 1 / (number of distinct captions).
-
-A run directory (tessera.trainer.rundir.RunDir) gets config.toml, metrics.jsonl, TensorBoard events and
-"clip" checkpoints; an interrupted run resumes from checkpoints/latest.pt.
 """
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import io
-import math
 import tarfile
-import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -29,11 +24,16 @@ import numpy as np
 import torch
 from PIL import Image
 
-from tessera.core.errors import InputError
+from tessera.cluster.dist import DistState
+from tessera.core.errors import CheckpointError, ConfigError, InputError, TesseraError
 from tessera.core.root_config import load_root
-from tessera.trainer.clip import CLIP, ClipScorer, checkpoint_state, model_from_state, pad_ids
+from tessera.dataprep.tokenizer import input_files, load_tokenizer
+from tessera.trainer.clip import CLIP, ClipScorer, checkpoint_state, pad_ids
 from tessera.trainer.config import ClipConfig
-from tessera.trainer.precision import autocast_dtype
+from tessera.trainer.fit import fit
+from tessera.trainer.openclip import load_openclip
+from tessera.trainer.rundir import RunDir
+from tessera.trainer.schedules import warmup_cosine
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
 
@@ -56,8 +56,6 @@ def read_pairs(spec: str | Path, image_size: int, limit: int | None = None) -> t
     `spec`: a folder of *.tar, a tar, a glob or a brace pattern. Images of another size are resized
     (bicubic) to `image_size` after a center crop.
     """
-    from tessera.dataprep.tokenizer import input_files
-
     imgs: list[np.ndarray] = []
     caps: list[str] = []
     for path in input_files(spec):
@@ -138,6 +136,121 @@ def _param_groups(model: CLIP, weight_decay: float) -> list[dict[str, Any]]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def _device(device: str | None) -> torch.device:
+    if device:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _param_groups(model: CLIP, weight_decay: float) -> list[dict[str, Any]]:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        # weights of linear and conv layers decay; norms, biases, embeddings, positions, temperature do not
+        (decay if p.dim() >= 2 and "tok." not in name and not name.endswith(".pos") else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class ClipTask:
+    """The CLIP for tessera.trainer.fit: shuffled epochs of in-memory pairs, the contrastive loss, retrieval accuracy."""
+
+    kind, unit = "clip", "pairs"
+
+    def __init__(self, cfg: ClipConfig, tokenizer: str | Path, pairs: tuple, eval_pairs: tuple, seed: int, device, dist: DistState):
+        self.cfg, self.tokenizer, self.seed, self.device, self.dist = cfg, tokenizer, seed, device, dist
+        self.tok = load_tokenizer(tokenizer)
+        (self.images, self.captions), self.eval_pairs = pairs, eval_pairs
+        self.bs = min(cfg.batch_size, len(self.captions))
+        if self.bs % dist.world_size:
+            raise ConfigError(f"config key 'clip.batch_size': expected a multiple of the world size {dist.world_size}, got {self.bs}")
+        self.local_batch, self.items_per_step = self.bs // dist.world_size, self.bs
+
+    def make_model(self) -> CLIP:
+        return CLIP(self.cfg, self.tok.vocab_size).to(self.device)
+
+    def build_model(self) -> CLIP:
+        torch.manual_seed(self.seed)
+        self.model = self.make_model()
+        return self.model
+
+    def param_groups(self, model: CLIP) -> list[dict]:
+        return _param_groups(model, self.cfg.weight_decay)
+
+    def start(self, step: int, states: list | None, log) -> None:
+        n = len(self.captions)
+        self.gen = torch.Generator()
+        state = states[0] if states else None
+        if state:
+            self.gen.set_state(state["generator"].cpu())
+            self.order, self.pos = state["order"].cpu(), int(state["pos"])
+        else:  # a fresh run (or a checkpoint from before the data position was saved)
+            self.gen.manual_seed(self.seed * 1000 + step)
+            self.order, self.pos = torch.randperm(n, generator=self.gen), 0
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.pos + self.bs > len(self.captions):
+            self.order, self.pos = torch.randperm(len(self.captions), generator=self.gen), 0
+        idx = self.order[self.pos : self.pos + self.bs]
+        self.pos += self.bs
+        idx = idx[self.dist.rank * self.local_batch : (self.dist.rank + 1) * self.local_batch]
+        x = self.images[idx].to(self.device, non_blocking=True).float() / 255.0
+        ids = self.tok.encode_batch([self.captions[i] for i in idx.tolist()], dropout=self.cfg.bpe_dropout)
+        return x, pad_ids(ids, self.cfg.text_len).to(self.device)
+
+    def schedules(self, step: int, horizon: int) -> dict[str, float]:
+        c = self.cfg
+        return {"lr": warmup_cosine(step, c.lr, c.lr_min, c.warmup_steps, c.steps)}
+
+    def loss(self, forward, batch: tuple[torch.Tensor, torch.Tensor], step: int, sch: dict) -> tuple[torch.Tensor, dict]:
+        return forward(*batch), {"temperature": lambda: 1.0 / self.model.logit_scale.exp().item()}
+
+    def observe(self, step: int, row: dict) -> None:
+        pass
+
+    def evaluate(self, model: CLIP, step: int) -> dict[str, float]:
+        r = retrieval_accuracy(ClipScorer(model, self.tok, self.device), *self.eval_pairs)
+        return {f"eval_{k}": v for k, v in r.items()}
+
+    def sample(self, model: CLIP, step: int) -> None:
+        pass
+
+    def data_state(self) -> dict[str, Any]:
+        return {"generator": self.gen.get_state(), "order": self.order, "pos": self.pos}
+
+    def state_dict(self, step: int) -> dict[str, Any]:
+        state = checkpoint_state(self.model, self.tokenizer)
+        del state["model"]  # the engine saves the weights
+        return state
+
+    def load_state_dict(self, client: dict, where: Path) -> None:
+        saved = client.get("config") or {}
+        if any(saved.get(k) != getattr(self.cfg, k) for k in ClipConfig.MODEL_KEYS) or client.get("vocab_size") != self.tok.vocab_size:
+            raise CheckpointError(f"checkpoint in '{where}' holds a CLIP with another architecture or vocabulary; use a new --output")
+
+    def summary(self, summary: dict, last_eval: dict) -> dict[str, Any]:
+        retrieval = {k.removeprefix("eval_"): v for k, v in last_eval.items()}
+        return {"step": summary["steps"], "loss": summary.get("final_loss"), **retrieval, "train_seconds": summary["time_s"]}
+
+
+def _open_clip(cfg: ClipConfig) -> dict[str, Any]:
+    """A local open_clip checkpoint replaces training: check that it loads."""
+    try:
+        oc = load_openclip(cfg.checkpoint).cfg
+    except TesseraError as e:
+        raise ConfigError(f"config key 'clip.checkpoint': {e}") from None
+    return {
+        "checkpoint": str(cfg.checkpoint),
+        "open_clip": True,
+        "summary": f"clip: not training; the open_clip checkpoint {cfg.checkpoint} (ViT, image {oc.image_size}px, embed {oc.embed_dim}) will be used",
+    }
+
+
+def _resized(images: torch.Tensor, size: int) -> torch.Tensor:
+    if images.shape[-1] == size:
+        return images
+    x = torch.nn.functional.interpolate(images.float(), size=(size,) * 2, mode="bilinear", antialias=True)
+    return x.round().clamp(0, 255).to(torch.uint8)
+
+
 def train_clip(
     cfg: ClipConfig,
     data: str | Path,
@@ -149,152 +262,26 @@ def train_clip(
     root_cfg: Any = None,
     device: str | None = None,
     pairs: tuple[torch.Tensor, list[str]] | None = None,
+    dist: DistState | None = None,
 ) -> dict[str, Any]:
-    """Train a CLIP and write the run directory `output`; returns the final metrics and checkpoint path.
+    """Train (or resume) a CLIP in the run directory `output`; returns the summary with the retrieval metrics and checkpoint path.
 
     `pairs` (uint8 images, captions) may be given instead of reading `data` (tests, the demo).
     """
-    from tessera.core.files import load_checkpoint
-    from tessera.core.progress import bar
-    from tessera.dataprep.tokenizer import load_tokenizer
-    from tessera.trainer.rundir import RunDir
-    from tessera.trainer.schedules import warmup_cosine
-
     cfg.validate()
-    if cfg.checkpoint:  # a local open_clip checkpoint replaces training: check that it loads
-        from tessera.core.errors import ConfigError, TesseraError
-        from tessera.trainer.openclip import load_openclip
-
-        try:
-            oc = load_openclip(cfg.checkpoint).cfg
-        except TesseraError as e:
-            raise ConfigError(f"config key 'clip.checkpoint': {e}") from None
-        return {
-            "checkpoint": str(cfg.checkpoint),
-            "open_clip": True,
-            "summary": f"clip: not training; the open_clip checkpoint {cfg.checkpoint} (ViT, image {oc.image_size}px, embed {oc.embed_dim}) will be used",
-        }
-    dev = _device(device)
-    tok = load_tokenizer(tokenizer)
+    if cfg.checkpoint:
+        return _open_clip(cfg)
+    dist = dist or DistState()
     images, captions = pairs if pairs is not None else read_pairs(data, cfg.image_size, cfg.max_train_samples)
-    if images.shape[-1] != cfg.image_size:
-        images = (
-            torch.nn.functional.interpolate(images.float(), size=(cfg.image_size,) * 2, mode="bilinear", antialias=True)
-            .round()
-            .clamp(0, 255)
-            .to(torch.uint8)
-        )
+    images = _resized(images, cfg.image_size)
     if eval_data:
-        ev_images, ev_caps = read_pairs(eval_data, cfg.image_size, cfg.eval_samples)
+        ev = read_pairs(eval_data, cfg.image_size, cfg.eval_samples)
     else:  # no held-out set: report retrieval on (the first) training pairs
-        ev_images, ev_caps = images[: cfg.eval_samples], captions[: cfg.eval_samples]
-    if root_cfg is None:
-        root_cfg = load_root()
-        root_cfg.clip = cfg
-    run = RunDir(output, root_cfg)
-    torch.manual_seed(seed)
-    model = CLIP(cfg, tok.vocab_size).to(dev)
-    opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
-    step = 0
-    latest = run.latest_checkpoint()
-    if latest is not None:
-        state = load_checkpoint(latest, "clip")
-        model = model_from_state(state, latest).to(dev)
-        opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
-        opt.load_state_dict(state["optimizer"])
-        step = int(state["step"])
-    use_bf16 = autocast_dtype(cfg.precision, dev) == torch.bfloat16
-    gen = torch.Generator().manual_seed(seed * 1000 + step)
-    n = len(captions)
-    bs = min(cfg.batch_size, n)
-    order = torch.randperm(n, generator=gen)
-    pos = 0
-    scorer = ClipScorer(model, tok, dev)
-    start = time.time()
-    last_loss = math.nan
-    metrics: dict[str, Any] = {}
-
-    def save() -> Path | None:
-        state = checkpoint_state(model, tokenizer)
-        state.update(step=step, optimizer=opt.state_dict(), metrics=metrics)
-        return run.save_checkpoint("clip", step, state)
-
-    def evaluate() -> dict[str, float]:
-        model.eval()
-        r = retrieval_accuracy(scorer, ev_images, ev_caps)
-        model.train()
-        return r
-
-    with bar(cfg.steps, "clip", "step", initial=step) as pb:
-        model.train()
-        while step < cfg.steps:
-            if cfg.time_budget_s and time.time() - start > cfg.time_budget_s:
-                break
-            if pos + bs > n:
-                order, pos = torch.randperm(n, generator=gen), 0
-            idx = order[pos : pos + bs]
-            pos += bs
-            x = images[idx].to(dev, non_blocking=True).float() / 255.0
-            ids = pad_ids(tok.encode_batch([captions[i] for i in idx.tolist()], dropout=cfg.bpe_dropout), cfg.text_len).to(dev)
-            lr = warmup_cosine(step, cfg.lr, cfg.lr_min, cfg.warmup_steps, cfg.steps)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16):
-                loss = model(x, ids)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            step += 1
-            last_loss = loss.item()
-            pb.update(1)
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                pb.set_postfix(loss=f"{last_loss:.3f}")
-                run.metrics.log(step, loss=last_loss, lr=lr, temperature=1.0 / model.logit_scale.exp().item())
-            if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
-                r = evaluate()
-                run.metrics.log(step, **{f"eval_{k}": v for k, v in r.items()})
-            if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step < cfg.steps:
-                save()
-    r = evaluate()
-    metrics = {"step": step, "loss": last_loss, **r, "train_seconds": round(time.time() - start, 2)}
-    run.metrics.log(step, **{f"eval_{k}": v for k, v in r.items()})
-    path = save()
-    run.close()
-    metrics["checkpoint"] = str(path) if path else None
-    return metrics
-
-
-# --------------------------------------------------------------------------------------------
-# CLI
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from tessera.cli import add_config_arguments
-
-    parser.add_argument("--data", required=True, help="training image shards (folder of *.tar, a tar, a glob or a brace pattern)")
-    parser.add_argument("--tokenizer", required=True, help="tokenizer model file from `tessera prep tokenizer`")
-    parser.add_argument("--output", required=True, help="run directory (resumed when it holds a checkpoint)")
-    parser.add_argument("--eval-data", default=None, help="held-out image shards for retrieval accuracy")
-    parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
-    add_config_arguments(parser)
-
-
-def run(args: argparse.Namespace) -> int:
-    from tessera.core.root_config import load_root
-
-    root = load_root(args.config, args.overrides)
-    m = train_clip(
-        root.clip, args.data, args.tokenizer, args.output, eval_data=args.eval_data, seed=root.seed, root_cfg=root, device=args.device
-    )
-    if m.get("open_clip"):
-        print(m["summary"])
-        return 0
-    print(
-        f"clip: {m['step']} steps in {m['train_seconds']} s, loss {m['loss']:.3f}; retrieval top-1 image->text {m['i2t_top1']:.3f}, "
-        f"text->image {m['t2i_top1']:.3f} over {m['n_captions']} captions (chance {m['chance']:.3f}); checkpoint {m['checkpoint']}"
-    )
-    return 0
+        ev = images[: cfg.eval_samples], captions[: cfg.eval_samples]
+    root = dataclasses.replace(root_cfg if root_cfg is not None else load_root(), clip=cfg)
+    task = ClipTask(cfg, tokenizer, (images, captions), ev, seed, _device(device), dist)
+    run = RunDir(output, root, rank=dist.rank)
+    return fit(task, cfg, run, dist, root.cluster)
 
 
 __all__ = ["train_clip", "read_pairs", "retrieval_accuracy"]

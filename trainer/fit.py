@@ -32,8 +32,8 @@ from tessera.trainer.rundir import RunDir
 
 def fit(task: Any, cfg: LoopConfig, run: RunDir, dist: DistState, cluster: DistConfig) -> dict[str, Any]:
     """Train `task` for `cfg.steps` updates (or until stopped) in `run`; returns the summary (also summary.json)."""
-    dtype = autocast_dtype(cfg.precision, dist.device)
-    scaler = torch.amp.GradScaler(dist.device.type) if dtype == torch.float16 else None
+    dtype = autocast_dtype(cfg.precision, task.device)
+    scaler = torch.amp.GradScaler(task.device.type) if dtype == torch.float16 else None
     model = task.build_model()
     opt = torch.optim.AdamW(task.param_groups(model), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay)
     if cluster.zero_stage == 3 and cfg.ema_decay > 0:
@@ -52,7 +52,7 @@ def fit(task: Any, cfg: LoopConfig, run: RunDir, dist: DistState, cluster: DistC
     ev = Evaluator(task, eng, ema, cluster.zero_stage == 3, run)
 
     def forward(*args: Any, **kw: Any) -> Any:
-        with autocast(dtype, eng.dist.device):
+        with autocast(dtype, task.device):
             return eng(*args, **kw)
 
     threads = torch.get_num_threads()
@@ -105,7 +105,7 @@ def fit(task: Any, cfg: LoopConfig, run: RunDir, dist: DistState, cluster: DistC
         "horizon": st.horizon or cfg.steps,
         "time_s": round(stopper.elapsed(), 2),
         f"{task.unit}_per_s": round((st.step - st.start) * task.items_per_step / max(stopper.elapsed_here(), 1e-9), 2),
-        "precision": resolve_precision(cfg.precision, eng.dist.device),
+        "precision": resolve_precision(cfg.precision, task.device),
         "world_size": eng.dist.world_size,
         "engine": eng.kind if cluster.zero_stage == 0 else f"deepspeed-zero{cluster.zero_stage}",
         **({"skipped_steps": st.skipped} if scaler is not None else {}),
