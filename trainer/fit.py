@@ -76,7 +76,7 @@ def fit(task: Any, cfg: LoopConfig, run: RunDir, dist: DistState, cluster: DistC
             reason = stopper.decide(st.step, loss.item())
             if pbar is not None:
                 pbar.update(1)
-            if st.step % cfg.log_every == 0 or st.step == cfg.steps:
+            if st.step % cfg.log_every == 0 or reason is not None:  # and the last step of the run
                 now = time.time()
                 rate = (st.step - step_log) * task.items_per_step / max(now - t_log, 1e-9)
                 last = {"loss": loss.item(), **{k: scalar(v) for k, v in metrics.items()}}
