@@ -13,7 +13,6 @@ tessera.cluster.engine.build_engine: one process, DDP or DeepSpeed ZeRO 1-3.
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import torch
@@ -22,34 +21,38 @@ from tessera.cluster.config import DistConfig
 from tessera.cluster.dist import DistState
 from tessera.cluster.engine import build_engine
 from tessera.core.errors import ConfigError
-from tessera.core.progress import bar
 from tessera.trainer.config import LoopConfig
 from tessera.trainer.ema import EMA
-from tessera.trainer.loop_state import Checkpoints, Evaluator, Stopper, scalar, write_summary
+from tessera.trainer.loop_state import Checkpoints, Evaluator, Lines, Stopper, write_summary
 from tessera.trainer.precision import autocast, autocast_dtype, resolve_precision
 from tessera.trainer.rundir import RunDir
 
 
-def fit(task: Any, cfg: LoopConfig, run: RunDir, dist: DistState, cluster: DistConfig) -> dict[str, Any]:
-    """Train `task` for `cfg.steps` updates (or until stopped) in `run`; returns the summary (also summary.json)."""
-    dtype = autocast_dtype(cfg.precision, task.device)
-    scaler = torch.amp.GradScaler(task.device.type) if dtype == torch.float16 else None
+def _engine(task: Any, cfg: LoopConfig, dist: DistState, cluster: DistConfig, scaler: Any) -> Any:
+    """The task's model and an AdamW over its parameter groups, wrapped by tessera.cluster.engine.build_engine."""
     model = task.build_model()
     opt = torch.optim.AdamW(task.param_groups(model), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay)
     if cluster.zero_stage == 3 and cfg.ema_decay > 0:
         raise ConfigError(
             f"config key '{cfg.KEY_PREFIX}.ema_decay': parameter EMA needs whole parameters on every rank; set it to 0 with cluster.zero_stage = 3"
         )
-    eng = build_engine(
+    return build_engine(
         model, opt, dist, cluster, grad_clip=cfg.grad_clip, micro_batch_size=task.local_batch, checkpoint_kind=task.kind, scaler=scaler
     )
-    ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+
+
+def fit(task: Any, cfg: LoopConfig, run: RunDir, dist: DistState, cluster: DistConfig) -> dict[str, Any]:
+    """Train `task` for `cfg.steps` updates (or until stopped) in `run`; returns the summary (also summary.json)."""
+    dtype = autocast_dtype(cfg.precision, task.device)
+    scaler = torch.amp.GradScaler(task.device.type) if dtype == torch.float16 else None
+    eng = _engine(task, cfg, dist, cluster, scaler)
+    model, ema = eng.module, EMA(eng.module, cfg.ema_decay) if cfg.ema_decay > 0 else None
     ck = Checkpoints(eng, run, task, ema, cluster.zero_stage)
     st = ck.restore()
     task.start(st.step, st.data, run.metrics.log)
     ck.restore_rng(st.rng)
     stopper = Stopper(cfg, eng.dist, st)
-    ev = Evaluator(task, eng, ema, cluster.zero_stage == 3, run)
+    ev, lines = Evaluator(task, eng, ema, cluster.zero_stage == 3, run), Lines(task, cfg, run, eng, stopper, st)
 
     def forward(*args: Any, **kw: Any) -> Any:
         with autocast(dtype, task.device):
@@ -58,8 +61,6 @@ def fit(task: Any, cfg: LoopConfig, run: RunDir, dist: DistState, cluster: DistC
     threads = torch.get_num_threads()
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
-    pbar = bar(cfg.steps, task.kind, "step", initial=st.step) if eng.dist.is_main else None
-    t_log, step_log, last = time.time(), st.step, {}
     try:
         reason = stopper.decide(st.step, 0.0)
         model.train()
@@ -74,30 +75,28 @@ def fit(task: Any, cfg: LoopConfig, run: RunDir, dist: DistState, cluster: DistC
             st.step += 1
             st.skipped += int(eng.last_step_skipped)
             reason = stopper.decide(st.step, loss.item())
-            if pbar is not None:
-                pbar.update(1)
-            if st.step % cfg.log_every == 0 or reason is not None:  # and the last step of the run
-                now = time.time()
-                rate = (st.step - step_log) * task.items_per_step / max(now - t_log, 1e-9)
-                last = {"loss": loss.item(), **{k: scalar(v) for k, v in metrics.items()}}
-                row = {**last, **sch, "grad_norm": eng.last_grad_norm, f"{task.unit}_per_s": rate, "elapsed_s": stopper.elapsed()}
-                if scaler is not None:
-                    row.update(loss_scale=scaler.get_scale(), skipped_steps=st.skipped)
-                run.metrics.log(st.step, **row)
-                task.observe(st.step, row)
-                if pbar is not None:
-                    pbar.set_postfix(loss=f"{row['loss']:.4f}")
-                t_log, step_log = now, st.step
+            lines.step(loss, metrics, sch, last=reason is not None)
             ev.periodic(st.step, cfg)
             if reason is None and cfg.ckpt_every > 0 and st.step % cfg.ckpt_every == 0:
                 ck.save(st, stopper)
     finally:
         torch.set_num_threads(threads)
         stopper.close()
-        if pbar is not None:
-            pbar.close()
+        lines.close()
     ev.final(st.step, cfg)
-    summary = {
+    final = {**{f"final_{k}": v for k, v in lines.last.items()}, **ev.last}
+    summary = _summary(task, cfg, run, eng, st, stopper, reason, cluster.zero_stage, final)
+    summary.update(task.summary(summary, ev.last))
+    summary["checkpoint"] = str(ck.save(st, stopper, metrics=summary))
+    stopper.after_stop(reason)
+    write_summary(run, summary)
+    run.close()
+    eng.dist.barrier()
+    return summary
+
+
+def _summary(task: Any, cfg: LoopConfig, run: RunDir, eng: Any, st: Any, stopper: Any, reason: str | None, zero: int, extra: dict) -> dict:
+    return {
         "run_dir": str(run.path),
         "steps": st.step,
         "resumed_from": st.start,
@@ -107,15 +106,7 @@ def fit(task: Any, cfg: LoopConfig, run: RunDir, dist: DistState, cluster: DistC
         f"{task.unit}_per_s": round((st.step - st.start) * task.items_per_step / max(stopper.elapsed_here(), 1e-9), 2),
         "precision": resolve_precision(cfg.precision, task.device),
         "world_size": eng.dist.world_size,
-        "engine": eng.kind if cluster.zero_stage == 0 else f"deepspeed-zero{cluster.zero_stage}",
-        **({"skipped_steps": st.skipped} if scaler is not None else {}),
-        **{f"final_{k}": v for k, v in last.items()},
-        **ev.last,
+        "engine": f"deepspeed-zero{zero}" if zero else eng.kind,
+        **({"skipped_steps": st.skipped} if eng.scaler is not None else {}),
+        **extra,
     }
-    summary.update(task.summary(summary, ev.last))
-    summary["checkpoint"] = str(ck.save(st, stopper, metrics=summary))
-    stopper.after_stop(reason)
-    write_summary(run, summary)
-    run.close()
-    eng.dist.barrier()
-    return summary

@@ -24,6 +24,7 @@ import torch
 from tessera.cluster.slurm import PreemptionHandler, SlurmError
 from tessera.core.errors import CheckpointError, ConfigError
 from tessera.core.files import atomic_write_bytes
+from tessera.core.progress import bar
 
 ZERO_DIR = "zero"  # checkpoints/zero/: DeepSpeed ZeRO checkpoints (cluster.zero_stage > 0)
 HORIZON_PROBE = 20  # updates between re-estimates of the budget's horizon
@@ -231,6 +232,44 @@ class Evaluator:
 
     def final(self, step: int, cfg: Any) -> None:
         self.run_at(step, self.evaluated != step, cfg.sample_every > 0 and step > 0 and self.sampled != step)
+
+
+class Lines:
+    """The metric lines (metrics.jsonl and TensorBoard on rank 0, every log_every updates and the last) and the progress bar."""
+
+    def __init__(self, task: Any, cfg: Any, run: Any, engine: Any, stopper: "Stopper", st: LoopState):
+        self.task, self.cfg, self.run, self.engine, self.stopper, self.st = task, cfg, run, engine, stopper, st
+        self.pbar = bar(cfg.steps, task.kind, "step", initial=st.step) if engine.dist.is_main else None
+        self.t, self.at = time.time(), st.step
+        self.last: dict[str, Any] = {}
+
+    def step(self, loss: torch.Tensor, metrics: dict[str, Any], sch: dict[str, float], last: bool) -> None:
+        st = self.st
+        if self.pbar is not None:
+            self.pbar.update(1)
+        if st.step % self.cfg.log_every and not last:
+            return
+        now = time.time()
+        rate = (st.step - self.at) * self.task.items_per_step / max(now - self.t, 1e-9)
+        self.last = {"loss": loss.item(), **{k: scalar(v) for k, v in metrics.items()}}
+        row = {
+            **self.last,
+            **sch,
+            "grad_norm": self.engine.last_grad_norm,
+            f"{self.task.unit}_per_s": rate,
+            "elapsed_s": self.stopper.elapsed(),
+        }
+        if self.engine.scaler is not None:
+            row.update(loss_scale=self.engine.scaler.get_scale(), skipped_steps=st.skipped)
+        self.run.metrics.log(st.step, **row)
+        self.task.observe(st.step, row)
+        if self.pbar is not None:
+            self.pbar.set_postfix(loss=f"{row['loss']:.4f}")
+        self.t, self.at = now, st.step
+
+    def close(self) -> None:
+        if self.pbar is not None:
+            self.pbar.close()
 
 
 def write_summary(run: Any, summary: dict[str, Any]) -> None:
