@@ -69,6 +69,8 @@ class Engine:
     """The uniform interface; `module` is always the unwrapped model (what the loop built)."""
 
     kind = "base"
+    scaler: Any = None  # a torch.amp.GradScaler for fp16 (build_engine's `scaler`)
+    last_step_skipped = False
 
     def __init__(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer, dist: DistState, grad_clip: float = 0.0):
         self.module = module
@@ -90,12 +92,27 @@ class Engine:
         return self.train(False)
 
     def backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
+        """Gradients of `loss`, scaled by the loss scaler when one is set (fp16)."""
+        (loss if self.scaler is None else self.scaler.scale(loss)).backward()
 
     def step(self) -> None:
-        if self.grad_clip > 0:
-            self.last_grad_norm = float(torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip))
-        self.optimizer.step()
+        """Unscale (fp16), clip to `grad_clip` (0: measure only), step, zero the gradients.
+
+        With a scaler the step is skipped when a gradient is inf/nan (`last_step_skipped`) and the
+        scale adapts (torch.amp.GradScaler); `last_grad_norm` is the unscaled norm before clipping.
+        """
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
+        self.last_grad_norm = float(torch.nn.utils.clip_grad_norm_(self.module.parameters(), max_norm))
+        if self.scaler is None:
+            self.optimizer.step()
+            self.last_step_skipped = False
+        else:
+            scale = self.scaler.get_scale()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.last_step_skipped = self.scaler.get_scale() < scale
         self.optimizer.zero_grad(set_to_none=True)
 
     def zero_grad(self) -> None:
@@ -347,6 +364,7 @@ def build_engine(
     grad_clip: float = 0.0,
     micro_batch_size: int = 1,
     checkpoint_kind: str = CHECKPOINT_KIND,
+    scaler: Any = None,
 ) -> Engine:
     """Wrap `model` (already on `dist.device`) and `optimizer` as `cfg` asks, creating the process group if needed.
 
@@ -357,15 +375,21 @@ def build_engine(
     single process (a one-rank group is created for it). `micro_batch_size` is the per-rank batch
     (DeepSpeed's bookkeeping only). `checkpoint_kind` is the run-dir kind of plain/DDP checkpoints
     (e.g. "transformer", so export reads them). The engine's `dist` is the initialised state.
+    `scaler`: a torch.amp.GradScaler (fp16 autocast) that backward/step apply; plain and DDP only
+    (DeepSpeed scales the loss itself with cluster.precision = "fp16"; the sharded layout takes
+    per-resblock scales, tessera.trainer.grad_scale).
     """
     cfg = cfg or DistConfig()
     cfg.validate()
     if cfg.powersgd_rank > MAX_RANK:
         raise ConfigError(f"config key 'cluster.powersgd_rank': expected <= {MAX_RANK}, got {cfg.powersgd_rank}")
     dist = dist or discover()
+    if scaler is not None and (cfg.sharded or cfg.zero_stage > 0):
+        layout = "cluster.sharded = true" if cfg.sharded else f"cluster.zero_stage = {cfg.zero_stage}"
+        raise ConfigError(f"training precision 'fp16' with one global loss scale is for the plain and DDP engines, not {layout}")
     if cfg.sharded:
         dist = init(dist, cfg.backend, cfg.timeout_s, single_group=True)
-        eng = ShardedPowerSGDEngine(
+        eng: Engine = ShardedPowerSGDEngine(
             model,
             optimizer,
             dist,
@@ -377,9 +401,8 @@ def build_engine(
         )
     elif cfg.zero_stage == 0:
         dist = init(dist, cfg.backend, cfg.timeout_s)
-        eng: Engine = (
-            DDPEngine(model, optimizer, dist, cfg, grad_clip) if dist.world_size > 1 else PlainEngine(model, optimizer, dist, grad_clip)
-        )
+        eng = DDPEngine(model, optimizer, dist, cfg, grad_clip) if dist.world_size > 1 else PlainEngine(model, optimizer, dist, grad_clip)
+        eng.scaler = scaler
     else:
         if cfg.precision == "fp16" and not torch.cuda.is_available():
             if not (hasattr(torch.ops.mkldnn, "_is_mkldnn_fp16_supported") and torch.ops.mkldnn._is_mkldnn_fp16_supported()):

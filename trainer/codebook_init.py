@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import torch
 
+from tessera.trainer.data import ImageStream
+
 
 def image_patches(x: torch.Tensor, patch: int) -> torch.Tensor:
     """Images float[B, C, H, W] -> patches float[B * (H/P) * (W/P), C * P * P] in raster order of the grid."""
@@ -74,7 +76,6 @@ def patch_codes(x: torch.Tensor, centroids: torch.Tensor, patch: int) -> torch.T
 
 def sample_centroids(spec, image_size: int, patch: int, k: int, n_images: int, iters: int, seed: int, device: torch.device) -> torch.Tensor:
     """k-means centroids from `n_images` shuffled training images (one pass of a seeded stream)."""
-    from tessera.trainer.data import ImageStream
 
     bs = min(64, max(n_images, 1))
     stream = ImageStream(spec, image_size=image_size, batch_size=bs, seed=seed + 7919, rank=0, world=1, workers=0)

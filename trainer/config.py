@@ -4,11 +4,82 @@ Paper references: Ramesh et al. 2021, "Zero-Shot Text-to-Image Generation" (DALL
 and App. B (transformer).
 """
 
+import dataclasses
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import ClassVar, Literal, Optional
 
 from tessera.core.config import param
 from tessera.core.errors import ConfigError
+
+Precision = Literal["auto", "fast", "fp32", "bf16", "fp16"]
+
+
+@dataclass
+class LoopConfig:
+    """What the one training loop (tessera.trainer.fit) reads: the same keys in dvae.train, transformer.train and clip.
+
+    Each stage declares its own defaults with `@loop_defaults(...)`; the keys and their documentation live here only.
+    """
+
+    KEY_PREFIX: ClassVar[str] = "loop"
+
+    steps: int = param(1000, "Optimizer updates.")
+    batch_size: int = param(64, "Global batch size (split across ranks).")
+    lr: float = param(1e-3, "Peak learning rate.")
+    lr_min: float = param(0.0, "Final learning rate of the cosine decay.")
+    warmup_steps: int = param(0, "Linear warm-up updates (0: none).")
+    weight_decay: float = param(0.0, "AdamW weight decay (decoupled; the stage chooses which parameters decay).")
+    beta1: float = param(0.9, "AdamW beta1.")
+    beta2: float = param(0.999, "AdamW beta2.")
+    eps: float = param(1e-8, "AdamW epsilon.")
+    grad_clip: float = param(0.0, "Gradient-norm clipping threshold; 0 disables.")
+    ema_decay: float = param(0.0, "Parameter EMA decay (0: no EMA); the EMA weights are evaluated, sampled and exported.")
+    precision: Precision = param(
+        "auto",
+        "auto: bf16 autocast on GPU, fp32 on CPU; fast: bf16 wherever the device has native bf16 matrix instructions "
+        "(GPUs; CPUs with AVX512-BF16 or AMX), else fp32 (on AVX2-only CPUs bf16 is ~18x slower); fp32 / bf16 as named; "
+        "fp16: autocast with a dynamic loss scale (torch.amp.GradScaler; steps with inf/nan gradients are skipped).",
+    )
+    log_every: int = param(50, "Updates between metric lines (metrics.jsonl, TensorBoard, progress bar).")
+    eval_every: int = param(500, "Updates between evaluations (0: only the final one).")
+    sample_every: int = param(500, "Updates between sample grids (0: none); a last grid at the end of the run.")
+    ckpt_every: int = param(1000, "Updates between checkpoints (0: only the final one).")
+    time_budget_s: float = param(
+        0.0, "Stop after this many seconds of training, summed over resumed runs (0: no limit); the step count still bounds it."
+    )
+    threads: int = param(
+        0, "Intra-op CPU threads during training (0: torch's default); 1 avoids OpenMP stalls when other jobs share the cores."
+    )
+
+    def validate(self) -> None:
+        p = self.KEY_PREFIX
+        for key in ("steps", "warmup_steps", "eval_every", "sample_every", "ckpt_every", "threads"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"config key '{p}.{key}': expected >= 0, got {getattr(self, key)}")
+        for key in ("batch_size", "log_every"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"config key '{p}.{key}': expected >= 1, got {getattr(self, key)}")
+        for key in ("grad_clip", "time_budget_s", "weight_decay"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"config key '{p}.{key}': expected >= 0, got {getattr(self, key)}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"config key '{p}.ema_decay': expected in [0, 1), got {self.ema_decay}")
+
+
+def loop_defaults(prefix: str, **defaults):
+    """Class decorator: a dataclass subclass of LoopConfig whose loop keys take these defaults (same docs and types)."""
+
+    def wrap(cls):
+        own = dict(cls.__dict__.get("__annotations__", {}))
+        for name, value in defaults.items():
+            f = LoopConfig.__dataclass_fields__[name]
+            own[name] = f.type
+            setattr(cls, name, dataclasses.field(default=value, metadata=f.metadata))
+        cls.__annotations__ = own
+        cls.KEY_PREFIX = prefix
+        return dataclass(cls)
+
+    return wrap
 
 
 @dataclass
@@ -42,25 +113,30 @@ class DVAEModelConfig:
         return self.image_size // 2 ** (self.n_groups - 1)
 
 
-@dataclass
-class DVAETrainConfig:
-    """Optimisation of the dVAE (paper App. A.2: schedules and optimiser)."""
+@loop_defaults(
+    "dvae.train",
+    steps=3_000_000,
+    batch_size=512,
+    lr=1e-4,
+    lr_min=1.25e-6,
+    weight_decay=1e-4,
+    beta2=0.999,
+    ema_decay=0.999,
+    log_every=50,
+    eval_every=500,
+    sample_every=500,
+    ckpt_every=1000,
+)
+class DVAETrainConfig(LoopConfig):
+    """Optimisation of the dVAE (paper App. A.2: schedules and optimiser); the loop keys are LoopConfig's."""
 
-    steps: int = param(3_000_000, "Optimizer updates.")
-    batch_size: int = param(512, "Global batch size (split across ranks).")
-    lr: float = param(1e-4, "Peak learning rate.")
-    lr_min: float = param(1.25e-6, "Final learning rate of the cosine decay.")
     lr_decay_steps: int = param(1_200_000, "Updates over which the learning rate decays (cosine).")
-    weight_decay: float = param(1e-4, "AdamW weight decay.")
-    beta1: float = param(0.9, "AdamW beta1.")
-    beta2: float = param(0.999, "AdamW beta2.")
     kl_weight: float = param(6.6, "Final weight (beta) of the KL term to the uniform prior.")
     kl_warmup_steps: int = param(5000, "Updates over which the KL weight rises 0 -> kl_weight (cosine).")
     temp_start: float = param(1.0, "Initial gumbel-softmax temperature.")
     temp_end: float = param(1.0 / 16, "Final gumbel-softmax temperature.")
     temp_anneal_steps: int = param(150_000, "Updates over which the temperature anneals (cosine).")
     logit_laplace_eps: float = param(0.1, "epsilon of the pixel map phi(x) = (1 - 2 eps) x + eps.")
-    ema_decay: float = param(0.999, "Parameter EMA decay; the EMA weights are used for evaluation and export.")
     diversity_weight: float = param(
         0.0, "Weight of log V - H(batch-mean code distribution), against codebook collapse in short runs; 0 = the paper's objective."
     )
@@ -78,17 +154,10 @@ class DVAETrainConfig:
     )
     init_images: int = param(1000, "kmeans: training images whose patches are clustered.")
     init_iters: int = param(20, "kmeans: Lloyd iterations.")
-    grad_clip: float = param(0.0, "Gradient-norm clipping; 0 disables.")
-    precision: Literal["auto", "fp32", "bf16"] = param("auto", "auto: bf16 autocast on GPU, fp32 on CPU.")
     workers: int = param(0, "Data-loading workers per rank.")
     shuffle_buffer: int = param(1000, "Samples in the shuffle buffer.")
-    log_every: int = param(50, "Updates between metric lines.")
-    eval_every: int = param(500, "Updates between held-out evaluations (PSNR, SSIM, perplexity).")
-    sample_every: int = param(500, "Updates between reconstruction grids.")
-    ckpt_every: int = param(1000, "Updates between checkpoints.")
     train_data: str = param("", "Training shards: a folder, a brace pattern of tars, or s3://bucket/prefix.")
     eval_data: str = param("", "Held-out shards for evaluation (optional).")
-    time_budget_s: float = param(0.0, "Stop after this many seconds of training (0: no limit); the step count still bounds it.")
     eval_samples: int = param(512, "Held-out images used per evaluation (the first ones of eval_data).")
     channels_last: bool = param(
         True,
@@ -97,6 +166,7 @@ class DVAETrainConfig:
     compile: bool = param(False, "torch.compile the model (GPU runs).")
 
     def validate(self) -> None:
+        super().validate()
         for key in ("mse_weight", "init_steps"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"config key 'dvae.train.{key}': expected >= 0, got {getattr(self, key)}")
@@ -144,41 +214,33 @@ class TransformerModelConfig:
             raise ConfigError(f"config key 'transformer.model.conv_kernel': expected odd, got {self.conv_kernel}")
 
 
-@dataclass
-class TransformerTrainConfig:
-    """Optimisation of the transformer (paper App. B.2)."""
+@loop_defaults(
+    "transformer.train",
+    steps=430_000,
+    batch_size=1024,
+    lr=4.5e-4,
+    lr_min=0.0,
+    warmup_steps=5000,
+    weight_decay=4.5e-2,
+    beta2=0.96,
+    grad_clip=4.0,
+    eval_every=1000,
+    sample_every=1000,
+    ckpt_every=1000,
+)
+class TransformerTrainConfig(LoopConfig):
+    """Optimisation of the transformer (paper App. B.2); the loop keys are LoopConfig's.
 
-    steps: int = param(430_000, "Optimizer updates.")
-    batch_size: int = param(1024, "Global batch size.")
-    lr: float = param(4.5e-4, "Peak learning rate.")
-    lr_min: float = param(0.0, "Final learning rate of the cosine decay.")
-    warmup_steps: int = param(5000, "Linear warm-up updates.")
+    With time_budget_s > 0 the cosine horizon is fitted to the budget (tessera.trainer.fit)."""
+
     decay: Literal["cosine", "plateau"] = param("cosine", "cosine to lr_min after warm-up, or plateau (halve on no improvement).")
-    weight_decay: float = param(4.5e-2, "AdamW weight decay.")
-    beta1: float = param(0.9, "AdamW beta1.")
-    beta2: float = param(0.96, "AdamW beta2.")
-    eps: float = param(1e-8, "AdamW epsilon.")
-    grad_clip: float = param(4.0, "Gradient-norm clipping threshold; 0 disables.")
-    ema_decay: float = param(0.0, "Parameter EMA decay (0 disables EMA).")
     caption_dropout: float = param(0.0, "Probability of an empty caption (enables classifier-free guidance).")
     image_loss_weight: float = param(7.0, "Loss = (text CE + w * image CE) / (1 + w), each averaged over its tokens.")
     bpe_dropout: float = param(0.1, "BPE-dropout probability for training captions (paper: 0.1).")
-    precision: Literal["auto", "fast", "fp32", "bf16", "fp16"] = param(
-        "auto",
-        "auto: bf16 on GPU, fp32 on CPU; fast: bf16 wherever the device has native bf16 matrix instructions "
-        "(GPUs; CPUs with AVX512-BF16 or AMX), else fp32 (on AVX2-only CPUs bf16 is ~18x slower).",
-    )
     workers: int = param(0, "Data-loading workers per rank.")
     shuffle_buffer: int = param(1000, "Samples in the shuffle buffer.")
-    log_every: int = param(50, "Updates between metric lines.")
-    sample_every: int = param(1000, "Updates between sample grids.")
-    ckpt_every: int = param(1000, "Updates between checkpoints.")
     train_data: str = param("", "Token shards from `tessera prep encode`.")
     eval_data: str = param("", "Held-out token shards (optional).")
-    time_budget_s: float = param(0.0, "Stop after this many seconds of training (0: no limit).")
-    threads: int = param(
-        0, "Intra-op CPU threads during training (0: torch's default); 1 avoids OpenMP stalls when other jobs share the cores."
-    )
 
 
 @dataclass
@@ -189,9 +251,24 @@ class TransformerConfig:
     train: TransformerTrainConfig = param(doc="Optimisation.", factory=TransformerTrainConfig)
 
 
-@dataclass
-class ClipConfig:
-    """A small contrastive image-text model for reranking, the crawl similarity filter and evaluation."""
+@loop_defaults(
+    "clip",
+    steps=2000,
+    batch_size=128,
+    lr=5e-4,
+    lr_min=1e-5,
+    warmup_steps=100,
+    weight_decay=0.1,
+    beta2=0.98,
+    eps=1e-6,
+    grad_clip=1.0,
+    log_every=50,
+    eval_every=500,
+    sample_every=0,
+    ckpt_every=1000,
+)
+class ClipConfig(LoopConfig):
+    """A small contrastive image-text model for reranking, the crawl similarity filter and evaluation; the loop keys are LoopConfig's."""
 
     d_model: int = param(256, "Width of the text transformer.")
     n_layers: int = param(4, "Text transformer layers.")
@@ -200,24 +277,16 @@ class ClipConfig:
     image_size: int = param(64, "Side the image tower sees; other sizes are resized to it (a power of two >= 8).")
     embed_dim: int = param(128, "Width of the shared image-text embedding (both projections).")
     text_len: int = param(32, "Caption tokens (longer captions are cut).")
-    steps: int = param(2000, "Optimizer updates.")
-    batch_size: int = param(128, "Batch size.")
-    lr: float = param(5e-4, "Peak learning rate.")
-    lr_min: float = param(1e-5, "Final learning rate of the cosine decay.")
-    warmup_steps: int = param(100, "Linear warm-up updates.")
-    weight_decay: float = param(0.1, "AdamW weight decay (weights of linear and conv layers only).")
     temperature_init: float = param(0.07, "Initial softmax temperature of the contrastive loss (learned, as log 1/T).")
     bpe_dropout: float = param(0.0, "BPE-dropout probability for training captions.")
-    precision: Literal["auto", "fp32", "bf16"] = param("auto", "auto: bf16 autocast on GPU, fp32 on CPU.")
     max_train_samples: int = param(100_000, "Training pairs held in memory (the first ones of the shards).")
     eval_samples: int = param(1000, "Held-out pairs used for retrieval accuracy.")
-    log_every: int = param(50, "Updates between metric lines.")
-    eval_every: int = param(500, "Updates between retrieval evaluations.")
-    ckpt_every: int = param(1000, "Updates between checkpoints.")
-    time_budget_s: float = param(0.0, "Stop after this many seconds of training (0: no limit).")
     checkpoint: Optional[str] = param(None, "Use this local open_clip checkpoint instead of training one.")
 
+    MODEL_KEYS: ClassVar[tuple[str, ...]] = ("d_model", "n_layers", "n_heads", "image_width", "image_size", "embed_dim", "text_len")
+
     def validate(self) -> None:
+        super().validate()
         if self.n_heads < 1:
             raise ConfigError(f"config key 'clip.n_heads': expected >= 1, got {self.n_heads}")
         if self.d_model % self.n_heads:

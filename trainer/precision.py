@@ -10,6 +10,8 @@ Each stage's config says which of these values it accepts.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 
@@ -40,4 +42,9 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[resolve_precision(precision, device)]
 
 
-__all__ = ["native_bf16", "resolve_precision", "autocast_dtype"]
+def autocast(dtype: torch.dtype | None, device: torch.device) -> contextlib.AbstractContextManager:
+    """torch.autocast to `dtype` on `device`, or nothing for None (fp32)."""
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device_type=device.type, dtype=dtype)
+
+
+__all__ = ["native_bf16", "resolve_precision", "autocast_dtype", "autocast"]

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils.tensorboard import SummaryWriter
 
 from tessera.core import config as C
 from tessera.core.files import save_checkpoint
@@ -31,8 +32,6 @@ class MetricsLogger:
         self.path = run_dir / "metrics.jsonl"
         self._tb = None
         if enabled:
-            from torch.utils.tensorboard import SummaryWriter
-
             self._tb = SummaryWriter(log_dir=str(run_dir / "tb"))
 
     def log(self, step: int, **metrics: Any) -> None:

@@ -76,6 +76,9 @@ LAYERS: list[tuple[str, list[str]]] = [
         "training",
         [
             "tessera.trainer.fit",
+            "tessera.trainer.loop_state",
+            "tessera.trainer.dvae_objective",
+            "tessera.trainer.transformer_eval",
             "tessera.trainer.tasks",
             "tessera.trainer.tasks.*",
             "tessera.trainer.*_task",

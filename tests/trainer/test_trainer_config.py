@@ -137,8 +137,11 @@ def test_validate_accepts_the_boundaries(overrides):
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("dvae.train.precision=fp16", "config key 'dvae.train.precision': expected one of 'auto', 'fp32', 'bf16', got 'fp16'"),
-        ("clip.precision=fp16", "config key 'clip.precision': expected one of 'auto', 'fp32', 'bf16', got 'fp16'"),
+        (
+            "dvae.train.precision=fp8",
+            "config key 'dvae.train.precision': expected one of 'auto', 'fast', 'fp32', 'bf16', 'fp16', got 'fp8'",
+        ),
+        ("clip.precision=half", "config key 'clip.precision': expected one of 'auto', 'fast', 'fp32', 'bf16', 'fp16', got 'half'"),
         ("transformer.train.decay=linear", "config key 'transformer.train.decay': expected one of 'cosine', 'plateau', got 'linear'"),
         ("transformer.model.attention=sparse", "config key 'transformer.model.attention': expected one of 'dalle', 'dense', got 'sparse'"),
         ("transformer.train.lr=fast", "config key 'transformer.train.lr': expected float, got str 'fast'"),
@@ -192,3 +195,28 @@ def test_clip_zero_heads_is_a_config_error():
 @pytest.mark.parametrize("size", [0, -64])
 def test_dvae_non_positive_image_size_is_a_config_error(size):
     assert "dvae.model.image_size" in error(f"dvae.model.image_size={size}")
+
+
+def test_the_loop_keys_are_declared_once_and_each_stage_has_its_defaults():
+    from tessera.trainer.config import LoopConfig
+
+    loop = {f.name: f for f in dataclasses.fields(LoopConfig)}
+    assert {"steps", "lr", "grad_clip", "ema_decay", "precision", "log_every", "ckpt_every", "time_budget_s", "threads"} <= set(loop)
+    stages = {"dvae.train": DVAETrainConfig(), "transformer.train": TransformerTrainConfig(), "clip": ClipConfig()}
+    for prefix, cfg in stages.items():
+        assert isinstance(cfg, LoopConfig) and type(cfg).KEY_PREFIX == prefix
+        fields = {f.name: f for f in dataclasses.fields(cfg)}
+        assert list(fields)[: len(loop)] == list(loop)  # the same keys, first, in the same order
+        assert all(fields[k].metadata["doc"] == loop[k].metadata["doc"] and fields[k].type == loop[k].type for k in loop)
+    assert [c.steps for c in stages.values()] == [3_000_000, 430_000, 2000]  # per-stage defaults
+    assert (ClipConfig().grad_clip, ClipConfig().eps, DVAETrainConfig().ema_decay, TransformerTrainConfig().grad_clip) == (
+        1.0,
+        1e-6,
+        0.999,
+        4.0,
+    )
+    # the keys resolve under each stage's own prefix, and a range error names it
+    cfg = load("dvae.train.threads=2", "transformer.train.eval_every=7", "clip.grad_clip=0.5", "clip.ema_decay=0.9")
+    assert (cfg.dvae.train.threads, cfg.transformer.train.eval_every, cfg.clip.grad_clip, cfg.clip.ema_decay) == (2, 7, 0.5, 0.9)
+    assert error("clip.log_every=0") == "config key 'clip.log_every': expected >= 1, got 0"
+    assert error("transformer.train.ema_decay=1.5") == "config key 'transformer.train.ema_decay': expected in [0, 1), got 1.5"
