@@ -35,7 +35,7 @@ def resolve_model_config(mcfg: TransformerModelConfig, manifest: TokenManifest) 
 
 def train_transformer(cfg_root: Any, data: str | None, output: str | Path, dist: Any = None) -> dict[str, Any]:
     """Train (or resume) a transformer run in `output` on token shards `data` (else transformer.train.train_data); returns the summary."""
-    dist = init(dist)
+    dist = init(dist, cfg_root.cluster.backend, cfg_root.cluster.timeout_s)
     tc = cfg_root.transformer.train
     data = data or tc.train_data
     if not data:

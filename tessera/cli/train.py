@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from tessera.cli.app import add_config_arguments
+from tessera.cli.common import add_config_arguments
 from tessera.cluster import dist as D
 from tessera.core.root_config import load_root
 from tessera.trainer.clip_train import train_clip
@@ -24,7 +24,7 @@ def add_dvae(parser: argparse.ArgumentParser) -> None:
 
 def run_dvae(args: argparse.Namespace) -> int:
     cfg = load_root(args.config, args.overrides)
-    state = D.init(D.discover())
+    state = D.init(D.discover(), cfg.cluster.backend, cfg.cluster.timeout_s)
     try:
         summary = train_dvae(cfg, args.data, args.eval_data, args.output, state)
     finally:

@@ -9,7 +9,9 @@ import sys
 import pytest
 from PIL import Image
 
+from tessera.cli import main as cli_main
 from tessera.demo import demo_prompts, format_report
+from tessera.status import read_status
 
 # The quick run trains each model for ~30 s, too little for the full demo's accuracy targets
 # (bench/bench_demo.py measures those). Its floors say that every stage learned something:
@@ -85,6 +87,23 @@ def test_quick_demo_files(quick_demo):
     n = len(demo_prompts()) * json.loads((out / "report.json").read_text())["samples_per_prompt"]
     assert len(list((out / "samples").glob("*.png"))) == n
     assert grid.size[0] > 64 and grid.size[1] > 64
+
+
+def test_status_of_the_finished_demo(quick_demo, capsys):
+    """`tessera status` on a real demo folder: each run's step and last loss are those its metrics.jsonl ends with."""
+    out, _ = quick_demo
+    st = read_status(out, query_slurm=False)
+    assert st["kind"] == "demo" and st["finished"] and st["report"]["color_acc"] is not None
+    assert set(st["runs"]) >= {"dvae", "transformer", "clip"}
+    for name, run in st["runs"].items():
+        rows = [json.loads(x) for x in (out / name / "metrics.jsonl").read_text().splitlines()]
+        losses = [r for r in rows if "loss" in r]
+        assert run["finished"], (name, run)
+        assert run["step"] == rows[-1]["step"] == run["checkpoint_step"], (name, run)
+        assert run["loss"] == losses[-1]["loss"], (name, run)
+    assert cli_main(["status", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "transformer" in text and "dvae" in text
 
 
 def test_format_report_table():
