@@ -40,6 +40,13 @@ class LoopConfig:
         "(GPUs; CPUs with AVX512-BF16 or AMX), else fp32 (on AVX2-only CPUs bf16 is ~18x slower); fp32 / bf16 as named; "
         "fp16: autocast with a dynamic loss scale (torch.amp.GradScaler; steps with inf/nan gradients are skipped).",
     )
+    grad_scaling: Literal["global", "per_resblock"] = param(
+        "global",
+        "The fp16 gradient scale (used when precision resolves to fp16): global, one dynamic loss scale "
+        "(torch.amp.GradScaler); per_resblock, one scale per resblock with the paper's rules (App. D, "
+        "tessera.trainer.grad_scale: M*2^13 at the start, x2^(1/1000) per applied update, /sqrt(2) on an overflow, "
+        "the update skipped on every rank). per_resblock: transformer only, plain and DDP engines only.",
+    )
     log_every: int = param(50, "Updates between metric lines (metrics.jsonl, TensorBoard, progress bar).")
     eval_every: int = param(500, "Updates between evaluations (0: only the final one).")
     sample_every: int = param(500, "Updates between sample grids (0: none); a last grid at the end of the run.")

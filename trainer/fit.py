@@ -4,11 +4,12 @@ A task (trainer/dvae_task.py, transformer_task.py, clip_task.py) supplies the mo
 groups, the batches (with a resumable position), the loss, the per-step schedules (lr, and e.g. the
 dVAE's KL weight and temperature), evaluation, samples and its own checkpoint entries. The loop does
 the rest once, for every task: exact resume (tessera.trainer.loop_state), checkpoint cadence, the
-learning rate set through the engine, autocast and the fp16 loss scaler (owned by the engine's
-backward/step with clipping), EMA, the divergence error, the stop decision (time budget, SLURM
-preemption, decided on rank 0 and shared so that every rank stops after the same step), metrics.jsonl /
-TensorBoard / progress bar, evaluation and the summary. Every run goes through
-tessera.cluster.engine.build_engine: one process, DDP or DeepSpeed ZeRO 1-3.
+learning rate set through the engine, autocast and the fp16 gradient scale (grad_scaling: one loss scale
+owned by the engine's backward/step with clipping, or one scale per resblock, tessera.trainer.grad_scale,
+unscaled here before the engine's step, which is skipped on every rank after an overflow), EMA, the
+divergence error, the stop decision (time budget, SLURM preemption, decided on rank 0 and shared so that
+every rank stops after the same step), metrics.jsonl / TensorBoard / progress bar, evaluation and the
+summary. Every run goes through tessera.cluster.engine.build_engine: one process, DDP or DeepSpeed ZeRO 1-3.
 """
 
 from __future__ import annotations
@@ -23,36 +24,54 @@ from tessera.cluster.engine import build_engine
 from tessera.core.errors import ConfigError
 from tessera.trainer.config import LoopConfig
 from tessera.trainer.ema import EMA
-from tessera.trainer.loop_state import Checkpoints, Evaluator, Lines, Stopper, write_summary
+from tessera.trainer.grad_scale import PerBlockScaler
+from tessera.trainer.loop_state import Checkpoints, Evaluator, Lines, Stopper, resblock_scaler, write_summary
 from tessera.trainer.precision import autocast, autocast_dtype, resolve_precision
 from tessera.trainer.rundir import RunDir
 
 
-def _engine(task: Any, cfg: LoopConfig, dist: DistState, cluster: DistConfig, scaler: Any) -> Any:
-    """The task's model and an AdamW over its parameter groups, wrapped by tessera.cluster.engine.build_engine."""
+def _engine(task: Any, cfg: LoopConfig, dist: DistState, cluster: DistConfig, fp16: bool) -> tuple[Any, PerBlockScaler | None]:
+    """The task's model (its resblocks wrapped for per-resblock scales) and an AdamW over its parameter groups, wrapped by
+    tessera.cluster.engine.build_engine (with the global fp16 GradScaler when that is the scaling); and the per-resblock scaler."""
     model = task.build_model()
+    blocks = resblock_scaler(task, cfg, cluster, model, dist.world_size, fp16)
+    scaler = torch.amp.GradScaler(task.device.type) if fp16 and cfg.grad_scaling == "global" else None
     opt = torch.optim.AdamW(task.param_groups(model), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay)
     if cluster.zero_stage == 3 and cfg.ema_decay > 0:
         raise ConfigError(
             f"config key '{cfg.KEY_PREFIX}.ema_decay': parameter EMA needs whole parameters on every rank; set it to 0 with cluster.zero_stage = 3"
         )
-    return build_engine(
+    eng = build_engine(
         model, opt, dist, cluster, grad_clip=cfg.grad_clip, micro_batch_size=task.local_batch, checkpoint_kind=task.kind, scaler=scaler
     )
+    return eng, blocks
+
+
+def _update(eng: Any, blocks: PerBlockScaler | None) -> bool:
+    """The optimizer update through the engine; True when it was skipped for an fp16 overflow (the same on every rank)."""
+    if blocks is None:
+        eng.step()
+        return bool(eng.last_step_skipped)
+    blocks.unscale_()
+    if blocks.update():
+        eng.step()
+        return False
+    eng.zero_grad()
+    eng.last_grad_norm = float("inf")  # as the global scaler's skipped steps log it
+    return True
 
 
 def fit(task: Any, cfg: LoopConfig, run: RunDir, dist: DistState, cluster: DistConfig) -> dict[str, Any]:
     """Train `task` for `cfg.steps` updates (or until stopped) in `run`; returns the summary (also summary.json)."""
     dtype = autocast_dtype(cfg.precision, task.device)
-    scaler = torch.amp.GradScaler(task.device.type) if dtype == torch.float16 else None
-    eng = _engine(task, cfg, dist, cluster, scaler)
+    eng, blocks = _engine(task, cfg, dist, cluster, dtype == torch.float16)
     model, ema = eng.module, EMA(eng.module, cfg.ema_decay) if cfg.ema_decay > 0 else None
-    ck = Checkpoints(eng, run, task, ema, cluster.zero_stage)
+    ck = Checkpoints(eng, run, task, ema, cluster.zero_stage, blocks)
     st = ck.restore()
     task.start(st.step, st.data, run.metrics.log)
     ck.restore_rng(st.rng)
     stopper = Stopper(cfg, eng.dist, st)
-    ev, lines = Evaluator(task, eng, ema, cluster.zero_stage == 3, run), Lines(task, cfg, run, eng, stopper, st)
+    ev, lines = Evaluator(task, eng, ema, cluster.zero_stage == 3, run), Lines(task, cfg, run, eng, stopper, st, blocks)
 
     def forward(*args: Any, **kw: Any) -> Any:
         with autocast(dtype, task.device):
@@ -69,11 +88,11 @@ def fit(task: Any, cfg: LoopConfig, run: RunDir, dist: DistState, cluster: DistC
             eng.set_lr(sch["lr"])
             loss, metrics = task.loss(forward, task.next_batch(), st.step, sch)
             eng.backward(loss)
-            eng.step()
+            skipped = _update(eng, blocks)
             if ema is not None:
                 ema.update(model)
             st.step += 1
-            st.skipped += int(eng.last_step_skipped)
+            st.skipped += int(skipped)
             reason = stopper.decide(st.step, loss.item())
             lines.step(loss, metrics, sch, last=reason is not None)
             ev.periodic(st.step, cfg)
@@ -85,6 +104,7 @@ def fit(task: Any, cfg: LoopConfig, run: RunDir, dist: DistState, cluster: DistC
         lines.close()
     ev.final(st.step, cfg)
     final = {**{f"final_{k}": v for k, v in lines.last.items()}, **ev.last}
+    final.update({"skipped_steps": st.skipped} if blocks is not None else {})
     summary = _summary(task, cfg, run, eng, st, stopper, reason, cluster.zero_stage, final)
     summary.update(task.summary(summary, ev.last))
     summary["checkpoint"] = str(ck.save(st, stopper, metrics=summary))

@@ -3,8 +3,9 @@
 Checkpoint entries written for every task (beside the engine's "step", "model", "optimizer" and the
 task's own): "ema" (None without EMA), "data" and "rng" (one entry per rank: its data position and
 torch RNG states), "horizon" (the cosine horizon fitted to the time budget, 0 = steps), "elapsed_s"
-(training seconds of all runs so far), "scaler" (the fp16 loss scale) and, in the last one of a run,
-"metrics" (the summary). Plain/DDP checkpoints are checkpoints/step_XXXXXXXX.pt and latest.pt;
+(training seconds of all runs so far), "scaler" (the fp16 loss scale), "grad_scale" (the per-resblock
+scales, tessera.trainer.grad_scale, with grad_scaling = "per_resblock"; None otherwise) and, in the last
+one of a run, "metrics" (the summary). Plain/DDP checkpoints are checkpoints/step_XXXXXXXX.pt and latest.pt;
 DeepSpeed ZeRO's are checkpoints/zero/ (the engine's own layouts).
 """
 
@@ -25,6 +26,7 @@ from tessera.cluster.slurm import PreemptionHandler, SlurmError
 from tessera.core.errors import CheckpointError, ConfigError
 from tessera.core.files import atomic_write_bytes
 from tessera.core.progress import bar
+from tessera.trainer.grad_scale import PerBlockScaler, wrap_resblocks
 
 ZERO_DIR = "zero"  # checkpoints/zero/: DeepSpeed ZeRO checkpoints (cluster.zero_stage > 0)
 HORIZON_PROBE = 20  # updates between re-estimates of the budget's horizon
@@ -59,6 +61,26 @@ def _gather(dist: Any, obj: Any) -> list[Any]:
     return [obj]
 
 
+def resblock_scaler(task: Any, cfg: Any, cluster: Any, model: torch.nn.Module, replicas: int, fp16: bool) -> PerBlockScaler | None:
+    """With grad_scaling = "per_resblock" and fp16 autocast: the task's resblocks wrapped, each with its own scale (else None).
+
+    Refused, whatever the precision, where it cannot work: a task without resblocks (the dVAE, the CLIP),
+    DeepSpeed ZeRO (it scales the loss itself) and the sharded layout (its FSDP parameters are not the model's)."""
+    if cfg.grad_scaling != "per_resblock":
+        return None
+    key = f"config key '{cfg.KEY_PREFIX}.grad_scaling'"
+    if not hasattr(task, "resblocks"):
+        raise ConfigError(f"{key}: 'per_resblock' is for the transformer's pre-LN resblocks; the {task.kind} trains with 'global'")
+    if cluster.zero_stage > 0 or cluster.sharded:
+        zero = f"cluster.zero_stage = {cluster.zero_stage} (DeepSpeed scales the loss itself)"
+        layout = "cluster.sharded = true" if cluster.sharded else zero
+        raise ConfigError(f"{key}: 'per_resblock' is for the plain and DDP engines, not {layout}; use 'global'")
+    if not fp16:
+        return None
+    blocks, fp32_modules = task.resblocks(model)
+    return wrap_resblocks(model, blocks, fp32_modules=fp32_modules, replicas=replicas)
+
+
 def _rng_state() -> dict[str, torch.Tensor]:
     state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -69,8 +91,9 @@ def _rng_state() -> dict[str, torch.Tensor]:
 class Checkpoints:
     """Save and restore a run: the engine's checkpoint plus the loop's and the task's entries."""
 
-    def __init__(self, engine: Any, run: Any, task: Any, ema: Any, zero_stage: int):
+    def __init__(self, engine: Any, run: Any, task: Any, ema: Any, zero_stage: int, grad_scale: PerBlockScaler | None = None):
         self.engine, self.run, self.task, self.ema, self.zero = engine, run, task, ema, zero_stage > 0
+        self.grad_scale = grad_scale
         self.dir = run.checkpoint_dir / ZERO_DIR if self.zero else run.checkpoint_dir
 
     def save(self, st: LoopState, stopper: "Stopper", metrics: dict | None = None) -> Path:
@@ -84,6 +107,7 @@ class Checkpoints:
             "horizon": st.horizon,
             "elapsed_s": stopper.elapsed(),
             "scaler": self.engine.scaler.state_dict() if self.engine.scaler is not None else None,
+            "grad_scale": self.grad_scale.state_dict() if self.grad_scale is not None else None,
         }
         if metrics is not None:
             client["metrics"] = dict(metrics)
@@ -110,6 +134,8 @@ class Checkpoints:
             self.ema.load_state_dict(client["ema"])
         if self.engine.scaler is not None and client.get("scaler"):
             self.engine.scaler.load_state_dict(client["scaler"])
+        if self.grad_scale is not None and client.get("grad_scale"):
+            self.grad_scale.load_state_dict(client["grad_scale"])
         rank, world = self.engine.dist.rank, self.engine.dist.world_size
         data, rng = client.get("data"), client.get("rng")
         if isinstance(data, dict):  # an older transformer checkpoint: {str(rank): state}
@@ -237,8 +263,9 @@ class Evaluator:
 class Lines:
     """The metric lines (metrics.jsonl and TensorBoard on rank 0, every log_every updates and the last) and the progress bar."""
 
-    def __init__(self, task: Any, cfg: Any, run: Any, engine: Any, stopper: "Stopper", st: LoopState):
+    def __init__(self, task: Any, cfg: Any, run: Any, engine: Any, stopper: "Stopper", st: LoopState, grad_scale: Any = None):
         self.task, self.cfg, self.run, self.engine, self.stopper, self.st = task, cfg, run, engine, stopper, st
+        self.grad_scale = grad_scale
         self.pbar = bar(cfg.steps, task.kind, "step", initial=st.step) if engine.dist.is_main else None
         self.t, self.at = time.time(), st.step
         self.last: dict[str, Any] = {}
@@ -261,6 +288,8 @@ class Lines:
         }
         if self.engine.scaler is not None:
             row.update(loss_scale=self.engine.scaler.get_scale(), skipped_steps=st.skipped)
+        if self.grad_scale is not None:  # grad_scale/min, /max, /block_XX, /skipped (the run's, resumes included)
+            row.update(self.grad_scale.metrics(), skipped_steps=st.skipped)
         self.run.metrics.log(st.step, **row)
         self.task.observe(st.step, row)
         if self.pbar is not None:

@@ -80,6 +80,10 @@ class TransformerTask:
                 (decay if p.dim() >= 2 and "emb" not in name else no_decay).append(p)
         return [{"params": decay, "weight_decay": self.tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
+    def resblocks(self, model: DALLE) -> tuple[list[torch.nn.Module], list[torch.nn.Module]]:
+        """For grad_scaling = "per_resblock": the resblocks (one gradient scale each) and the modules run in fp32 (the logits heads)."""
+        return list(model.blocks), [model.text_head, model.image_head]
+
     def start(self, step: int, states: list | None, log) -> None:
         tc, mcfg, dist = self.tc, self.mcfg, self.dist
         state = states[dist.rank] if states and dist.rank < len(states) else None
