@@ -382,9 +382,36 @@ def crawl(
     n_rows = urls.num_rows
     n_shards = math.ceil(n_rows / cfg.shard_size)
     mine = list(part_shards(n_shards, (pi, pn)))
+    existing = _open_output(storage, urls, cfg, mine, pn, overwrite)
+    complete = [s for s in mine if shard_names(s)["stats"] in existing]
+    todo = [s for s in mine if shard_names(s)["stats"] not in existing]
+    totals: dict[str, Any] = {"status_counts": {}, "reason_counts": {}}
+    done_rows = _account_complete(storage, complete, totals)
+
+    t0 = time.time()
+    gindex = _GlobalIndex(storage, cfg)
+    total_rows = sum(min(n_rows, (s + 1) * cfg.shard_size) - s * cfg.shard_size for s in mine)
+    pbar = (
+        bar(total=total_rows, desc=f"crawl{'' if pn == 1 else f' part {pi}/{pn}'}", unit="row", initial=done_rows)
+        if progress
+        else _NullBar()
+    )
+    written, new_ok = _crawl_shards(cfg, urls, storage, todo, gindex, pbar, totals, t0)
+    duration = time.time() - t0
+    return _summary(storage, (pi, pn), len(mine), written, len(complete), totals, new_ok, duration)
+
+
+def _open_output(storage: Any, urls: Any, cfg: CrawlConfig, mine: list[int], pn: int, overwrite: bool) -> set[str]:
+    """Make `storage` ready for the shards `mine`; returns the names it held before temporaries went.
+
+    With `overwrite`, deletes the shard files (all of them, or this part's when partitioned) and
+    writes a new `crawl.json`; else checks that the `crawl.json` there describes this input and
+    settings, or writes one into an output without shards. Then removes this part's leftovers of
+    a killed run.
+    """
+
     mine_names = {n for s in mine for n in shard_names(s).values()}
     existing = set(storage.list())
-
     meta = _meta(urls, cfg)
     if overwrite:
         for name in sorted(existing):
@@ -406,35 +433,32 @@ def crawl(
             raise InputError(f"output '{storage}' holds shards without {CRAWL_META}; use --overwrite or another output")
         storage.write_bytes(CRAWL_META, json.dumps(meta, indent=1, sort_keys=True).encode())
     storage.clean_temporaries(mine_names)
+    return existing
 
-    complete = [s for s in mine if shard_names(s)["stats"] in existing]
-    todo = [s for s in mine if shard_names(s)["stats"] not in existing]
-    totals: dict[str, Any] = {"status_counts": {}, "reason_counts": {}}
 
-    def account(st: dict) -> None:
-        for k in ("status_counts", "reason_counts"):
-            for name, c in st[k].items():
-                totals[k][name] = totals[k].get(name, 0) + c
+def _account(totals: dict[str, Any], st: dict) -> None:
+    """Add one shard's stats (its `_stats.json`) to the status and reason counts in `totals`."""
+    for k in ("status_counts", "reason_counts"):
+        for name, c in st[k].items():
+            totals[k][name] = totals[k].get(name, 0) + c
 
+
+def _account_complete(storage: Any, complete: list[int], totals: dict[str, Any]) -> int:
+    """Add the stats of the shards already complete to `totals`; returns their row count."""
     done_rows = 0
     for s in complete:
         st = json.loads(storage.read_bytes(shard_names(s)["stats"]))
-        account(st)
+        _account(totals, st)
         done_rows += st["count"]
+    return done_rows
 
-    def rows_of(s: int) -> list[tuple]:
-        return urls.rows(s * cfg.shard_size, min(n_rows, (s + 1) * cfg.shard_size))
 
-    t0 = time.time()
-    new_rows = new_ok = 0
-    gindex = _GlobalIndex(storage, cfg)
-    ext = cfg.output_format
-    total_rows = sum(min(n_rows, (s + 1) * cfg.shard_size) - s * cfg.shard_size for s in mine)
-    pbar = (
-        bar(total=total_rows, desc=f"crawl{'' if pn == 1 else f' part {pi}/{pn}'}", unit="row", initial=done_rows)
-        if progress
-        else _NullBar()
-    )
+def _start_workers(cfg: CrawlConfig) -> tuple[Any, Any, Any]:
+    """(executor, function it runs per shard, queue the workers report progress on).
+
+    With one process the shards run on a thread of this process, else in `processes` spawned
+    worker processes.
+    """
 
     ctx = mp.get_context("spawn")
     in_process = cfg.processes == 1
@@ -446,6 +470,20 @@ def crawl(
     else:
         executor = ProcessPoolExecutor(cfg.processes, mp_context=ctx, initializer=_init_worker, initargs=(cfg, progress_q, os.getpid()))
         submit_fn = _run_shard_in_worker
+    return executor, submit_fn, progress_q
+
+
+def _crawl_shards(
+    cfg: CrawlConfig, urls: Any, storage: Any, todo: list[int], gindex: _GlobalIndex, pbar: Any, totals: dict[str, Any], t0: float
+) -> tuple[int, int]:
+    """Crawl the shards `todo` on the workers and finalise them in id order; returns (shards written, successes).
+
+    At most 2 * `processes` shards are in flight or waiting for a lower one. Closes `pbar`.
+    """
+
+    in_process = cfg.processes == 1
+    executor, submit_fn, progress_q = _start_workers(cfg)
+    new_rows = new_ok = 0
 
     def drain() -> None:
         nonlocal new_rows, new_ok
@@ -468,7 +506,7 @@ def crawl(
         while nxt_final < len(todo):
             while nxt_submit < len(todo) and len(pending) + len(ready) < limit:
                 s = todo[nxt_submit]
-                pending[s] = executor.submit(submit_fn, s, rows_of(s))
+                pending[s] = executor.submit(submit_fn, s, urls.rows(s * cfg.shard_size, min(urls.num_rows, (s + 1) * cfg.shard_size)))
                 nxt_submit += 1
             done, _ = wait(list(pending.values()), timeout=0.25, return_when=FIRST_COMPLETED)
             for s in [s for s, fu in pending.items() if fu in done]:
@@ -480,8 +518,8 @@ def crawl(
                 s = todo[nxt_final]
                 res = ready.pop(s)
                 samples = gindex.filter(s, res["rows"], res["samples"])
-                st = write_shard(storage, s, samples, res["rows"], urls.keep_cols, ext, res["start_time"])
-                account(st)
+                st = write_shard(storage, s, samples, res["rows"], urls.keep_cols, cfg.output_format, res["start_time"])
+                _account(totals, st)
                 written += 1
                 nxt_final += 1
         drain()
@@ -491,16 +529,22 @@ def crawl(
         if in_process:
             _W["pool"].shutdown(wait=False)
             _W["downloader"].close()
-    duration = time.time() - t0
+    return written, new_ok
+
+
+def _summary(
+    storage: Any, part: tuple[int, int], n_mine: int, written: int, skipped: int, totals: dict[str, Any], new_ok: int, duration: float
+) -> dict[str, Any]:
+    """The stats `crawl` returns (see there)."""
     sc = totals["status_counts"]
     total = sum(sc.values())
     return {
         "output": str(storage),
-        "part": f"{pi}/{pn}",
+        "part": f"{part[0]}/{part[1]}",
         "rows": total,
-        "shards": len(mine),
+        "shards": n_mine,
         "shards_written": written,
-        "shards_skipped": len(complete),
+        "shards_skipped": skipped,
         "successes": sc.get("success", 0),
         "success_rate": (sc.get("success", 0) / total) if total else 0.0,
         "status_counts": dict(sorted(sc.items())),

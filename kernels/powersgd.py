@@ -147,6 +147,42 @@ def _householder_kernel(
     col_ok = cols < R
 
     # 0. A = P + eps * I  (keeps zero or dependent columns from producing 0/0)
+    _hh_add_to_diagonal(Pb, ROWS, sp_r, sp_c, offs, cols, col_ok, eps, BLOCK_M)
+    tl.debug_barrier()
+
+    # 1. Factor: reflections H_k = I - beta_k v_k v_k^T zeroing A[k+1:, k]; columns <= k are
+    #    final (R's upper part), so H_k is applied to the columns > k only
+    alphas = tl.zeros([BLOCK_R], dtype=tl.float32)
+    betas = tl.zeros([BLOCK_R], dtype=tl.float32)
+    for k in range(0, R):
+        alpha, beta = _hh_reflector(Pb, Vb, ROWS, R, sp_r, sp_c, offs, k, BLOCK_M)
+        _hh_reflect(Pb, Vb, ROWS, R, sp_r, sp_c, offs, cols, col_ok, k, beta, k + 1, BLOCK_M, BLOCK_R)
+        alphas = tl.where(cols == k, alpha, alphas)
+        betas = tl.where(cols == k, beta, betas)
+
+    # 2. Q = H_0 H_1 ... H_{R-1} I[:, :R], applied right to left, written over P; then fix signs
+    #    so that diag(R) = alpha * sign(alpha) > 0.
+    _hh_store_identity(Pb, ROWS, sp_r, sp_c, offs, cols, col_ok, BLOCK_M)
+    tl.debug_barrier()
+    for kk in range(0, R):
+        k = R - 1 - kk
+        beta = tl.sum(tl.where(cols == k, betas, 0.0), 0)
+        _hh_reflect(Pb, Vb, ROWS, R, sp_r, sp_c, offs, cols, col_ok, k, beta, 0, BLOCK_M, BLOCK_R)
+    sign = tl.where(alphas < 0, -1.0, 1.0)
+    _hh_scale_columns(Pb, ROWS, sp_r, sp_c, offs, cols, col_ok, sign, BLOCK_M)
+
+
+# The kernel's helpers, inlined by Triton. A kernel can call only triton.jit functions of its own
+# kind (compiled or interpreted), and a `lazy_jit` object is neither, so these are decorated at
+# import: TRITON_INTERPRET must be set before then (tests/conftest.py does), as it must be before
+# triton is imported for the kernels' own calls into triton.language to run in the interpreter.
+def _helper_jit(fn):
+    return triton.jit(fn) if HAS_TRITON else fn
+
+
+@_helper_jit
+def _hh_add_to_diagonal(Pb, ROWS, sp_r, sp_c, offs, cols, col_ok, eps, BLOCK_M: tl.constexpr):
+    """A[i, i] += eps for the columns of A (the matrix at Pb)."""
     for c0 in range(0, ROWS, BLOCK_M):
         rows = c0 + offs
         ok = (rows[:, None] < ROWS) & col_ok[None, :]
@@ -154,84 +190,73 @@ def _householder_kernel(
         a = tl.load(ptrs, mask=ok, other=0.0)
         a = tl.where(rows[:, None] == cols[None, :], a + eps, a)
         tl.store(ptrs, a, mask=ok)
+
+
+@_helper_jit
+def _hh_reflector(Pb, Vb, ROWS, R, sp_r, sp_c, offs, k, BLOCK_M: tl.constexpr):
+    """The reflection zeroing A[k+1:, k]: stores v_k as column k of V; returns (alpha_k, beta_k)."""
+    sq_acc = tl.zeros([BLOCK_M], dtype=tl.float32)
+    x0_acc = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for c0 in range(0, ROWS, BLOCK_M):
+        rows = c0 + offs
+        x = tl.load(Pb + rows * sp_r + k * sp_c, mask=(rows < ROWS) & (rows >= k), other=0.0)
+        sq_acc += x * x
+        x0_acc += tl.where(rows == k, x, 0.0)
+    sq = tl.sum(sq_acc, 0)
+    x0 = tl.sum(x0_acc, 0)
+    nrm = tl.sqrt(sq)
+    alpha = tl.where(x0 >= 0, -nrm, nrm)  # opposite sign to x0: no cancellation in x0 - alpha
+    v0 = x0 - alpha
+    vnorm2 = sq - x0 * x0 + v0 * v0
+    beta = tl.where(vnorm2 > 0, 2.0 / tl.where(vnorm2 > 0, vnorm2, 1.0), 0.0)
+    for c0 in range(0, ROWS, BLOCK_M):
+        rows = c0 + offs
+        x = tl.load(Pb + rows * sp_r + k * sp_c, mask=(rows < ROWS) & (rows >= k), other=0.0)
+        tl.store(Vb + rows * R + k, tl.where(rows == k, v0, x), mask=rows < ROWS)
     tl.debug_barrier()
+    return alpha, beta
 
-    # 1. Factor: reflections H_k = I - beta_k v_k v_k^T zeroing A[k+1:, k]
-    alphas = tl.zeros([BLOCK_R], dtype=tl.float32)
-    betas = tl.zeros([BLOCK_R], dtype=tl.float32)
-    for k in range(0, R):
-        sq_acc = tl.zeros([BLOCK_M], dtype=tl.float32)
-        x0_acc = tl.zeros([BLOCK_M], dtype=tl.float32)
-        for c0 in range(0, ROWS, BLOCK_M):
-            rows = c0 + offs
-            x = tl.load(Pb + rows * sp_r + k * sp_c, mask=(rows < ROWS) & (rows >= k), other=0.0)
-            sq_acc += x * x
-            x0_acc += tl.where(rows == k, x, 0.0)
-        sq = tl.sum(sq_acc, 0)
-        x0 = tl.sum(x0_acc, 0)
-        nrm = tl.sqrt(sq)
-        alpha = tl.where(x0 >= 0, -nrm, nrm)  # opposite sign to x0: no cancellation in x0 - alpha
-        v0 = x0 - alpha
-        vnorm2 = sq - x0 * x0 + v0 * v0
-        beta = tl.where(vnorm2 > 0, 2.0 / tl.where(vnorm2 > 0, vnorm2, 1.0), 0.0)
-        for c0 in range(0, ROWS, BLOCK_M):
-            rows = c0 + offs
-            x = tl.load(Pb + rows * sp_r + k * sp_c, mask=(rows < ROWS) & (rows >= k), other=0.0)
-            tl.store(Vb + rows * R + k, tl.where(rows == k, v0, x), mask=rows < ROWS)
-        tl.debug_barrier()
-        w = tl.zeros([BLOCK_R], dtype=tl.float32)
-        for c0 in range(0, ROWS, BLOCK_M):
-            rows = c0 + offs
-            ok = (rows[:, None] < ROWS) & col_ok[None, :]
-            a = tl.load(Pb + rows[:, None] * sp_r + cols[None, :] * sp_c, mask=ok, other=0.0)
-            v = tl.load(Vb + rows * R + k, mask=rows < ROWS, other=0.0)
-            w += tl.sum(v[:, None] * a, 0)
-        w = tl.where(cols > k, w * beta, 0.0)  # columns <= k are final (R's upper part)
-        for c0 in range(0, ROWS, BLOCK_M):
-            rows = c0 + offs
-            ok = (rows[:, None] < ROWS) & col_ok[None, :]
-            ptrs = Pb + rows[:, None] * sp_r + cols[None, :] * sp_c
-            a = tl.load(ptrs, mask=ok, other=0.0)
-            v = tl.load(Vb + rows * R + k, mask=rows < ROWS, other=0.0)
-            tl.store(ptrs, a - v[:, None] * w[None, :], mask=ok)
-        tl.debug_barrier()
-        alphas = tl.where(cols == k, alpha, alphas)
-        betas = tl.where(cols == k, beta, betas)
 
-    # 2. Q = H_0 H_1 ... H_{R-1} I[:, :R], applied right to left, written over P; then fix signs
-    #    so that diag(R) = alpha * sign(alpha) > 0.
+@_helper_jit
+def _hh_reflect(Pb, Vb, ROWS, R, sp_r, sp_c, offs, cols, col_ok, k, beta, first_col, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr):
+    """A <- H_k A = A - v_k (beta_k v_k^T A) on the columns >= first_col of A (the others unchanged)."""
+    w = tl.zeros([BLOCK_R], dtype=tl.float32)
     for c0 in range(0, ROWS, BLOCK_M):
         rows = c0 + offs
         ok = (rows[:, None] < ROWS) & col_ok[None, :]
-        e = tl.where(rows[:, None] == cols[None, :], 1.0, 0.0)
-        tl.store(Pb + rows[:, None] * sp_r + cols[None, :] * sp_c, e, mask=ok)
-    tl.debug_barrier()
-    for kk in range(0, R):
-        k = R - 1 - kk
-        beta = tl.sum(tl.where(cols == k, betas, 0.0), 0)
-        w = tl.zeros([BLOCK_R], dtype=tl.float32)
-        for c0 in range(0, ROWS, BLOCK_M):
-            rows = c0 + offs
-            ok = (rows[:, None] < ROWS) & col_ok[None, :]
-            a = tl.load(Pb + rows[:, None] * sp_r + cols[None, :] * sp_c, mask=ok, other=0.0)
-            v = tl.load(Vb + rows * R + k, mask=rows < ROWS, other=0.0)
-            w += tl.sum(v[:, None] * a, 0)
-        w = w * beta
-        for c0 in range(0, ROWS, BLOCK_M):
-            rows = c0 + offs
-            ok = (rows[:, None] < ROWS) & col_ok[None, :]
-            ptrs = Pb + rows[:, None] * sp_r + cols[None, :] * sp_c
-            a = tl.load(ptrs, mask=ok, other=0.0)
-            v = tl.load(Vb + rows * R + k, mask=rows < ROWS, other=0.0)
-            tl.store(ptrs, a - v[:, None] * w[None, :], mask=ok)
-        tl.debug_barrier()
-    sign = tl.where(alphas < 0, -1.0, 1.0)
+        a = tl.load(Pb + rows[:, None] * sp_r + cols[None, :] * sp_c, mask=ok, other=0.0)
+        v = tl.load(Vb + rows * R + k, mask=rows < ROWS, other=0.0)
+        w += tl.sum(v[:, None] * a, 0)
+    w = tl.where(cols >= first_col, w * beta, 0.0)
     for c0 in range(0, ROWS, BLOCK_M):
         rows = c0 + offs
         ok = (rows[:, None] < ROWS) & col_ok[None, :]
         ptrs = Pb + rows[:, None] * sp_r + cols[None, :] * sp_c
         a = tl.load(ptrs, mask=ok, other=0.0)
-        tl.store(ptrs, a * sign[None, :], mask=ok)
+        v = tl.load(Vb + rows * R + k, mask=rows < ROWS, other=0.0)
+        tl.store(ptrs, a - v[:, None] * w[None, :], mask=ok)
+    tl.debug_barrier()
+
+
+@_helper_jit
+def _hh_store_identity(Pb, ROWS, sp_r, sp_c, offs, cols, col_ok, BLOCK_M: tl.constexpr):
+    """A <- I[:, :R]."""
+    for c0 in range(0, ROWS, BLOCK_M):
+        rows = c0 + offs
+        ok = (rows[:, None] < ROWS) & col_ok[None, :]
+        e = tl.where(rows[:, None] == cols[None, :], 1.0, 0.0)
+        tl.store(Pb + rows[:, None] * sp_r + cols[None, :] * sp_c, e, mask=ok)
+
+
+@_helper_jit
+def _hh_scale_columns(Pb, ROWS, sp_r, sp_c, offs, cols, col_ok, scale, BLOCK_M: tl.constexpr):
+    """A[:, j] *= scale[j]."""
+    for c0 in range(0, ROWS, BLOCK_M):
+        rows = c0 + offs
+        ok = (rows[:, None] < ROWS) & col_ok[None, :]
+        ptrs = Pb + rows[:, None] * sp_r + cols[None, :] * sp_c
+        a = tl.load(ptrs, mask=ok, other=0.0)
+        tl.store(ptrs, a * scale[None, :], mask=ok)
 
 
 def orthogonalize(P: torch.Tensor, eps: float = EPS) -> torch.Tensor:
