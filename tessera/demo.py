@@ -112,12 +112,8 @@ def _heldout_psnr(dvae_dir: Path, eval_shards: Path) -> float:
     return vals / n
 
 
-def run_demo(cfg: Any, out: Path, samples_per_prompt: int = SAMPLES_PER_PROMPT) -> dict[str, Any]:
-
-    out.mkdir(parents=True, exist_ok=True)
-    _reset(out)
-    torch.manual_seed(cfg.seed)
-    st = Stages()
+def _data_stages(cfg: Any, out: Path, st: Stages) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Stages 1-3: generate the synthetic dataset, serve it locally, crawl both url lists into shards."""
 
     src = st.run("synthetic data", synthetic.generate, out / "source", cfg.synthetic, seed=cfg.seed)
     server, base_url = synthetic.serve(out / "source")
@@ -130,6 +126,14 @@ def run_demo(cfg: Any, out: Path, samples_per_prompt: int = SAMPLES_PER_PROMPT) 
             )
     finally:
         server.stop()
+    return src, crawl_stats
+
+
+def _model_stages(cfg: Any, out: Path, st: Stages) -> dict[str, Any]:
+    """Stages 4-8: tokenizer, dVAE, encode, transformer, the CLIP (when reranking) and the export.
+
+    Returns the report's summaries: {"dvae", "transformer", "clip"} (clip None when none was trained).
+    """
 
     captions = list(read_captions(out / "shards" / "train"))
     tok_path = out / "tokenizer" / "bpe.model"
@@ -161,15 +165,24 @@ def run_demo(cfg: Any, out: Path, samples_per_prompt: int = SAMPLES_PER_PROMPT) 
             root_cfg=cfg,
         )
     st.run("export", export, out / "transformer", out / "export", clip=clip_dir)
+    return {
+        "dvae": _small(dvae_summary),
+        "transformer": _small(tr_summary),
+        "clip": _small(clip_summary) if clip_dir is not None else None,
+    }
 
-    prompts = demo_prompts()
+
+def _generate(export_dir: Path, captions: list[str], samples_per_prompt: int, sample_cfg: Any) -> torch.Tensor:
+    """Load the exported directory and sample `samples_per_prompt` images per caption."""
+    pipe = load_inference(export_dir)
+    return pipe.generate(captions, samples_per_prompt, sample_cfg)
+
+
+def _sample_stage(cfg: Any, out: Path, st: Stages, prompts: list[dict[str, str]], samples_per_prompt: int) -> Any:
+    """Stage 9: sample the prompts from the export, write one png per image and grid.png; returns the uint8 images."""
+
     captions_p = [synthetic.caption(a) for a in prompts]
-
-    def _sample():
-        pipe = load_inference(out / "export")
-        return pipe.generate(captions_p, samples_per_prompt, cfg.sample)
-
-    images = st.run("sample", _sample)  # (P * n, 3, H, W), prompt-major
+    images = st.run("sample", _generate, out / "export", captions_p, samples_per_prompt, cfg.sample)  # (P * n, 3, H, W), prompt-major
     (out / "samples").mkdir(exist_ok=True)
 
     arr = (images.clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255 + 0.5).astype("uint8")
@@ -178,6 +191,11 @@ def run_demo(cfg: Any, out: Path, samples_per_prompt: int = SAMPLES_PER_PROMPT) 
             Image.fromarray(a).save(out / "samples" / f"{i // samples_per_prompt:02d}_{i % samples_per_prompt}.png")
             pb.update(1)
     save_image_grid(images, out / "grid.png", nrow=samples_per_prompt * 2)
+    return arr
+
+
+def _score_samples(arr: Any, prompts: list[dict[str, str]], src: dict[str, Any], samples_per_prompt: int) -> dict[str, Any]:
+    """Stage 10a: the detector's accuracies on all generated images and on those of held-out attribute combinations."""
 
     expected = [a for a in prompts for _ in range(samples_per_prompt)]
     acc = detector.score(arr, expected)
@@ -185,11 +203,7 @@ def run_demo(cfg: Any, out: Path, samples_per_prompt: int = SAMPLES_PER_PROMPT) 
     is_held = [tuple(sorted(a.items())) in held for a in expected]
     held_idx = [i for i, h in enumerate(is_held) if h]
     acc_held = detector.score(arr[held_idx], [expected[i] for i in held_idx]) if held_idx else None
-
-    dvae_psnr = st.run("held-out psnr", _heldout_psnr, out / "dvae", out / "shards" / "eval")
-    report = {
-        "config": cfg.name,
-        "dvae_psnr": round(dvae_psnr, 2),
+    return {
         "color_acc": round(acc["color_acc"], 4),
         "shape_acc": round(acc["shape_acc"], 4),
         "position_acc": round(acc["position_acc"], 4),
@@ -199,19 +213,44 @@ def run_demo(cfg: Any, out: Path, samples_per_prompt: int = SAMPLES_PER_PROMPT) 
         "heldout_prompt_images": len(held_idx),
         "heldout_color_acc": round(acc_held["color_acc"], 4) if acc_held else None,
         "heldout_shape_acc": round(acc_held["shape_acc"], 4) if acc_held else None,
+    }
+
+
+def _write_report(out: Path, report: dict[str, Any]) -> None:
+    """Write report.json atomically (its presence marks a complete run)."""
+    tmp = out / ".report.json.tmp"
+    tmp.write_text(json.dumps(report, indent=2))
+    tmp.replace(out / "report.json")
+
+
+def run_demo(cfg: Any, out: Path, samples_per_prompt: int = SAMPLES_PER_PROMPT) -> dict[str, Any]:
+    """Run every stage into `out` (see the module docstring) and return the report written to report.json."""
+
+    out.mkdir(parents=True, exist_ok=True)
+    _reset(out)
+    torch.manual_seed(cfg.seed)
+    st = Stages()
+
+    src, crawl_stats = _data_stages(cfg, out, st)
+    summaries = _model_stages(cfg, out, st)
+    prompts = demo_prompts()
+    arr = _sample_stage(cfg, out, st, prompts, samples_per_prompt)
+    scores = _score_samples(arr, prompts, src, samples_per_prompt)
+    dvae_psnr = st.run("held-out psnr", _heldout_psnr, out / "dvae", out / "shards" / "eval")
+
+    report = {
+        "config": cfg.name,
+        "dvae_psnr": round(dvae_psnr, 2),
+        **scores,
         "num_prompts": len(prompts),
         "samples_per_prompt": samples_per_prompt,
         "crawl_success": {k: v["successes"] for k, v in crawl_stats.items()},
-        "dvae": _small(dvae_summary),
-        "transformer": _small(tr_summary),
-        "clip": _small(clip_summary) if clip_dir is not None else None,
+        **summaries,
         "stage_seconds": st.seconds,
         "total_seconds": st.total,
         "torch_threads": torch.get_num_threads(),
     }
-    tmp = out / ".report.json.tmp"
-    tmp.write_text(json.dumps(report, indent=2))
-    tmp.replace(out / "report.json")
+    _write_report(out, report)
     return report
 
 

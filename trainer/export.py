@@ -116,6 +116,96 @@ def _tensor_bytes(tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> bytes
     return save(out, metadata={"format": EXPORT_FORMAT})
 
 
+def _checked_transformer(run_dir: Path, use_ema: bool) -> tuple[DALLE, Any, dict]:
+    """(model, model config, checkpoint metadata): the run's weights loaded into the architecture they claim.
+
+    Checked before anything is written: weights that do not match the config are refused.
+    """
+    weights, model_cfg, meta = _transformer_state(run_dir, use_ema)
+    mcfg = model_config_from_dict(model_cfg)
+    model = DALLE(mcfg)
+    missing, unexpected = model.load_state_dict({k: v.float() for k, v in weights.items()}, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"run '{run_dir}': transformer weights do not match its config (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
+    return model, mcfg, meta
+
+
+def _checked_dvae(run_dir: Path, dvae: str | Path | None, meta: dict, mcfg: Any) -> tuple[Any, Any]:
+    """(dVAE model, its config): --dvae or the one the token manifest names, matching the transformer's image vocabulary and grid."""
+    dvae_path = dvae or meta.get("dvae")
+    if not dvae_path:
+        raise InputError(f"run '{run_dir}': its token manifest names no dVAE; pass --dvae PATH")
+    dvae_model, dvae_cfg = load_dvae(dvae_path)
+    if dvae_cfg.vocab_size != mcfg.image_vocab or dvae_cfg.grid_size != mcfg.image_grid:
+        raise InputError(
+            f"dVAE '{dvae_path}': vocabulary {dvae_cfg.vocab_size} / grid {dvae_cfg.grid_size} do not match the transformer's {mcfg.image_vocab} / {mcfg.image_grid}"
+        )
+    return dvae_model, dvae_cfg
+
+
+def _checked_tokenizer(run_dir: Path, tokenizer: str | Path | None, meta: dict, mcfg: Any) -> tuple[Any, str | Path]:
+    """(tokenizer, its path): --tokenizer or the one the token manifest names, no larger than the transformer's text_vocab."""
+    tok_path = tokenizer or meta.get("tokenizer")
+    if not tok_path:
+        raise InputError(f"run '{run_dir}': its token manifest names no tokenizer; pass --tokenizer PATH")
+    tok = load_tokenizer(tok_path)  # validates model file and sidecar
+    if tok.vocab_size > mcfg.text_vocab:
+        raise InputError(f"tokenizer '{tok_path}' has {tok.vocab_size} tokens, more than the transformer's text_vocab {mcfg.text_vocab}")
+    return tok, tok_path
+
+
+def _collect_tensors(
+    model: DALLE, dvae_model: Any, clip: str | Path | None
+) -> tuple[dict[str, torch.Tensor], dict | None, tuple[bytes, Any] | None]:
+    """(tensors by exported name, the CLIP's config entry or None, (CLIP tokenizer bytes, sidecar) or None)."""
+    tensors = {f"transformer.{k}": v for k, v in model.state_dict().items()}
+    tensors.update({f"dvae_decoder.{k}": v for k, v in dvae_model.decoder.state_dict().items()})
+    if clip is None:
+        return tensors, None, None
+    state = load_checkpoint(clip, "clip")
+    try:
+        tensors.update({f"clip.{k}": v for k, v in state["model"].items()})
+        clip_meta = {"config": state["config"], "vocab_size": int(state["vocab_size"]), "tokenizer": "clip_tokenizer.model"}
+        clip_tok = (state["tokenizer_bytes"].numpy().tobytes(), state["tokenizer_meta"])
+    except KeyError as e:
+        raise CheckpointError(f"CLIP checkpoint '{clip}' lacks {e.args[0]!r}") from None
+    return tensors, clip_meta, clip_tok
+
+
+def _write_payload(
+    out: Path, tensors: dict[str, torch.Tensor], dtype: str, tok_path: str | Path, clip_tok: tuple[bytes, Any] | None
+) -> None:
+    """Everything but config.json (removed first, so the directory reads as incomplete until it is back); atomic writes."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").unlink(missing_ok=True)  # the directory is incomplete until config.json is back
+    atomic_write_bytes(out / "model.safetensors", _tensor_bytes(tensors, torch.float16 if dtype == "fp16" else torch.float32))
+    atomic_write_bytes(out / "tokenizer.model", Path(tok_path).read_bytes())
+    atomic_write_bytes(out / "tokenizer.model.json", sidecar_path(tok_path).read_bytes())
+    if clip_tok is not None:
+        clip_tok_bytes, clip_tok_meta = clip_tok
+        atomic_write_bytes(out / "clip_tokenizer.model", clip_tok_bytes)
+        atomic_write_bytes(out / "clip_tokenizer.model.json", json.dumps(clip_tok_meta).encode())
+    else:
+        for name in ("clip_tokenizer.model", "clip_tokenizer.model.json"):
+            (out / name).unlink(missing_ok=True)
+
+
+def _run_sample_defaults(run_dir: Path) -> tuple[dict, str]:
+    """(the run's default sampling config, its name) from its config.toml; ({}, the folder name) without a usable one."""
+    root_sample = {}
+    cfg_path = run_dir / "config.toml" if run_dir.is_dir() else run_dir.parent.parent / "config.toml"
+    name = run_dir.name
+    if cfg_path.exists():
+        try:
+            root = from_run_dict(C.load_toml(cfg_path))
+            root_sample, name = dataclasses.asdict(root.sample), root.name
+        except Exception:  # an older or foreign config.toml: the defaults still apply
+            root_sample = {}
+    return root_sample, name
+
+
 def export(
     run_dir: str | Path,
     output: str | Path,
@@ -133,64 +223,13 @@ def export(
         raise InputError(f"run '{run_dir}' does not exist")
     if dtype not in ("fp32", "fp16"):
         raise InputError(f"--dtype: expected fp32 or fp16, got {dtype!r}")
-    weights, model_cfg, meta = _transformer_state(run_dir, use_ema)
-    mcfg = model_config_from_dict(model_cfg)
-    # check the weights against the architecture before writing anything
-    model = DALLE(mcfg)
-    missing, unexpected = model.load_state_dict({k: v.float() for k, v in weights.items()}, strict=False)
-    if missing or unexpected:
-        raise CheckpointError(
-            f"run '{run_dir}': transformer weights do not match its config (missing {missing[:3]}, unexpected {unexpected[:3]})"
-        )
+    model, mcfg, meta = _checked_transformer(run_dir, use_ema)
+    dvae_model, dvae_cfg = _checked_dvae(run_dir, dvae, meta, mcfg)
+    tok, tok_path = _checked_tokenizer(run_dir, tokenizer, meta, mcfg)
+    tensors, clip_meta, clip_tok = _collect_tensors(model, dvae_model, clip)
 
-    dvae_path = dvae or meta.get("dvae")
-    if not dvae_path:
-        raise InputError(f"run '{run_dir}': its token manifest names no dVAE; pass --dvae PATH")
-    dvae_model, dvae_cfg = load_dvae(dvae_path)
-    if dvae_cfg.vocab_size != mcfg.image_vocab or dvae_cfg.grid_size != mcfg.image_grid:
-        raise InputError(
-            f"dVAE '{dvae_path}': vocabulary {dvae_cfg.vocab_size} / grid {dvae_cfg.grid_size} do not match the transformer's {mcfg.image_vocab} / {mcfg.image_grid}"
-        )
-    tok_path = tokenizer or meta.get("tokenizer")
-    if not tok_path:
-        raise InputError(f"run '{run_dir}': its token manifest names no tokenizer; pass --tokenizer PATH")
-    tok = load_tokenizer(tok_path)  # validates model file and sidecar
-    if tok.vocab_size > mcfg.text_vocab:
-        raise InputError(f"tokenizer '{tok_path}' has {tok.vocab_size} tokens, more than the transformer's text_vocab {mcfg.text_vocab}")
-
-    tensors = {f"transformer.{k}": v for k, v in model.state_dict().items()}
-    tensors.update({f"dvae_decoder.{k}": v for k, v in dvae_model.decoder.state_dict().items()})
-    clip_meta = None
-    if clip is not None:
-        state = load_checkpoint(clip, "clip")
-        try:
-            tensors.update({f"clip.{k}": v for k, v in state["model"].items()})
-            clip_meta = {"config": state["config"], "vocab_size": int(state["vocab_size"]), "tokenizer": "clip_tokenizer.model"}
-            clip_tok_bytes = state["tokenizer_bytes"].numpy().tobytes()
-            clip_tok_meta = state["tokenizer_meta"]
-        except KeyError as e:
-            raise CheckpointError(f"CLIP checkpoint '{clip}' lacks {e.args[0]!r}") from None
-
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").unlink(missing_ok=True)  # the directory is incomplete until config.json is back
-    atomic_write_bytes(out / "model.safetensors", _tensor_bytes(tensors, torch.float16 if dtype == "fp16" else torch.float32))
-    atomic_write_bytes(out / "tokenizer.model", Path(tok_path).read_bytes())
-    atomic_write_bytes(out / "tokenizer.model.json", sidecar_path(tok_path).read_bytes())
-    if clip_meta is not None:
-        atomic_write_bytes(out / "clip_tokenizer.model", clip_tok_bytes)
-        atomic_write_bytes(out / "clip_tokenizer.model.json", json.dumps(clip_tok_meta).encode())
-    else:
-        for name in ("clip_tokenizer.model", "clip_tokenizer.model.json"):
-            (out / name).unlink(missing_ok=True)
-    root_sample = {}
-    cfg_path = run_dir / "config.toml" if run_dir.is_dir() else run_dir.parent.parent / "config.toml"
-    name = run_dir.name
-    if cfg_path.exists():
-        try:
-            root = from_run_dict(C.load_toml(cfg_path))
-            root_sample, name = dataclasses.asdict(root.sample), root.name
-        except Exception:  # an older or foreign config.toml: the defaults still apply
-            root_sample = {}
+    _write_payload(out, tensors, dtype, tok_path, clip_tok)
+    root_sample, name = _run_sample_defaults(run_dir)
     config = {
         "format": EXPORT_FORMAT,
         "version": __version__,
@@ -203,7 +242,7 @@ def export(
         "sample": root_sample,
         "source": {"run": str(run_dir.absolute()), "step": meta.get("step"), "weights": meta.get("weights", "model")},
     }
-    atomic_write_bytes(out / "config.json", json.dumps(config, indent=1).encode())
+    atomic_write_bytes(out / "config.json", json.dumps(config, indent=1).encode())  # last: marks the directory complete
     size = (out / "model.safetensors").stat().st_size
     return {
         "output": str(out),
