@@ -277,3 +277,20 @@ def test_the_layers_are_written_down(doc):
     text = (REPO / doc).read_text()
     for layer, _ in LAYERS:
         assert f"**{layer}**" in text, f"{doc} does not describe the layer '{layer}'"
+
+
+def test_no_function_longer_than_80_lines():
+    long = []
+    for name, path in MODULES.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > 80:
+                long.append(f"{where(name, node.lineno)}: {node.name} ({node.end_lineno - node.lineno + 1} lines)")
+    assert not long, "functions over 80 lines:\n" + "\n".join(long)
+
+
+def test_one_training_loop_of_at_most_150_lines():
+    fit = next(n for n in ast.parse(MODULES["tessera.trainer.fit"].read_text()).body if isinstance(n, ast.FunctionDef) and n.name == "fit")
+    assert fit.end_lineno - fit.lineno + 1 <= 150
+    # no trainer holds a loop of its own: the dVAE, transformer and CLIP entry points call fit
+    for task in ("dvae", "transformer", "clip"):
+        assert "tessera.trainer.fit" in {t for t, _, _ in SCAN[f"tessera.trainer.{task}_train"].edges}, task
