@@ -21,7 +21,6 @@ import glob
 import io
 import json
 import os
-import platform
 import shutil
 import socket
 import subprocess
@@ -31,6 +30,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from tessera.core.machine import describe
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = REPO / ".bench-cache"
@@ -192,16 +193,6 @@ def run_tessera(url_list: Path, out: Path, processes: int, threads: int, shard: 
     return {"wall_s": wall, "successes": ok, "output_bytes": sum(os.path.getsize(p) for p in glob.glob(str(out / "*.tar")))}
 
 
-def _cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def write_result(path: Path, args: argparse.Namespace, runs: list[dict], source_bytes: float) -> None:
     """Tessera's best run as one entry of the JSON result file (entries of other image sizes are kept)."""
     best = max(runs, key=lambda r: r["successes"] / r["wall_s"])
@@ -209,7 +200,7 @@ def write_result(path: Path, args: argparse.Namespace, runs: list[dict], source_
     entry = {
         "tool": "tessera prep crawl",
         "date": time.strftime("%Y-%m-%dT%H:%MZ", time.gmtime()),
-        "machine": f"{os.cpu_count()} cores of {_cpu_name()}",
+        "machine": f"{os.cpu_count()} cores of {describe()['cpu']}",
         "load_average_1m": round(os.getloadavg()[0], 2),
         "cores_used": cores,
         "processes": args.processes,

@@ -17,17 +17,9 @@ import sys
 import time
 from pathlib import Path
 
-TARGETS = {"full": {"seconds": 600, "color_acc": 0.9, "shape_acc": 0.7}, "quick": {"seconds": 120}}
+from tessera.core.machine import describe, one_line
 
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+TARGETS = {"full": {"seconds": 600, "color_acc": 0.9, "shape_acc": 0.7}, "quick": {"seconds": 120, "color_acc": 0.8}}
 
 
 def run_one(kind: str, out: Path) -> dict:
@@ -43,6 +35,12 @@ def run_one(kind: str, out: Path) -> dict:
         "kind": kind,
         "wall_s": round(wall, 1),
         **{k: report[k] for k in ("dvae_psnr", "color_acc", "shape_acc", "position_acc", "size_acc")},
+        **{k: report.get(k) for k in ("heldout_color_acc", "heldout_shape_acc")},
+        "updates": {
+            s: f"{report[s]['steps']} ({report[s]['stop_reason']}, {report[s]['precision']})"
+            for s in ("dvae", "transformer", "clip")
+            if s in report
+        },
     }
     res["stage_seconds"] = report["stage_seconds"]
     tgt = TARGETS[kind]
@@ -55,7 +53,7 @@ def main() -> None:
     ap.add_argument("--only", choices=["quick", "full"])
     ap.add_argument("--out", default="runs/bench-demo")
     args = ap.parse_args()
-    print(f"machine: {cpu_name()}, {os.cpu_count()} cores, python {platform.python_version()}")
+    print(f"machine: {one_line(describe())}, python {platform.python_version()}")
     kinds = [args.only] if args.only else ["quick", "full"]
     for kind in kinds:
         res = run_one(kind, Path(args.out) / kind)
