@@ -183,6 +183,12 @@ def discover(env: Mapping[str, str] | None = None, ranks_per_node: int = 0) -> D
     return state
 
 
+def node_size(env: Mapping[str, str]) -> int | None:
+    """Ranks per node as any launcher's variable in `env` says (torchrun's, then MPI's, then SLURM's), else None."""
+    names = [n for _, _, _, _, per_node in _LAUNCHERS for n in per_node]
+    return _int(env, *dict.fromkeys(names))
+
+
 def _master(e: Mapping[str, str], source: str) -> tuple[str | None, int | None]:
     addr, port = e.get("MASTER_ADDR") or None, _int(e, "MASTER_PORT")
     if source == "slurm":

@@ -49,7 +49,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
 
-from tessera.cluster.dist import DistState, discover, free_port, init
+from tessera.cluster.dist import DistState, free_port, init, node_size
 from tessera.cluster.sharded_powersgd import CrossGroupReducer, Slot, paper_compression_rate
 from tessera.core.errors import CheckpointError, ConfigError
 from tessera.core.files import atomic_write_bytes, load_checkpoint, save_checkpoint
@@ -90,9 +90,8 @@ class Topology:
 
     @classmethod
     def discover(cls, rank: int, world: int, ranks_per_node: int = 0, env: dict[str, str] | None = None) -> "Topology":
-        """`ranks_per_node` > 0 wins; else the launcher's ranks per node as `tessera.cluster.dist.discover` reads `env`; else one node."""
-        found = discover(env if env is not None else os.environ)
-        return cls(rank, world, ranks_per_node if ranks_per_node > 0 else (found.ranks_per_node or world))
+        """`ranks_per_node` > 0 wins; else the launcher's ranks per node in `env` (`tessera.cluster.dist.node_size`); else one node."""
+        return cls(rank, world, ranks_per_node if ranks_per_node > 0 else (node_size(os.environ if env is None else env) or world))
 
 
 def build_mesh(topo: Topology, device_type: str = "cpu") -> DeviceMesh:

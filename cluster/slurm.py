@@ -6,6 +6,8 @@ Two kinds of job:
   node. It is requeueable (`--requeue`, log opened in append mode) and SLURM sends SIGUSR1
   `signal_before_s` seconds before the time limit; the loop's `PreemptionHandler` sees it,
   checkpoints and calls `requeue()`, and the requeued job resumes from the checkpoint.
+  `layout_overrides` turns `--layout paper|ddp|zero1-3|auto` into the `cluster.*` overrides of the command
+  (paper: cluster.sharded=true cluster.ranks_per_node=G, one group of FSDP2 shards per node) and checks them.
 - a dataset-sharding array job (`render_array_script`): `--array=0-(N-1)`, task i runs the
   given `tessera prep crawl|encode ...` command with `--part i/N`.
 

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from tessera.cli import train as train_cli
 from tessera.cluster import slurm
 from tessera.cluster.config import DistConfig, SlurmConfig
-from tessera.core.errors import InputError
+from tessera.core.errors import InputError, TesseraError
 from tessera.core.root_config import load_root
 
 TRAIN_TASKS = ("dvae", "transformer", "clip")
@@ -100,9 +100,21 @@ class _Parser(argparse.ArgumentParser):
         raise InputError(f"the training command after '--': {message}")
 
 
-def training_cluster_config(command: Sequence[str], config: str | None) -> DistConfig | None:
-    """The resolved `[cluster]` config of a `tessera train TASK ...` command (also `python -m tessera.cli train ...`), else None."""
-    cmd = slurm.job_command(command)
+def training_cluster_config(command: Sequence[str], config: str | None, strict: bool = True) -> DistConfig | None:
+    """The resolved `[cluster]` config of a `tessera train TASK ...` command (also `python -m tessera.cli train ...`), else None.
+
+    A command that does not parse or whose config does not load is a one-line error when `strict`, else None
+    (--layout auto submits it as it is, and the job reports the error, as before --layout existed).
+    """
+    try:
+        return _cluster_config(slurm.job_command(command), config)
+    except TesseraError:
+        if strict:
+            raise
+        return None
+
+
+def _cluster_config(cmd: list[str], config: str | None) -> DistConfig | None:
     i = next((j for j in range(len(cmd) - 1) if cmd[j] == "train" and cmd[j + 1] in TRAIN_TASKS), None)
     if i is None or not any(c == "tessera" or c.endswith("tessera.cli") or c.endswith("/tessera") for c in cmd[:i]):
         return None
@@ -123,7 +135,7 @@ def run_submit_train(args: argparse.Namespace) -> int:
         signal_before_s=args.signal_before,
         requeue=not args.no_requeue,
     )
-    cluster = training_cluster_config(args.command, args.config)
+    cluster = training_cluster_config(args.command, args.config, strict=args.layout != "auto")
     kw = dict(config=args.config, layout=args.layout, cluster=cluster)
     if args.dry_run:
         print(slurm.train_job_script(cfg, args.command, **kw)[0], end="")

@@ -5,7 +5,7 @@ import textwrap
 
 import pytest
 
-from tessera.cluster.dist import DistState, discover, free_port
+from tessera.cluster.dist import DistState, discover, free_port, node_size
 from tessera.core.errors import ConfigError
 
 
@@ -47,6 +47,15 @@ def test_discover_whole_layout():
     assert discover({}).layout()["ranks_per_node"] == 1
     with pytest.raises(ConfigError, match="cluster.ranks_per_node': 3 ranks per node do not divide the world of 8"):
         discover(slurm, ranks_per_node=3)
+    # any launcher's per-node count, without its rank variables (tessera.cluster.sharded.Topology.discover)
+    assert [
+        node_size(e) for e in ({"LOCAL_WORLD_SIZE": "4"}, {"OMPI_COMM_WORLD_LOCAL_SIZE": "2"}, {"SLURM_TASKS_PER_NODE": "8(x2)"}, {})
+    ] == [
+        4,
+        2,
+        8,
+        None,
+    ]
 
 
 def test_two_gloo_ranks_all_reduce(tmp_path):
