@@ -347,12 +347,11 @@ def deepspeed_config(cfg: DistConfig, world_size: int, micro_batch_size: int = 1
 
 
 def _prepare_deepspeed_env(dist: DistState) -> None:
+    """DeepSpeed reads the ranks from the environment (and tries mpi4py discovery when they are missing): write the one
+    discovered layout there (the master address follows in `init`)."""
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    # DeepSpeed reads these (and tries mpi4py discovery when they are missing)
-    os.environ.setdefault("RANK", str(dist.rank))
-    os.environ.setdefault("WORLD_SIZE", str(dist.world_size))
-    os.environ.setdefault("LOCAL_RANK", str(dist.local_rank))
+    os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"] = str(dist.rank), str(dist.world_size), str(dist.local_rank)
 
 
 def build_engine(
@@ -383,17 +382,16 @@ def build_engine(
     cfg.validate()
     if cfg.powersgd_rank > MAX_RANK:
         raise ConfigError(f"config key 'cluster.powersgd_rank': expected <= {MAX_RANK}, got {cfg.powersgd_rank}")
-    dist = dist or discover()
+    dist = dist or discover()  # the one discovered layout; in the sharded layout cluster.ranks_per_node (> 0) sets its groups
     if scaler is not None and (cfg.sharded or cfg.zero_stage > 0):
         layout = "cluster.sharded = true" if cfg.sharded else f"cluster.zero_stage = {cfg.zero_stage}"
         raise ConfigError(f"training precision 'fp16' with one global loss scale is for the plain and DDP engines, not {layout}")
     if cfg.sharded:
-        dist = init(dist, cfg.backend, cfg.timeout_s, single_group=True)
+        dist = init(dist.set_ranks_per_node(cfg.ranks_per_node), cfg.backend, cfg.timeout_s, single_group=True)
         eng: Engine = ShardedPowerSGDEngine(
             model,
             optimizer,
             dist,
-            ranks_per_node=cfg.ranks_per_node,
             powersgd_rank=cfg.powersgd_rank,
             grad_clip=grad_clip,
             timeout_s=cfg.timeout_s,

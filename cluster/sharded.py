@@ -1,9 +1,10 @@
 """Sharding within a node (FSDP2), PowerSGD across nodes: the "sharded" engine (DALL-E paper section 2.5, App. E).
 
-Topology: the world's ranks form groups of `ranks_per_node` consecutive ranks (a node, as torchrun
-and SLURM's block distribution number them); `Topology.discover` takes the size from the explicit
-value, else LOCAL_WORLD_SIZE (torchrun), else SLURM_NTASKS_PER_NODE / SLURM_TASKS_PER_NODE, else the
-whole world is one node. The device mesh is (replicate = groups, shard = ranks per node).
+Topology: the world's ranks form groups of `ranks_per_node` consecutive ranks (a node, as torchrun,
+mpirun and SLURM's block distribution number them). The engine takes it from its `DistState`, the one
+layout `tessera.cluster.dist.discover` found (LOCAL_WORLD_SIZE, OMPI_COMM_WORLD_LOCAL_SIZE,
+SLURM_NTASKS_PER_NODE, ...); an explicit `ranks_per_node` (`cluster.ranks_per_node`) replaces it there.
+The device mesh is (replicate = groups, shard = ranks per node).
 
 Within a group, `torch.distributed.fsdp.fully_shard` on the 1-D "shard" mesh shards every parameter
 on dim 0 and reduce-scatters the gradients (one FSDP unit per resblock, then the root, as torchtitan
@@ -48,7 +49,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
 
-from tessera.cluster.dist import DistState, free_port, init
+from tessera.cluster.dist import DistState, free_port, init, node_size
 from tessera.cluster.sharded_powersgd import CrossGroupReducer, Slot, paper_compression_rate
 from tessera.core.errors import CheckpointError, ConfigError
 from tessera.core.files import atomic_write_bytes, load_checkpoint, save_checkpoint
@@ -83,16 +84,14 @@ class Topology:
         return self.rank % self.ranks_per_node
 
     @classmethod
+    def of(cls, dist: DistState) -> "Topology":
+        """The layout `tessera.cluster.dist.discover` found (and `cluster.ranks_per_node` set): no environment is read here."""
+        return cls(dist.rank, dist.world_size, dist.group_size)
+
+    @classmethod
     def discover(cls, rank: int, world: int, ranks_per_node: int = 0, env: dict[str, str] | None = None) -> "Topology":
-        """`ranks_per_node` > 0 wins; else LOCAL_WORLD_SIZE, SLURM_NTASKS_PER_NODE, SLURM_TASKS_PER_NODE; else one node."""
-        e = os.environ if env is None else env
-        k = ranks_per_node
-        for name in ("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE", "SLURM_TASKS_PER_NODE"):
-            if k > 0:
-                break
-            m = re.match(r"\s*(\d+)", e.get(name, ""))  # SLURM_TASKS_PER_NODE reads like "4(x2)"
-            k = int(m.group(1)) if m else 0
-        return cls(rank, world, k if k > 0 else world)
+        """`ranks_per_node` > 0 wins; else the launcher's ranks per node in `env` (`tessera.cluster.dist.node_size`); else one node."""
+        return cls(rank, world, ranks_per_node if ranks_per_node > 0 else (node_size(os.environ if env is None else env) or world))
 
 
 def build_mesh(topo: Topology, device_type: str = "cpu") -> DeviceMesh:
@@ -173,6 +172,8 @@ class ShardedPowerSGDEngine:
     """
 
     kind = "sharded"  # the interface of tessera.cluster.engine.Engine, without importing it (engine.py may import this module)
+    scaler: Any = None  # no global fp16 loss scale here (per-resblock scales are the loop's)
+    last_step_skipped = False  # what tessera.trainer.fit reads after step(): this engine never skips on its own
 
     def __init__(
         self,
@@ -192,8 +193,8 @@ class ShardedPowerSGDEngine:
         timeout_s: float = 600.0,
         checkpoint_kind: str = "engine",
     ):
-        dist = _ensure_group(dist or DistState(), timeout_s)
-        self.topology = Topology.discover(dist.rank, dist.world_size, ranks_per_node)
+        dist = _ensure_group(dist or DistState(), timeout_s).set_ranks_per_node(ranks_per_node)  # 0 keeps the discovered layout
+        self.topology = Topology.of(dist)
         self.mesh = build_mesh(self.topology, dist.device.type)
         self.shard_mesh, self.replicate_group = self.mesh["shard"], self.mesh["replicate"].get_group()
         old_names = {id(p): n for n, p in module.named_parameters()}

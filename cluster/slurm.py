@@ -6,6 +6,8 @@ Two kinds of job:
   node. It is requeueable (`--requeue`, log opened in append mode) and SLURM sends SIGUSR1
   `signal_before_s` seconds before the time limit; the loop's `PreemptionHandler` sees it,
   checkpoints and calls `requeue()`, and the requeued job resumes from the checkpoint.
+  `layout_overrides` turns `--layout paper|ddp|zero1-3|auto` into the `cluster.*` overrides of the command
+  (paper: cluster.sharded=true cluster.ranks_per_node=G, one group of FSDP2 shards per node) and checks them.
 - a dataset-sharding array job (`render_array_script`): `--array=0-(N-1)`, task i runs the
   given `tessera prep crawl|encode ...` command with `--part i/N`.
 
@@ -21,8 +23,10 @@ A training job whose command names its run directory (`--output RUN_DIR`) is tra
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import re
 import shlex
 import signal
 import socket
@@ -35,8 +39,8 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-from tessera.cluster.config import SlurmConfig
-from tessera.core.errors import InputError, TesseraError
+from tessera.cluster.config import DistConfig, SlurmConfig
+from tessera.core.errors import ConfigError, InputError, TesseraError
 from tessera.core.files import atomic_write_bytes
 
 
@@ -48,6 +52,8 @@ TERMINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "
 JOB_RECORD = "slurm_job.json"
 JOB_STARTS = "slurm_starts.jsonl"
 NO_COMMAND = "no command given: put it after '--', e.g. -- tessera prep crawl ..."
+LAYOUTS = ("auto", "paper", "ddp", "zero1", "zero2", "zero3")
+OVERRIDE = re.compile(r"[A-Za-z_]\w*(\.\w+)+=")
 
 
 def job_command(command: Sequence[str]) -> list[str]:
@@ -111,10 +117,11 @@ def _start_record_lines(run_dir: str) -> list[str]:
     ]
 
 
-def render_train_script(cfg: SlurmConfig, command: Sequence[str], run_dir: str | None = None) -> str:
+def render_train_script(cfg: SlurmConfig, command: Sequence[str], run_dir: str | None = None, layout: str | None = None) -> str:
     """The sbatch script of a (multi-node) training job running `command` on every rank.
 
     With `run_dir` (the command's --output), each (re)start of the job appends a line to RUN_DIR/slurm_starts.jsonl.
+    `layout` (a line from `layout_overrides`) is echoed to the job's log.
     """
     cfg.validate()
     cmd = _command_line(command)
@@ -139,6 +146,8 @@ def render_train_script(cfg: SlurmConfig, command: Sequence[str], run_dir: str |
         "export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$SLURM_CPUS_PER_TASK}",
         'echo "tessera: job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0} on $SLURM_JOB_NODELIST"',
     ]
+    if layout:
+        body.append(f"echo {shlex.quote('tessera: layout ' + layout)}")
     if run_dir:
         body += _start_record_lines(run_dir)
     if not torchrun:
@@ -210,14 +219,68 @@ class Submitted:
     run_dir: Path | None = None
 
 
-def train_job_script(cfg: SlurmConfig, command: Sequence[str], config: str | None = None) -> tuple[str, str | None]:
+def layout_overrides(layout: str, cfg: SlurmConfig, cluster: DistConfig | None) -> tuple[list[str], str]:
+    """The `cluster.*=value` overrides that run the training command in `layout` on this job, and a line describing it.
+
+    `cluster` is the training command's resolved `[cluster]` config (None: not a `tessera train` command, which
+    takes no overrides; only "auto" is allowed then). "auto": the config decides (a config with cluster.sharded
+    is the paper's layout); "paper": cluster.sharded=true and cluster.ranks_per_node = the job's ranks per node
+    (one group per node) unless the config sets it; "ddp": neither sharding nor ZeRO; "zeroN": DeepSpeed ZeRO
+    stage N. The result is checked (DistConfig.validate, groups dividing the world): ConfigError, one line.
+    """
+    if layout not in LAYOUTS:
+        raise ConfigError(f"--layout: expected one of {', '.join(LAYOUTS)}, got {layout!r}")
+    k, world = cfg.ranks_per_node, cfg.nodes * cfg.ranks_per_node
+    if cluster is None:
+        if layout != "auto":
+            raise ConfigError(f"--layout {layout}: the job's command is not a 'tessera train ...' command; use --layout auto")
+        return [], f"{cfg.nodes} nodes x {k} ranks"
+    if layout == "auto":
+        layout = "paper" if cluster.sharded else ("ddp" if cluster.zero_stage == 0 else f"zero{cluster.zero_stage}")
+    if layout == "paper" and cluster.zero_stage > 0:
+        raise ConfigError(
+            f"--layout paper: the training config sets cluster.zero_stage = {cluster.zero_stage}; the paper's layout replaces ZeRO "
+            f"(set it to 0, or use --layout zero{cluster.zero_stage})"
+        )
+    want: dict[str, Any] = {"sharded": layout == "paper", "zero_stage": int(layout[4:]) if layout.startswith("zero") else 0}
+    if layout == "paper":
+        want["ranks_per_node"] = cluster.ranks_per_node or k
+    changed = {key: v for key, v in want.items() if getattr(cluster, key) != v}
+    dataclasses.replace(cluster, **changed).validate()
+    group = want.get("ranks_per_node", k)
+    if world % group:
+        raise ConfigError(f"config key 'cluster.ranks_per_node': {group} ranks per group do not divide the job's {world} ranks")
+    over = [f"cluster.{key}={str(v).lower()}" for key, v in changed.items()]
+    note = {
+        "paper": f"paper: {world // group} groups x {group} ranks, FSDP2 within a group, PowerSGD rank {cluster.powersgd_rank} across groups",
+        "ddp": f"ddp: {world} ranks, DDP" + (f" with PowerSGD rank {cluster.powersgd_rank}" if cluster.powersgd_rank else ""),
+    }.get(layout, f"{layout}: {world} ranks, DeepSpeed ZeRO stage {want['zero_stage']}")
+    return over, note
+
+
+def with_overrides(command: Sequence[str], overrides: Sequence[str]) -> list[str]:
+    """`command` with `overrides` placed right after its last `key.sub=value` (else at the end), where argparse reads them."""
+    cmd = list(command)
+    at = max((i + 1 for i, a in enumerate(cmd) if OVERRIDE.match(a)), default=len(cmd))
+    return [*cmd[:at], *overrides, *cmd[at:]]
+
+
+def train_job_script(
+    cfg: SlurmConfig, command: Sequence[str], config: str | None = None, layout: str = "auto", cluster: DistConfig | None = None
+) -> tuple[str, str | None]:
     """(sbatch script, run directory as the command names it) of `tessera cluster submit-train`.
 
-    `config` (a preset or TOML) is passed on as the command's --config unless it has one.
+    `config` (a preset or TOML) is passed on as the command's --config unless it has one; `layout` and `cluster`
+    (the command's resolved cluster config) add the overrides of `layout_overrides`.
     """
-    cmd = _train_command(command, config)
+    cmd, note = _layout_command(cfg, command, config, layout, cluster)
     run_dir = output_dir_of(cmd)
-    return render_train_script(cfg, cmd, run_dir=run_dir), run_dir
+    return render_train_script(cfg, cmd, run_dir=run_dir, layout=note), run_dir
+
+
+def _layout_command(cfg: SlurmConfig, command: Sequence[str], config: str | None, layout: str, cluster: DistConfig | None):
+    over, note = layout_overrides(layout, cfg, cluster)
+    return with_overrides(_train_command(command, config), over), note
 
 
 def _train_command(command: Sequence[str], config: str | None) -> list[str]:
@@ -225,14 +288,22 @@ def _train_command(command: Sequence[str], config: str | None) -> list[str]:
     return [*cmd, "--config", config] if config and "--config" not in cmd else cmd
 
 
-def submit_train(cfg: SlurmConfig, command: Sequence[str], config: str | None = None, workdir: str | Path | None = None) -> Submitted:
+def submit_train(
+    cfg: SlurmConfig,
+    command: Sequence[str],
+    config: str | None = None,
+    workdir: str | Path | None = None,
+    layout: str = "auto",
+    cluster: DistConfig | None = None,
+) -> Submitted:
     """Render and submit a training job; record it in its run directory (relative to `workdir`) when the command names one."""
-    script, run_dir = train_job_script(cfg, command, config)
-    job, cluster = _sbatch(script, workdir, ())
-    out = Submitted(job, cluster)
+    cmd, note = _layout_command(cfg, command, config, layout, cluster)
+    run_dir = output_dir_of(cmd)
+    job, cluster_name = _sbatch(render_train_script(cfg, cmd, run_dir=run_dir, layout=note), workdir, ())
+    out = Submitted(job, cluster_name)
     if run_dir:
         out.run_dir = Path(workdir or ".") / run_dir
-        record_job(out.run_dir, out, command=_train_command(command, config), job_name=cfg.job_name)
+        record_job(out.run_dir, out, command=cmd, job_name=cfg.job_name)
     return out
 
 

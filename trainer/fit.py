@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from tessera.cluster.config import DistConfig
-from tessera.cluster.dist import DistState
+from tessera.cluster.dist import DistState, write_layout
 from tessera.cluster.engine import build_engine
 from tessera.core.errors import ConfigError
 from tessera.trainer.config import LoopConfig
@@ -65,6 +65,7 @@ def fit(task: Any, cfg: LoopConfig, run: RunDir, dist: DistState, cluster: DistC
     """Train `task` for `cfg.steps` updates (or until stopped) in `run`; returns the summary (also summary.json)."""
     dtype = autocast_dtype(cfg.precision, task.device)
     eng, blocks = _engine(task, cfg, dist, cluster, dtype == torch.float16)
+    write_layout(eng.dist, run.path / "layout.json")  # the discovered ranks and groups, every rank's
     model, ema = eng.module, EMA(eng.module, cfg.ema_decay) if cfg.ema_decay > 0 else None
     ck = Checkpoints(eng, run, task, ema, cluster.zero_stage, blocks)
     st = ck.restore()

@@ -3,6 +3,7 @@
 Layout of a run directory:
     config.toml            the resolved config (root sections), written at start
     metrics.jsonl          one JSON object per logged step ({"step", "time", ...})
+    layout.json            the discovered ranks and groups (launcher, world, each rank's group and ordinal), by fit
     tb/                    TensorBoard event files
     checkpoints/step_XXXXXXXX.pt, checkpoints/latest.pt
     samples/step_XXXXXXXX.png

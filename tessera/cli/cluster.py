@@ -1,20 +1,35 @@
 """`tessera cluster submit-train` and `tessera cluster submit-array`: render and submit sbatch jobs.
 
-    tessera cluster submit-train --config demo --nodes 2 --gpus-per-node 8 --time 12:00:00 \\
-        -- tessera train transformer --data shards/tokens --output runs/t
+    tessera cluster submit-train --config demo --nodes 2 --gpus-per-node 8 --time 12:00:00 --layout paper \\
+        -- tessera train transformer --data shards/tokens --output runs/t cluster.powersgd_rank=32
     tessera cluster submit-array --parts 16 -- tessera prep crawl --input urls.parquet --output shards/img
 
 Both print the job id (or, with --dry-run, the script). A training job whose command has `--output RUN_DIR`
 is recorded in RUN_DIR (slurm_job.json, slurm_starts.jsonl) for `tessera status RUN_DIR`.
+A `tessera train ...` command is parsed and its config resolved here (an unknown key fails before sbatch), so
+that `--layout` can add what its layout needs (tessera.cluster.slurm.layout_overrides).
 The rendering, submission and job records are tessera.cluster.slurm.
 """
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 
+from tessera.cli import train as train_cli
 from tessera.cluster import slurm
-from tessera.cluster.config import SlurmConfig
+from tessera.cluster.config import DistConfig, SlurmConfig
+from tessera.core.errors import InputError, TesseraError
+from tessera.core.root_config import load_root
+
+TRAIN_TASKS = ("dvae", "transformer", "clip")
+LAYOUT_HELP = (
+    "how the ranks train: 'paper' = the DALL-E layout (cluster.sharded=true cluster.ranks_per_node=RANKS_PER_NODE: "
+    "FSDP2 shards within each node, PowerSGD across nodes with cluster.powersgd_rank); 'ddp' = DDP over every rank; "
+    "'zero1|zero2|zero3' = DeepSpeed ZeRO; 'auto' (default) = as the training config says (cluster.sharded, "
+    "cluster.zero_stage), a sharded config getting cluster.ranks_per_node=RANKS_PER_NODE. The overrides are added to the "
+    "command; a cluster.ranks_per_node that the config or command sets is kept; the result is checked before submitting"
+)
 
 
 def _add_common(parser: argparse.ArgumentParser, job_name: str) -> argparse._ArgumentGroup:
@@ -76,7 +91,38 @@ def add_submit_train(parser: argparse.ArgumentParser) -> None:
         help="seconds before the time limit to send SIGUSR1 (default: %(default)s)",
     )
     g.add_argument("--no-requeue", action="store_true", help="do not make the job requeueable")
+    g.add_argument("--layout", choices=slurm.LAYOUTS, default="auto", help=LAYOUT_HELP)
     _add_command(parser)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # a one-line InputError instead of argparse's usage and exit
+        raise InputError(f"the training command after '--': {message}")
+
+
+def training_cluster_config(command: Sequence[str], config: str | None, strict: bool = True) -> DistConfig | None:
+    """The resolved `[cluster]` config of a `tessera train TASK ...` command (also `python -m tessera.cli train ...`), else None.
+
+    A command that does not parse or whose config does not load is a one-line error when `strict`, else None
+    (--layout auto submits it as it is, and the job reports the error, as before --layout existed).
+    """
+    try:
+        return _cluster_config(slurm.job_command(command), config)
+    except TesseraError:
+        if strict:
+            raise
+        return None
+
+
+def _cluster_config(cmd: list[str], config: str | None) -> DistConfig | None:
+    i = next((j for j in range(len(cmd) - 1) if cmd[j] == "train" and cmd[j + 1] in TRAIN_TASKS), None)
+    if i is None or not any(c == "tessera" or c.endswith("tessera.cli") or c.endswith("/tessera") for c in cmd[:i]):
+        return None
+    task = cmd[i + 1]
+    parser = _Parser(prog=f"tessera train {task}")
+    getattr(train_cli, f"add_{task}")(parser)
+    args = parser.parse_args(cmd[i + 2 :] + (["--config", config] if config and "--config" not in cmd else []))
+    return load_root(args.config, args.overrides).cluster
 
 
 def run_submit_train(args: argparse.Namespace) -> int:
@@ -89,10 +135,12 @@ def run_submit_train(args: argparse.Namespace) -> int:
         signal_before_s=args.signal_before,
         requeue=not args.no_requeue,
     )
+    cluster = training_cluster_config(args.command, args.config, strict=args.layout != "auto")
+    kw = dict(config=args.config, layout=args.layout, cluster=cluster)
     if args.dry_run:
-        print(slurm.train_job_script(cfg, args.command, config=args.config)[0], end="")
+        print(slurm.train_job_script(cfg, args.command, **kw)[0], end="")
         return 0
-    print(slurm.submit_train(cfg, args.command, config=args.config, workdir=args.chdir).job_id)
+    print(slurm.submit_train(cfg, args.command, workdir=args.chdir, **kw).job_id)
     return 0
 
 

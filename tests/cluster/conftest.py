@@ -70,7 +70,9 @@ class SlurmCluster:
         self.root = root
         self.conf = root / "slurm.conf"
         self.host = socket.gethostname().split(".")[0]
-        self.cpus = os.cpu_count() or 1
+        # at least 4 CPUs, whatever the machine has, so that a job of 4 one-CPU tasks fits on the one node
+        # (SLURM refuses --ntasks-per-node above the node's CPUs even with --overcommit); config_overrides below
+        self.cpus = max(os.cpu_count() or 1, 4)
         self.env = dict(os.environ, SLURM_CONF=str(self.conf))
 
     def write_conf(self) -> None:
@@ -93,6 +95,7 @@ class SlurmCluster:
                     "SelectType=select/cons_tres",
                     "SelectTypeParameters=CR_Core_Memory",
                     "MpiDefault=none",
+                    "SlurmdParameters=config_overrides",  # the node as configured here, not as slurmd finds it
                     "ReturnToService=2",
                     "JobCompType=jobcomp/none",
                     "AccountingStorageType=accounting_storage/none",

@@ -3,12 +3,15 @@ import subprocess
 import sys
 import textwrap
 
-from tessera.cluster.dist import DistState, discover, free_port
+import pytest
+
+from tessera.cluster.dist import DistState, discover, free_port, node_size
+from tessera.core.errors import ConfigError
 
 
 def test_discover_launchers():
     assert discover({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1"}) == DistState(3, 8, 1, "torchrun")
-    assert discover({"SLURM_PROCID": "5", "SLURM_NTASKS": "6", "SLURM_LOCALID": "2"}) == DistState(5, 6, 2, "slurm")
+    assert discover({"SLURM_PROCID": "5", "SLURM_NTASKS": "6", "SLURM_LOCALID": "2"}) == DistState(5, 6, 2, "slurm", master_port=29500)
     assert discover({"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_LOCAL_RANK": "1"}) == DistState(
         1, 2, 1, "mpi"
     )
@@ -17,6 +20,42 @@ def test_discover_launchers():
     # torchrun's variables win over SLURM's when both are present (torchrun inside an sbatch job)
     both = {"RANK": "1", "WORLD_SIZE": "2", "SLURM_PROCID": "0", "SLURM_NTASKS": "1"}
     assert discover(both).source == "torchrun"
+    # mpirun inside a SLURM allocation: its ranks inherit the batch step's SLURM_PROCID; MPI's variables win
+    mpi_in_slurm = {"OMPI_COMM_WORLD_RANK": "3", "OMPI_COMM_WORLD_SIZE": "4", "SLURM_PROCID": "0", "SLURM_NTASKS": "1"}
+    assert (discover(mpi_in_slurm).source, discover(mpi_in_slurm).rank) == ("mpi", 3)
+
+
+def test_discover_whole_layout():
+    """Ranks per node, group, ordinal and the rendezvous come from the one discovery, per launcher."""
+    tr = discover({"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "4", "MASTER_ADDR": "n1", "MASTER_PORT": "1234"})
+    assert (tr.ranks_per_node, tr.n_groups, tr.group, tr.ordinal, tr.master_addr, tr.master_port) == (4, 2, 1, 1, "n1", 1234)
+    mpi = discover(
+        {"OMPI_COMM_WORLD_RANK": "6", "OMPI_COMM_WORLD_SIZE": "8", "OMPI_COMM_WORLD_LOCAL_RANK": "0", "OMPI_COMM_WORLD_LOCAL_SIZE": "2"}
+    )
+    assert (mpi.source, mpi.ranks_per_node, mpi.group, mpi.ordinal, mpi.master_addr) == ("mpi", 2, 3, 0, None)
+    assert discover({"PMI_RANK": "3", "PMI_SIZE": "4", "MPI_LOCALNRANKS": "2"}).group == 1  # MPICH / Intel MPI
+    slurm = {"SLURM_PROCID": "3", "SLURM_NTASKS": "8", "SLURM_LOCALID": "3", "SLURM_JOB_ID": "1017", "SLURM_LAUNCH_NODE_IPADDR": "10.0.0.7"}
+    s = discover({**slurm, "SLURM_NTASKS_PER_NODE": "4"})
+    assert (s.ranks_per_node, s.group, s.ordinal, s.master_addr, s.master_port) == (4, 0, 3, "10.0.0.7", 29517)
+    assert discover({**slurm, "SLURM_TASKS_PER_NODE": "2(x4)"}).ranks_per_node == 2
+    assert discover({**slurm, "SLURM_TASKS_PER_NODE": "2(x4)", "MASTER_PORT": "4000"}).master_port == 4000
+    # the config's cluster.ranks_per_node wins; the whole world is one node when nobody says
+    forced = discover({**slurm, "SLURM_NTASKS_PER_NODE": "8"}, ranks_per_node=2)
+    assert (forced.ranks_per_node, forced.n_groups, forced.group, forced.ordinal) == (2, 4, 1, 1)
+    lone = discover({"RANK": "1", "WORLD_SIZE": "4"})
+    assert (lone.group_size, lone.n_groups, lone.ordinal) == (4, 1, 1)
+    assert discover({}).layout()["ranks_per_node"] == 1
+    with pytest.raises(ConfigError, match="cluster.ranks_per_node': 3 ranks per node do not divide the world of 8"):
+        discover(slurm, ranks_per_node=3)
+    # any launcher's per-node count, without its rank variables (tessera.cluster.sharded.Topology.discover)
+    assert [
+        node_size(e) for e in ({"LOCAL_WORLD_SIZE": "4"}, {"OMPI_COMM_WORLD_LOCAL_SIZE": "2"}, {"SLURM_TASKS_PER_NODE": "8(x2)"}, {})
+    ] == [
+        4,
+        2,
+        8,
+        None,
+    ]
 
 
 def test_two_gloo_ranks_all_reduce(tmp_path):
