@@ -229,12 +229,13 @@ def write_layout(state: DistState, path: str | Path) -> dict[str, Any] | None:
     rec = {k: ranks[0][k] for k in ("launcher", "world_size", "ranks_per_node", "n_groups", "master_addr", "master_port")}
     rec["ranks"] = [{k: r[k] for k in ("rank", "local_rank", "group", "ordinal", "host")} for r in ranks]
     atomic_write_bytes(Path(path), (json.dumps(rec, indent=1) + "\n").encode())
-    print(
-        f"tessera: layout: {rec['launcher']}, {rec['world_size']} ranks = {rec['n_groups']} groups x {rec['ranks_per_node']}, "
-        f"master {rec['master_addr']}:{rec['master_port']}",
-        file=sys.stderr,
-        flush=True,
-    )
+    if rec["world_size"] > 1:  # a one-process run keeps stderr for errors (one line each)
+        print(
+            f"tessera: layout: {rec['launcher']}, {rec['world_size']} ranks = {rec['n_groups']} groups x {rec['ranks_per_node']}, "
+            f"master {rec['master_addr']}:{rec['master_port']}",
+            file=sys.stderr,
+            flush=True,
+        )
     return rec
 
 
