@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from tessera.core import machine
 from tessera.core.errors import InputError
 from tessera.core.progress import bar
 from tessera.core.progress import enabled as progress_enabled
@@ -249,7 +250,10 @@ def run_demo(cfg: Any, out: Path, samples_per_prompt: int = SAMPLES_PER_PROMPT) 
         "stage_seconds": st.seconds,
         "total_seconds": st.total,
         "torch_threads": torch.get_num_threads(),
+        "machine": machine.describe(),
+        "training": _training_table(summaries),
     }
+    report["failures"] = [row["failure"] for row in report["training"].values() if row.get("failure")]
     _write_report(out, report)
     return report
 
@@ -259,6 +263,12 @@ def _small(summary: Any) -> Any:
     if not isinstance(summary, dict):
         return None
     return {k: v for k, v in summary.items() if isinstance(v, (int, float, str, bool)) or v is None}
+
+
+def _training_table(summaries: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per training stage: updates done of planned, why it stopped, its precision and a failure (a safety stop), if any."""
+    keys = ("steps", "planned_steps", "stop_reason", "precision", "failure")
+    return {name: {k: s.get(k) for k in keys if k in s} for name, s in summaries.items() if isinstance(s, dict)}
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -274,7 +284,13 @@ def format_report(report: dict[str, Any]) -> str:
         ),
         ("prompts x samples", f"{report['num_prompts']} x {report['samples_per_prompt']}"),
     ]
+    for name, t in report.get("training", {}).items():
+        planned = f" of {t['planned_steps']}" if t.get("planned_steps") is not None else ""
+        rows.append((f"updates: {name}", f"{t.get('steps')}{planned} ({t.get('stop_reason')}, {t.get('precision')})"))
     rows += [(f"time: {k}", f"{v:.1f} s") for k, v in report["stage_seconds"].items()]
     rows.append(("time: total", f"{report['total_seconds']:.1f} s"))
+    if report.get("machine"):
+        rows.append(("machine", machine.one_line(report["machine"])))
+    rows += [("FAILED", f) for f in report.get("failures", [])]
     w = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{w}}  {v}" for k, v in rows)

@@ -54,6 +54,12 @@ class LoopConfig:
     time_budget_s: float = param(
         0.0, "Stop after this many seconds of training, summed over resumed runs (0: no limit); the step count still bounds it."
     )
+    time_budget_mode: Literal["horizon", "safety"] = param(
+        "horizon",
+        "What time_budget_s means: horizon, the budget ends the run and the cosine horizon is fitted to the updates that fit "
+        "in it (a time-bound run: its update count depends on the machine); safety, the step count bounds the run and the "
+        "budget is only a safety stop, reported as a failure (summary 'failure') when it fires.",
+    )
     threads: int = param(
         0, "Intra-op CPU threads during training (0: torch's default); 1 avoids OpenMP stalls when other jobs share the cores."
     )

@@ -122,7 +122,9 @@ def _summary(task: Any, cfg: LoopConfig, run: RunDir, eng: Any, st: Any, stopper
         "steps": st.step,
         "resumed_from": st.start,
         "stop_reason": reason,
+        "planned_steps": cfg.steps,
         "horizon": st.horizon or cfg.steps,
+        **_failure(task, cfg, st, reason),
         "time_s": round(stopper.elapsed(), 2),
         f"{task.unit}_per_s": round((st.step - st.start) * task.items_per_step / max(stopper.elapsed_here(), 1e-9), 2),
         "precision": resolve_precision(cfg.precision, task.device),
@@ -131,3 +133,10 @@ def _summary(task: Any, cfg: LoopConfig, run: RunDir, eng: Any, st: Any, stopper
         **({"skipped_steps": st.skipped} if eng.scaler is not None else {}),
         **extra,
     }
+
+
+def _failure(task: Any, cfg: LoopConfig, st: Any, reason: str | None) -> dict[str, str]:
+    """{"failure": ...} when a step-bound run (time_budget_mode = "safety") was stopped by its time limit; else {}."""
+    if reason != "time_budget" or cfg.time_budget_mode != "safety":
+        return {}
+    return {"failure": f"{task.kind} stopped by its safety time limit ({cfg.time_budget_s:g} s) at update {st.step} of {cfg.steps}"}

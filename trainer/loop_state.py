@@ -173,7 +173,7 @@ class Stopper:
     def _horizon(self, step: int) -> int:
         """Rank 0: min(steps, updates that fit in the budget at the speed measured since update 5), every HORIZON_PROBE updates."""
         cfg = self.cfg
-        if cfg.time_budget_s <= 0 or step == self.st.start:
+        if cfg.time_budget_s <= 0 or cfg.time_budget_mode == "safety" or step == self.st.start:
             return self.st.horizon
         if self.probe is None and step >= 5:  # skip the first updates (shuffle-buffer fill, allocator warm-up)
             self.probe = (step, time.time())

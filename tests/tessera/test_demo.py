@@ -61,6 +61,10 @@ def test_quick_demo_report_and_figures(quick_demo):
     assert report["background_acc"] >= QUICK_MIN_BACKGROUND_ACC, report
     assert report["total_seconds"] > 0 and set(report["stage_seconds"]) >= {"train dvae", "train transformer", "sample"}
     assert report["crawl_success"]["train"] > 0
+    assert report["machine"]["cores"] >= 1 and set(report["machine"]["isa"]) >= {"avx2", "avx512_bf16", "amx_bf16"}
+    assert set(report["training"]) >= {"dvae", "transformer"} and report["failures"] == []
+    for name, row in report["training"].items():
+        assert 0 < row["steps"] <= row["planned_steps"] and row["precision"] in ("fp32", "bf16"), (name, row)
     assert "color_acc" in r.stdout and "dvae_psnr" in r.stdout  # the printed table
     # candidates > 1: a CLIP was trained for reranking; it tells held-out captions apart far above chance
     assert "train clip" in report["stage_seconds"]
@@ -123,3 +127,15 @@ def test_format_report_table():
     }
     text = format_report(report)
     assert "dvae_psnr (dB, held-out)  27.1" in text and "time: total" in text
+    report["training"] = {"transformer": {"steps": 240, "planned_steps": 900, "stop_reason": "time_budget", "precision": "fp32"}}
+    report["machine"] = {"cpu": "AMD EPYC", "kind": "avx2", "isa": {"avx2": True}, "cores": 2, "threads": 2, "torch": "2.13.0"}
+    report["failures"] = ["transformer stopped by its safety time limit (380 s) at update 240 of 900"]
+    text = format_report(report)
+    assert "updates: transformer" in text and "240 of 900 (time_budget, fp32)" in text
+    assert "AMD EPYC (avx2: avx2), 2 cores, 2 threads, torch 2.13.0" in text
+    assert text.splitlines()[-1].split() == [
+        "FAILED",
+        "transformer",
+        "stopped",
+        *"by its safety time limit (380 s) at update 240 of 900".split(),
+    ]

@@ -352,3 +352,17 @@ def test_per_resblock_is_refused_where_it_cannot_work_in_one_line(task, inputs, 
         assert msg.endswith(f"the {task} trains with 'global'")
     else:
         assert ("cluster.zero_stage = 1 (DeepSpeed scales the loss itself)" if task == "zero" else "cluster.sharded = true") in msg
+
+
+@pytest.mark.parametrize("mode", ["horizon", "safety"])
+def test_time_budget_mode_decides_the_horizon_and_whether_a_stop_is_a_failure(mode, inputs, tmp_path):
+    """horizon: the budget ends the run and the cosine horizon shrinks to the updates that fit (no failure);
+    safety: the horizon stays at `steps`, and the budget's stop is the summary's failure, naming the update."""
+    cfg = tiny_root(steps=100000, batch_size=8, time_budget_s=3.0, threads=1, time_budget_mode=mode)
+    s = train_transformer(cfg, inputs["tokens"], tmp_path / mode)
+    assert s["stop_reason"] == "time_budget" and s["planned_steps"] == 100000 and 0 < s["steps"] < 100000
+    if mode == "safety":
+        assert s["horizon"] == 100000
+        assert s["failure"] == f"transformer stopped by its safety time limit (3 s) at update {s['steps']} of 100000"
+    else:
+        assert s["horizon"] < 100000 and "failure" not in s
