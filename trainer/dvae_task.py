@@ -7,7 +7,8 @@ temp_anneal_steps, learning rate lr -> lr_min over lr_decay_steps; with the k-me
 
 Every rank trains on its slice of the same global batches at any world size (tessera.trainer.data), and the
 gumbel noise of row i of the global batch of step s comes from a generator of its own seeded with (seed, s, i),
-whichever rank holds the row: the update is the same at 1, 2 or 4 ranks (up to float reassociation).
+whichever rank holds the row, and the diversity term is the global batch's (code_diversity_gap's
+mean_over_ranks): the update is the same at 1, 2 or 4 ranks (up to float reassociation).
 """
 
 from __future__ import annotations
@@ -118,7 +119,17 @@ class DVAETask:
             patch_codes(x, self.centroids, 2 ** (self.mc.n_groups - 1)) if self.centroids is not None and step < warm_steps(tc) else None
         )
         loss, terms = dvae_loss(
-            forward, x, sch["temp"], sch["kl_weight"], tc.logit_laplace_eps, gen, None, tc.diversity_weight, tc.mse_weight, codes
+            forward,
+            x,
+            sch["temp"],
+            sch["kl_weight"],
+            tc.logit_laplace_eps,
+            gen,
+            None,
+            tc.diversity_weight,
+            tc.mse_weight,
+            codes,
+            mean_over_ranks=self.dist.all_reduce_mean,  # the diversity term of the global batch
         )
         metrics = {k: terms[k] for k in ("rec_nll", "kl", "diversity_gap", "mse", "init_ce", "init_acc") if k in terms}
         metrics["soft_psnr"] = lambda: soft_psnr(terms["soft_recon"], x, self.mc.channels)
