@@ -1,32 +1,40 @@
-"""Streaming webdataset shards for training: rank/worker splitting, deterministic shuffling, resumable streams.
+"""Streaming webdataset shards for training: one global, deterministic, resumable order of samples, cut into global
+batches of which each rank decodes its own slice.
 
 Listing and reading shards (local folders, globs, brace patterns, s3://) is tessera.dataprep.shards,
 shared with every other stage; this module decides who reads what, in which order.
 
-Splitting (`split_shards`): consumer c = rank * nworkers + worker of C = world * nworkers takes
-shards c, c + C, c + 2C, ... so no two consumers read the same shard. With fewer shards than
-consumers, `Assignment` falls back to giving every consumer all shards and keeping sample i where
-i % C == c (still disjoint, just more reading).
+The order is a function of the seed and the global batch B only, never of the number of ranks W or of data-loader
+workers: every consumer walks the same stream of raw records (`global_stream`: epoch e reads the shards in an order
+permuted by (seed, e), through a shuffle buffer seeded by (seed, e)); the stream is cut into global batches of B
+records; global batch b goes to data-loader worker b % nworkers of every rank (DataLoader takes its workers' batches
+round-robin, so batches arrive in stream order), and rank r decodes records [r*B/W, (r+1)*B/W) of it
+(`global_batches`). Reading a raw record costs its bytes from the tar, no image decoding, so every rank and worker
+reads every shard and decodes only its own slice. The samples of global update s are thus the same ordered list at
+1, 2 or 4 ranks, and so is a random draw keyed by a record's position (epoch, n) (token_data's caption dropout).
 
-Determinism: epoch e reads the shards in an order permuted by (seed, e); the shuffle buffer of
-consumer c in epoch e draws from a generator seeded with (seed, e, c). A stream's position is
-(epoch, samples yielded in that epoch), so resuming replays the epoch's raw records up to that
-point (no image decoding) and continues exactly where it stopped.
+Position: (epoch, records of that epoch consumed) after the last global batch, the same on every rank. A data state
+(`{"order": "global", "position": [e, n], "batches": k}`) resumes by replaying that epoch's raw records up to it and
+continues exactly, at any world size and worker count (`resume_state`). States of the older per-rank order (each rank
+and worker its own shards and position) are no point of this order: they resume at the start of the epoch after the
+furthest one recorded.
+
+`split_shards` (consumer c of C takes shards c, c + C, ...) is the disjoint split of `tessera prep encode --part`.
 """
 
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
 from typing import Iterator
 
 import torch
 
-from tessera.core.errors import InputError
+from tessera.core.errors import ConfigError, InputError
 from tessera.dataprep.shards import decode_image, iter_all_samples, iter_samples, list_shards
 
-# --------------------------------------------------------------------------------------------
-# Splitting (generic: image shards and token shards alike)
+ORDER = "global"  # the data-state format: a position in the global stream, valid at any world size
+
+Position = tuple[int, int]
 
 
 def split_shards(shards: list[str], rank: int, world: int, worker: int = 0, nworkers: int = 1) -> list[str]:
@@ -38,22 +46,6 @@ def split_shards(shards: list[str], rank: int, world: int, worker: int = 0, nwor
     return list(shards[c::total])
 
 
-@dataclass
-class Assignment:
-    """What one consumer reads: shards, and a sample stride/offset when shards are fewer than consumers."""
-
-    shards: list[str]
-    stride: int = 1
-    offset: int = 0
-
-
-def assign(shards: list[str], rank: int, world: int, worker: int = 0, nworkers: int = 1) -> Assignment:
-    total = world * nworkers
-    if len(shards) >= total:
-        return Assignment(split_shards(shards, rank, world, worker, nworkers))
-    return Assignment(list(shards), stride=total, offset=rank * nworkers + worker)
-
-
 def epoch_order(shards: list[str], seed: int, epoch: int) -> list[str]:
     """The shard order of an epoch: a permutation seeded by (seed, epoch), the same on every rank."""
     order = list(shards)
@@ -62,7 +54,7 @@ def epoch_order(shards: list[str], seed: int, epoch: int) -> list[str]:
 
 
 # --------------------------------------------------------------------------------------------
-# The deterministic, resumable sample stream of one consumer
+# The global stream and its global batches
 
 
 def shuffled(records: Iterator[dict], buffer: int, rng: random.Random) -> Iterator[dict]:
@@ -82,54 +74,85 @@ def shuffled(records: Iterator[dict], buffer: int, rng: random.Random) -> Iterat
     yield from buf
 
 
-def consumer_stream(
-    shards: list[str],
-    *,
-    seed: int,
-    rank: int = 0,
-    world: int = 1,
-    worker: int = 0,
-    nworkers: int = 1,
-    shuffle_buffer: int = 1000,
-    start: tuple[int, int] = (0, 0),
-    loop: bool = True,
-) -> Iterator[tuple[dict, tuple[int, int]]]:
-    """Raw records of one consumer with their position (epoch, index in epoch after this record).
+def global_stream(
+    shards: list[str], *, seed: int, shuffle_buffer: int = 1000, start: Position = (0, 0), loop: bool = True
+) -> Iterator[tuple[dict, Position]]:
+    """Every raw record of every epoch, in the one order of (seed), with its position (epoch, index in epoch after it).
 
     `start` = (epoch, n) resumes after the n-th record of that epoch.
     """
+    if not shards:
+        raise InputError("training shards: the list is empty")
     epoch, skip = start
-    c = rank * nworkers + worker
     while True:
-        a = assign(epoch_order(shards, seed, epoch), rank, world, worker, nworkers)
 
-        def records() -> Iterator[dict]:
-            i = 0
-            for url in a.shards:
-                for s in iter_samples(url):
-                    if i % a.stride == a.offset:
-                        yield s
-                    i += 1
+        def records(e: int = epoch) -> Iterator[dict]:
+            for url in epoch_order(shards, seed, e):
+                yield from iter_samples(url)
 
         n = 0
-        for rec in shuffled(records(), shuffle_buffer, random.Random(f"buffer/{seed}/{epoch}/{c}")):
+        for rec in shuffled(records(), shuffle_buffer, random.Random(f"buffer/{seed}/{epoch}")):
             n += 1
-            if n <= skip:
-                continue
-            yield rec, (epoch, n)
+            if n > skip:
+                yield rec, (epoch, n)
         if n == 0:
-            raise InputError(f"shards ({shards[0]}...): no samples for rank {rank}/{world} worker {worker}/{nworkers}")
+            raise InputError(f"shards ({shards[0]}...): no samples")
         if not loop:
             return
         epoch, skip = epoch + 1, 0
 
 
-class ImageBatches(torch.utils.data.IterableDataset):
-    """Batches (images float[B, 3, S, S], positions) of one rank; with DataLoader workers each worker is a consumer.
+def rank_slice(batch_size: int, rank: int, world: int) -> tuple[int, int]:
+    """Rows [lo, hi) of a global batch that rank `rank` of `world` trains on."""
+    if batch_size % world or not 0 <= rank < world:
+        raise ConfigError(f"global batch {batch_size}: expected a multiple of the world size {world} (rank {rank})")
+    per = batch_size // world
+    return rank * per, (rank + 1) * per
 
-    Each batch comes from one worker; its `pos` is that worker's stream position after the batch,
-    so `ImageStream.state()` can record exactly where each worker stands.
-    """
+
+def global_batches(
+    stream: Iterator[tuple[dict, Position]], *, batch_size: int, rank: int = 0, world: int = 1, worker: int = 0, nworkers: int = 1
+) -> Iterator[tuple[list[tuple[dict, Position]], Position]]:
+    """This rank's rows of global batches worker, worker + nworkers, ... of `stream` (batches of `batch_size` records):
+    (its records with their positions, the stream position after the whole global batch)."""
+    lo, hi = rank_slice(batch_size, rank, world)
+    b, i, mine = 0, 0, []
+    for rec, pos in stream:
+        if b % nworkers == worker and lo <= i < hi:
+            mine.append((rec, pos))
+        i += 1
+        if i == batch_size:
+            if b % nworkers == worker:
+                yield mine, pos
+            b, i, mine = b + 1, 0, []
+
+
+def resume_state(states: list | None) -> dict | None:
+    """The data state every rank resumes from, given the saved states of all ranks (None: from the start).
+
+    Global states are the same on every rank (any of them, whatever the world size it was saved at). States of the
+    older per-rank order start the epoch after the furthest one any rank or worker had reached, on every rank."""
+    states = [s for s in (states or []) if s]
+    if not states:
+        return None
+    if all(s.get("order") == ORDER for s in states):
+        return dict(states[0])
+    epochs = [int(p[0]) for s in states for p in s.get("positions", [s.get("position", (0, 0))])]
+    return {"order": ORDER, "position": [1 + max(epochs), 0], "batches": max(int(s.get("batches", 0)) for s in states)}
+
+
+def position_of(state: dict | None) -> tuple[Position, int]:
+    """(position, batches taken) of one saved data state (see resume_state); ((0, 0), 0) without one."""
+    state = resume_state([state]) if state else None
+    if not state:
+        return (0, 0), 0
+    e, n = state["position"]
+    return (int(e), int(n)), int(state.get("batches", 0))
+
+
+class ImageBatches(torch.utils.data.IterableDataset):
+    """This rank's image rows (float[B/W, 3, S, S]) of each global batch, with the position after it; with DataLoader
+    workers, worker k takes global batches k, k + nworkers, ... (DataLoader's round-robin keeps the stream order)."""
 
     def __init__(
         self,
@@ -142,39 +165,24 @@ class ImageBatches(torch.utils.data.IterableDataset):
         world: int,
         nworkers: int,
         shuffle_buffer: int,
-        starts: list[tuple[int, int]],
-        rotate: int = 0,
+        start: Position,
     ):
         super().__init__()
-        self.rotate = rotate  # DataLoader worker k plays logical worker (k + rotate) % nworkers
         self.shards, self.image_size, self.batch_size = shards, image_size, batch_size
         self.seed, self.rank, self.world, self.nworkers = seed, rank, world, max(nworkers, 1)
-        self.shuffle_buffer, self.starts = shuffle_buffer, starts
+        self.shuffle_buffer, self.start = shuffle_buffer, start
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
-        worker = ((info.id if info is not None else 0) + self.rotate) % self.nworkers
-        stream = consumer_stream(
-            self.shards,
-            seed=self.seed,
-            rank=self.rank,
-            world=self.world,
-            worker=worker,
-            nworkers=self.nworkers,
-            shuffle_buffer=self.shuffle_buffer,
-            start=tuple(self.starts[worker]),
-        )
-        while True:
-            imgs, pos = [], None
-            for rec, pos in stream:
-                imgs.append(decode_image(rec, self.image_size))
-                if len(imgs) == self.batch_size:
-                    break
-            yield torch.stack(imgs), torch.tensor([worker, pos[0], pos[1]])
+        stream = global_stream(self.shards, seed=self.seed, shuffle_buffer=self.shuffle_buffer, start=self.start)
+        worker = info.id if info is not None else 0
+        kw = dict(batch_size=self.batch_size, rank=self.rank, world=self.world, worker=worker, nworkers=self.nworkers)
+        for recs, pos in global_batches(stream, **kw):
+            yield torch.stack([decode_image(rec, self.image_size) for rec, _ in recs]), torch.tensor(pos)
 
 
 class ImageStream:
-    """An endless, resumable iterator of image batches for one rank (training)."""
+    """An endless, resumable iterator of this rank's rows (batch_size // world) of each global batch of `batch_size` images."""
 
     def __init__(
         self,
@@ -190,15 +198,8 @@ class ImageStream:
         state: dict | None = None,
     ):
         self.shards = list_shards(spec)
-        self.nworkers = max(workers, 1)
-        self.starts: list[tuple[int, int]] = [tuple(p) for p in (state or {}).get("positions", [(0, 0)] * self.nworkers)]  # type: ignore[misc]
-        if len(self.starts) != self.nworkers:
-            raise InputError(
-                f"data state has {len(self.starts)} worker positions but {self.nworkers} workers are configured; resume with the same data.workers"
-            )
-        # DataLoader takes batches from its workers round-robin starting at worker 0; rotating the
-        # logical worker ids makes a resumed loader continue with the worker whose turn it was.
-        self.next_worker = int((state or {}).get("next_worker", 0))
+        rank_slice(batch_size, rank, world)
+        self.position, self.batches = position_of(state)
         ds = ImageBatches(
             self.shards,
             image_size=image_size,
@@ -206,12 +207,10 @@ class ImageStream:
             seed=seed,
             rank=rank,
             world=world,
-            nworkers=self.nworkers,
+            nworkers=workers,
             shuffle_buffer=shuffle_buffer,
-            starts=self.starts,
-            rotate=self.next_worker,
+            start=self.position,
         )
-        self.positions = list(self.starts)
         if workers > 0:
             self._it = iter(
                 torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers, persistent_workers=False, prefetch_factor=4)
@@ -224,13 +223,12 @@ class ImageStream:
 
     def __next__(self) -> torch.Tensor:
         imgs, pos = next(self._it)
-        w, e, n = (int(v) for v in pos)
-        self.positions[w] = (e, n)
-        self.next_worker = (w + 1) % self.nworkers
+        self.position = (int(pos[0]), int(pos[1]))
+        self.batches += 1
         return imgs
 
     def state(self) -> dict:
-        return {"positions": [list(p) for p in self.positions], "next_worker": self.next_worker}
+        return {"order": ORDER, "position": list(self.position), "batches": self.batches}
 
 
 def iter_image_batches(
@@ -253,4 +251,13 @@ def iter_image_batches(
         yield torch.stack(imgs), recs
 
 
-__all__ = ["split_shards", "assign", "epoch_order", "consumer_stream", "ImageStream", "iter_image_batches"]
+__all__ = [
+    "split_shards",
+    "epoch_order",
+    "global_stream",
+    "global_batches",
+    "rank_slice",
+    "resume_state",
+    "ImageStream",
+    "iter_image_batches",
+]

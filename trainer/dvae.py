@@ -168,9 +168,13 @@ def kl_to_uniform(logits: torch.Tensor) -> torch.Tensor:
     return kl.flatten(1).sum(1)
 
 
-def gumbel_softmax(logits: torch.Tensor, temp: float, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Relaxed one-hot samples over dim 1 (Jang et al. 2016; Maddison et al. 2016)."""
-    u = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=torch.float32)
+def gumbel_softmax(logits: torch.Tensor, temp: float, generator: torch.Generator | list[torch.Generator] | None = None) -> torch.Tensor:
+    """Relaxed one-hot samples over dim 1 (Jang et al. 2016; Maddison et al. 2016); `generator`: one for the batch,
+    or a list of one per sample (each row's noise then does not depend on how a batch is split across ranks)."""
+    if isinstance(generator, (list, tuple)):
+        u = torch.stack([torch.rand(logits.shape[1:], generator=g, device=logits.device, dtype=torch.float32) for g in generator])
+    else:
+        u = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=torch.float32)
     g = -torch.log(-torch.log(u.clamp(1e-10, 1.0 - 1e-7)))
     return F.softmax((logits.float() + g) / temp, dim=1).to(logits.dtype)
 
@@ -190,7 +194,11 @@ class DVAE(nn.Module):
             raise InputError(f"dVAE: expected images (B, {self.cfg.channels}, {s}, {s}) in [0, 1], got {tuple(x.shape)}")
 
     def forward(
-        self, x: torch.Tensor, temp: float, generator: torch.Generator | None = None, codes: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        temp: float,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        codes: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Training pass: (encoder logits (B, V, G, G), decoder stats (B, 2C, H, W)).
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import math
 import time
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +26,7 @@ from tessera.trainer.image_metrics import psnr, ssim
 from tessera.trainer.precision import autocast
 
 
-def code_diversity_gap(logits: torch.Tensor) -> torch.Tensor:
+def code_diversity_gap(logits: torch.Tensor, mean_over_ranks: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """log V - I(x; z) estimated on the batch: (log V - H(mean q)) + mean H(q).
 
     Zero when every position is confident (H(q) = 0) and the batch uses every code equally;
@@ -34,12 +34,22 @@ def code_diversity_gap(logits: torch.Tensor) -> torch.Tensor:
     Not in the paper: a mutual-information term (cf. wav2vec 2.0's diversity loss) that keeps
     short CPU runs from collapsing onto a handful of codes; `dvae.train.diversity_weight`
     (0 = the paper's objective).
+
+    `mean_over_ranks` (data parallelism: each rank holds an equal slice of the global batch): mean q is the global
+    batch's (averaged over ranks, one all-reduce of V numbers in the forward pass) and H(mean q) enters each rank's
+    loss as its value plus its first-order term in this rank's mean q, so that the gradients averaged over ranks are
+    exactly those of the global batch's term (nothing is communicated in the backward pass).
     """
     logq = F.log_softmax(logits.float(), dim=1)  # (B, V, G, G)
     q = logq.exp()
     mean_q = q.mean(dim=(0, 2, 3))
-    aggregate_entropy = -(mean_q * torch.log(mean_q.clamp_min(1e-12))).sum()
     position_entropy = -(q * logq).sum(1).mean()
+    if mean_over_ranks is None:
+        aggregate_entropy = -(mean_q * torch.log(mean_q.clamp_min(1e-12))).sum()
+    else:
+        m = mean_over_ranks(mean_q.detach().clone())
+        log_m = torch.log(m.clamp_min(1e-12))
+        aggregate_entropy = -(m * log_m).sum() - ((log_m + 1) * (mean_q - mean_q.detach())).sum()
     return math.log(logits.shape[1]) - aggregate_entropy + position_entropy
 
 
@@ -54,11 +64,13 @@ def dvae_loss(
     diversity_weight: float = 0.0,
     mse_weight: float = 0.0,
     codes: torch.Tensor | None = None,
+    mean_over_ranks: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Loss (per pixel dimension) and its terms: rec = NLL nats/image, kl = nats/image, div = nats.
 
     With `codes` (the k-means warm start) the decoder reconstructs from those one-hot codes and the
     encoder is trained to predict them (cross-entropy `init_ce`) instead of the KL and diversity terms.
+    `mean_over_ranks`: the diversity term's mean q over the global batch (see code_diversity_gap).
     """
     with autocast(dtype, x.device):
         logits, stats = model(x, temp, generator, codes)
@@ -74,7 +86,7 @@ def dvae_loss(
         loss = (rec + kl_weight * kl) / dims
         terms["kl"] = kl.detach()
         if diversity_weight > 0:
-            div = code_diversity_gap(logits)
+            div = code_diversity_gap(logits, mean_over_ranks)
             loss = loss + diversity_weight * div
             terms["diversity_gap"] = div.detach()
     if mse_weight > 0:

@@ -3,8 +3,12 @@ objective of tessera.trainer.dvae_objective, PSNR/SSIM and reconstruction grids.
 
 Cosine schedules: beta 0 -> kl_weight over kl_warmup_steps, temperature temp_start -> temp_end over
 temp_anneal_steps, learning rate lr -> lr_min over lr_decay_steps; with the k-means warm start
-(`codebook_init = "kmeans"`) the KL and temperature schedules begin after `init_steps`. The gumbel
-noise of step s on rank r comes from a generator seeded with (seed, s, r).
+(`codebook_init = "kmeans"`) the KL and temperature schedules begin after `init_steps`.
+
+Every rank trains on its slice of the same global batches at any world size (tessera.trainer.data), and the
+gumbel noise of row i of the global batch of step s comes from a generator of its own seeded with (seed, s, i),
+whichever rank holds the row, and the diversity term is the global batch's (code_diversity_gap's
+mean_over_ranks): the update is the same at 1, 2 or 4 ranks (up to float reassociation).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from tessera.core import config as C
 from tessera.core.errors import CheckpointError
 from tessera.dataprep.imaging import save_image_grid
 from tessera.trainer.codebook_init import patch_codes
-from tessera.trainer.data import ImageStream, iter_image_batches
+from tessera.trainer.data import ImageStream, iter_image_batches, rank_slice, resume_state
 from tessera.trainer.dvae import DVAE
 from tessera.trainer.dvae_objective import dvae_loss, evaluate, grid_tensor, kmeans_centroids, reconstruct, soft_psnr, weights_digest
 from tessera.trainer.precision import autocast_dtype
@@ -77,22 +81,16 @@ class DVAETask:
 
     def start(self, step: int, states: list | None, log) -> None:
         tc, dist = self.tc, self.dist
-        state = None
-        if states and len(states) == dist.world_size:
-            state = states[dist.rank]
-        elif states:  # another world size: start the next epoch afresh
-            epoch = 1 + max(p[0] for s in states for p in s["positions"])
-            state = {"positions": [[epoch, 0]] * max(tc.workers, 1)}
         self.stream = ImageStream(
             tc.train_data,
             image_size=self.mc.image_size,
-            batch_size=self.local_batch,
+            batch_size=tc.batch_size,  # global: this rank decodes its slice of each global batch
             seed=self.root.seed,
             rank=dist.rank,
             world=dist.world_size,
             workers=tc.workers,
             shuffle_buffer=tc.shuffle_buffer,
-            state=state,
+            state=resume_state(states),  # the same global position on every rank, whatever the world size it was saved at
         )
         if tc.codebook_init == "kmeans" and step < warm_steps(tc) and self.centroids is None:
             self.centroids, seconds = kmeans_centroids(self.root, dist, self.device)
@@ -108,14 +106,30 @@ class DVAETask:
     def schedules(self, step: int, horizon: int) -> dict[str, float]:
         return schedules(self.tc, step)
 
+    def noise(self, step: int) -> list[torch.Generator]:
+        """One gumbel-noise generator per row of this rank's slice, seeded by (seed, step, row in the global batch)."""
+        lo, hi = rank_slice(self.tc.batch_size, self.dist.rank, self.dist.world_size)
+        base = (self.root.seed * 1_000_003 + step) * 1_000_033
+        return [torch.Generator(self.device).manual_seed(base + i) for i in range(lo, hi)]
+
     def loss(self, forward, x: torch.Tensor, step: int, sch: dict) -> tuple[torch.Tensor, dict]:
-        tc, seed = self.tc, self.root.seed
-        gen = torch.Generator(self.device).manual_seed((seed * 1_000_003 + step) * 4099 + self.dist.rank)
+        tc = self.tc
+        gen = self.noise(step)
         codes = (
             patch_codes(x, self.centroids, 2 ** (self.mc.n_groups - 1)) if self.centroids is not None and step < warm_steps(tc) else None
         )
         loss, terms = dvae_loss(
-            forward, x, sch["temp"], sch["kl_weight"], tc.logit_laplace_eps, gen, None, tc.diversity_weight, tc.mse_weight, codes
+            forward,
+            x,
+            sch["temp"],
+            sch["kl_weight"],
+            tc.logit_laplace_eps,
+            gen,
+            None,
+            tc.diversity_weight,
+            tc.mse_weight,
+            codes,
+            mean_over_ranks=self.dist.all_reduce_mean,  # the diversity term of the global batch
         )
         metrics = {k: terms[k] for k in ("rec_nll", "kl", "diversity_gap", "mse", "init_ce", "init_acc") if k in terms}
         metrics["soft_psnr"] = lambda: soft_psnr(terms["soft_recon"], x, self.mc.channels)

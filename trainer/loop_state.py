@@ -61,6 +61,16 @@ def _gather(dist: Any, obj: Any) -> list[Any]:
     return [obj]
 
 
+def rank_mean(dist: Any, values: dict[str, Any]) -> dict[str, Any]:
+    """The numeric values averaged over ranks, in one collective: each rank's are on its equal slice of the global
+    batch, so the logged loss is the global batch's (the same at any world size). Every rank calls it with the same keys."""
+    keys = sorted(k for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
+    if not (dist.initialized and dist.world_size > 1) or not keys:
+        return values
+    t = dist.all_reduce_mean(torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=dist.device))
+    return {**values, **dict(zip(keys, t.tolist()))}
+
+
 def resblock_scaler(task: Any, cfg: Any, cluster: Any, model: torch.nn.Module, replicas: int, fp16: bool) -> PerBlockScaler | None:
     """With grad_scaling = "per_resblock" and fp16 autocast: the task's resblocks wrapped, each with its own scale (else None).
 
@@ -261,7 +271,8 @@ class Evaluator:
 
 
 class Lines:
-    """The metric lines (metrics.jsonl and TensorBoard on rank 0, every log_every updates and the last) and the progress bar."""
+    """The metric lines (metrics.jsonl and TensorBoard on rank 0, every log_every updates and the last; loss and metrics averaged
+    over ranks: the global batch's) and the progress bar."""
 
     def __init__(self, task: Any, cfg: Any, run: Any, engine: Any, stopper: "Stopper", st: LoopState, grad_scale: Any = None):
         self.task, self.cfg, self.run, self.engine, self.stopper, self.st = task, cfg, run, engine, stopper, st
@@ -278,7 +289,7 @@ class Lines:
             return
         now = time.time()
         rate = (st.step - self.at) * self.task.items_per_step / max(now - self.t, 1e-9)
-        self.last = {"loss": loss.item(), **{k: scalar(v) for k, v in metrics.items()}}
+        self.last = rank_mean(self.engine.dist, {"loss": loss.item(), **{k: scalar(v) for k, v in metrics.items()}})
         row = {
             **self.last,
             **sch,

@@ -4,9 +4,10 @@ A token-shard folder holds `{shard:05d}.tar` files with `{key}.codes.npy` (uint1
 `{key}.ids.npy` (int32 BPE ids of the lower-cased caption), `{key}.txt` (caption), and a
 `manifest.json` ({"grid", "image_vocab", "text_vocab", "tokenizer", "dvae", "count", "shards"}).
 
-Listing and reading come from tessera.dataprep.shards; rank/worker splitting, deterministic
-shuffling and exact resume from `tessera.trainer.data` (shared with the dVAE's image stream); this module decodes token records and
-builds (text, image) batches, with BPE-dropout (re-encoding the caption) when a tokenizer is given.
+Listing and reading come from tessera.dataprep.shards; the global order (the same global batches at any world
+size), each rank's slice of it and exact resume from `tessera.trainer.data` (shared with the dVAE's image stream);
+this module decodes token records and builds (text, image) batches, with caption dropout and BPE-dropout
+(re-encoding the caption) when a tokenizer is given.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 
 from tessera.core.errors import InputError
 from tessera.dataprep.shards import iter_all_samples, list_shards
-from tessera.trainer.data import consumer_stream
+from tessera.trainer.data import ORDER, Position, global_batches, global_stream, position_of, rank_slice
 
 MANIFEST_KEYS = ("grid", "image_vocab", "text_vocab")
 
@@ -104,12 +105,15 @@ def decode_record(rec: dict[str, Any], grid: int) -> tuple[np.ndarray, np.ndarra
 
 
 class TokenBatches:
-    """An endless, resumable iterator of (text long[B, T], image long[B, N]) batches for one rank.
+    """An endless, resumable iterator of this rank's rows (text long[B/W, T], image long[B/W, N]) of each global batch of
+    `batch_size` samples (tessera.trainer.data: the same global batches at any world size).
 
     `caption_dropout`: probability of replacing a caption with the empty one (all padding).
     `tokenizer` + `bpe_dropout`: re-encode the caption with BPE-dropout (paper section 2.2);
-    otherwise the stored ids are used. Randomness of batch b comes from (seed, rank, b), and the
-    stream position is part of `state()`, so a resumed run sees exactly the same batches.
+    otherwise the stored ids are used. The caption-dropout draw of a sample comes from (seed, its stream position),
+    whichever rank decodes it; BPE-dropout draws from the tokenizer library's own generator (sentencepiece and
+    youtokentome take no seed per call), so its segmentations are not reproducible. The stream position is part of
+    `state()`, so a resumed run sees exactly the same batches, at any world size.
     """
 
     def __init__(
@@ -133,16 +137,16 @@ class TokenBatches:
         self.text_len, self.text_vocab, self.grid = text_len, text_vocab, grid
         self.batch_size, self.seed, self.rank = batch_size, seed, rank
         self.caption_dropout, self.tokenizer, self.bpe_dropout = caption_dropout, tokenizer, bpe_dropout
-        state = state or {}
-        self.position: tuple[int, int] = tuple(state.get("position", (0, 0)))  # type: ignore[assignment]
-        self.batches = int(state.get("batches", 0))
-        self._stream = consumer_stream(self.shards, seed=seed, rank=rank, world=world, shuffle_buffer=shuffle_buffer, start=self.position)
+        rank_slice(batch_size, rank, world)
+        self.position, self.batches = position_of(state)
+        stream = global_stream(self.shards, seed=seed, shuffle_buffer=shuffle_buffer, start=self.position)
+        self._batches = global_batches(stream, batch_size=batch_size, rank=rank, world=world)
 
     def __iter__(self):
         return self
 
-    def _text(self, ids: np.ndarray, caption: str, rng: np.random.Generator) -> list[int]:
-        if self.caption_dropout > 0 and rng.random() < self.caption_dropout:
+    def _text(self, ids: np.ndarray, caption: str, pos: Position) -> list[int]:
+        if self.caption_dropout > 0 and np.random.default_rng([self.seed, pos[0], pos[1]]).random() < self.caption_dropout:
             return pad_text([], self.text_len, self.text_vocab)
         if self.tokenizer is not None and self.bpe_dropout > 0 and caption:
             ids = self.tokenizer.encode(caption.lower(), dropout=self.bpe_dropout)
@@ -150,20 +154,17 @@ class TokenBatches:
         return pad_text(ids, self.text_len, self.text_vocab)
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
-        rng = np.random.default_rng([self.seed, self.rank, self.batches])
+        recs, self.position = next(self._batches)
         texts, images = [], []
-        for rec, pos in self._stream:
+        for rec, pos in recs:
             ids, codes, caption = decode_record(rec, self.grid)
-            texts.append(self._text(ids, caption, rng))
+            texts.append(self._text(ids, caption, pos))
             images.append(codes)
-            self.position = pos
-            if len(images) == self.batch_size:
-                break
         self.batches += 1
         return torch.tensor(texts, dtype=torch.long), torch.from_numpy(np.stack(images))
 
     def state(self) -> dict:
-        return {"position": list(self.position), "batches": self.batches}
+        return {"order": ORDER, "position": list(self.position), "batches": self.batches}
 
 
 def load_token_set(

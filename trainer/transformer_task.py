@@ -18,6 +18,7 @@ from tessera.core import config as C
 from tessera.core.errors import CheckpointError, ConfigError
 from tessera.dataprep.tokenizer import load_tokenizer
 from tessera.trainer.config import TransformerModelConfig
+from tessera.trainer.data import resume_state
 from tessera.trainer.rundir import RunDir
 from tessera.trainer.schedules import Plateau, warmup_cosine
 from tessera.trainer.token_data import TokenBatches, TokenManifest, load_token_set
@@ -86,13 +87,12 @@ class TransformerTask:
 
     def start(self, step: int, states: list | None, log) -> None:
         tc, mcfg, dist = self.tc, self.mcfg, self.dist
-        state = states[dist.rank] if states and dist.rank < len(states) else None
         self.batches = TokenBatches(
             self.data,
             text_len=mcfg.text_len,
             text_vocab=mcfg.text_vocab,
             grid=mcfg.image_grid,
-            batch_size=self.local_batch,
+            batch_size=tc.batch_size,  # global: this rank decodes its slice of each global batch
             seed=self.seed,
             rank=dist.rank,
             world=dist.world_size,
@@ -100,7 +100,7 @@ class TransformerTask:
             caption_dropout=tc.caption_dropout,
             tokenizer=load_tokenizer_or_none(self.manifest, tc.bpe_dropout),
             bpe_dropout=tc.bpe_dropout,
-            state=state,
+            state=resume_state(states),  # the same global position on every rank, whatever the world size it was saved at
         )
         self.eval_set = load_token_set(tc.eval_data, mcfg.text_len, mcfg.text_vocab, mcfg.image_grid, limit=512) if tc.eval_data else None
         main = dist.is_main and tc.sample_every > 0
@@ -123,10 +123,9 @@ class TransformerTask:
         return out["loss"], {"text_ce": out["text_ce"], "image_ce": out["image_ce"]}
 
     def observe(self, step: int, row: dict) -> None:
-        """Plateau decay: every rank halves on the same (rank-averaged) logged loss."""
+        """Plateau decay: every rank halves on the same logged loss (the global batch's, averaged over ranks by the loop)."""
         if self.plateau is not None and step >= self.tc.warmup_steps:
-            loss = self.dist.all_reduce_mean(torch.tensor([float(row["loss"])], dtype=torch.float64, device=self.dist.device))
-            self.plateau.step(float(loss.item()))
+            self.plateau.step(float(row["loss"]))
 
     def evaluate(self, model: DALLE, step: int) -> dict[str, float]:
         if self.eval_set is None:

@@ -175,30 +175,34 @@ def test_epochs_cover_everything_in_a_new_order(shards):
     e0, e1 = indices(next(tb)), indices(next(tb))
     assert sorted(e0) == sorted(e1) == list(range(96))
     assert e0 != e1
-    assert tb.state() == {"position": [1, 96], "batches": 2}
+    assert tb.state() == {"order": "global", "position": [1, 96], "batches": 2}
 
 
 @pytest.mark.parametrize("world, n, per_shard", [(2, 96, 24), (4, 96, 24), (3, 48, 24)])
-def test_rank_split_is_disjoint_and_covering(tmp_path, world, n, per_shard):
-    """4 shards over 2 or 4 ranks (whole shards per rank), and 2 shards over 3 ranks (every 3rd sample)."""
+def test_ranks_split_the_global_batch(tmp_path, world, n, per_shard):
+    """Each rank's rows are its contiguous slice of the one-rank global batch, whatever the number of shards."""
     spec = write_shards(tmp_path / "s", n=n, per_shard=per_shard)
-    per_rank = n // world
-    seen = []
-    for rank in range(world):
-        tb = batches(spec, batch_size=per_rank, rank=rank, world=world, seed=1)
-        got = indices(next(tb))
-        assert tb.state()["position"] == [0, per_rank]  # exactly one epoch of this rank
-        assert len(set(got)) == per_rank
-        seen.append(set(got))
-    for a in range(world):
-        for b in range(a + 1, world):
-            assert not seen[a] & seen[b], (a, b)
-    assert set().union(*seen) == set(range(n))
+    kw = dict(batch_size=12 * world, seed=1, caption_dropout=0.4)
+    one = take(batches(spec, **kw), 4)
+    ranks = [take(batches(spec, **kw, rank=r, world=world), 4) for r in range(world)]
+    for b, (text, image) in enumerate(one):
+        assert torch.equal(text, torch.cat([ranks[r][b][0] for r in range(world)]))  # caption dropout too: keyed by the sample
+        assert torch.equal(image, torch.cat([ranks[r][b][1] for r in range(world)]))
+        assert all(ranks[r][b][1].shape[0] == 12 for r in range(world))
+    flat = [j for batch in one for j in indices(batch)]
+    assert sorted(flat[:n]) == list(range(n))  # an epoch covers every sample once
+
+
+def test_refuses_a_global_batch_the_ranks_cannot_split(shards):
+    from tessera.core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="global batch 10: expected a multiple of the world size 4"):
+        batches(shards, batch_size=10, rank=0, world=4)
 
 
 def test_resume_continues_the_same_sequence(shards):
-    kw = dict(seed=5, rank=1, world=2, batch_size=10, caption_dropout=0.3)
-    straight = take(batches(shards, **kw), 9)  # 48 samples per rank-epoch: crosses into epoch 2
+    kw = dict(seed=5, rank=1, world=2, batch_size=20, caption_dropout=0.3)
+    straight = take(batches(shards, **kw), 9)  # 180 samples of a 96-sample epoch: crosses into epoch 2
     for cut in (0, 3, 5):
         tb = batches(shards, **kw)
         take(tb, cut)
@@ -206,6 +210,10 @@ def test_resume_continues_the_same_sequence(shards):
         resumed = take(batches(shards, **kw, state=state), 9 - cut)
         for (t0, i0), (t1, i1) in zip(straight[cut:], resumed):
             assert torch.equal(t0, t1) and torch.equal(i0, i1), cut
+        # resumed at one rank: the global batches go on where the two ranks stopped
+        whole = take(batches(shards, **{**kw, "rank": 0, "world": 1}, state=state), 9 - cut)
+        for (t0, i0), (t1, i1) in zip(straight[cut:], whole):
+            assert torch.equal(t0, t1[10:]) and torch.equal(i0, i1[10:]), cut
     # the caption dropout really happened, so the resumed randomness is checked too
     empty = torch.tensor(expected_text(0))  # sample 0 has no ids: all padding
     n_empty = sum(int((t == empty).all(dim=1).sum()) for t, _ in straight)
@@ -213,9 +221,9 @@ def test_resume_continues_the_same_sequence(shards):
 
 
 def test_state_after_epoch_boundary(shards):
-    tb = batches(shards, batch_size=40, world=2, rank=0)
-    take(tb, 2)  # 80 samples of a 48-sample rank-epoch
-    assert tb.state() == {"position": [1, 32], "batches": 2}
+    tb = batches(shards, batch_size=60, world=2, rank=0)
+    take(tb, 2)  # 120 samples of a 96-sample epoch
+    assert tb.state() == {"order": "global", "position": [1, 24], "batches": 2}
 
 
 def test_bpe_dropout_reencodes_the_caption(tmp_path):

@@ -104,9 +104,9 @@ def test_zero3_sharded_checkpoint_and_resume_match_ddp(runs):
         assert torch.allclose(v, ref[k], atol=2e-5, rtol=1e-4), (k, (v - ref[k]).abs().max())
     moved = max((sd[k] - v).abs().max().item() for k, v in _fresh_weights(init, runs).items() if k in sd)
     assert moved > 1e-3
-    # each rank's logged loss is on its own batches; the second rank trained too
+    # the second rank trained too; the logged loss is the global batch's (the mean over ranks), the same on both
     res1 = json.loads((runs / "result1.json").read_text())
-    assert res1["zero3"]["steps"] == STEPS and res1["zero3"]["final_loss"] != res["zero3"]["final_loss"]
+    assert res1["zero3"]["steps"] == STEPS and res1["zero3"]["final_loss"] == res["zero3"]["final_loss"]
 
 
 def _fresh_weights(cfg, runs: Path) -> dict[str, torch.Tensor]:
