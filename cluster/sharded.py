@@ -192,13 +192,16 @@ class ShardedPowerSGDEngine:
         backend: str = "auto",
         timeout_s: float = 600.0,
         checkpoint_kind: str = "engine",
+        powersgd_warm_start: bool = False,
+        powersgd_start_iter: int = 0,
+        dense_pattern: re.Pattern = DENSE_NAME,
     ):
         dist = _ensure_group(dist or DistState(), timeout_s).set_ranks_per_node(ranks_per_node)  # 0 keeps the discovered layout
         self.topology = Topology.of(dist)
         self.mesh = build_mesh(self.topology, dist.device.type)
         self.shard_mesh, self.replicate_group = self.mesh["shard"], self.mesh["replicate"].get_group()
         old_names = {id(p): n for n, p in module.named_parameters()}
-        dense = dense_parameter_names(module)
+        dense = dense_parameter_names(module, dense_pattern)
         with torch.no_grad():  # every rank starts from rank 0's weights, as DDP does
             for t in [*module.parameters(), *module.buffers()]:
                 if dist.world_size > 1:
@@ -218,7 +221,15 @@ class ShardedPowerSGDEngine:
         self.checkpoint_kind = checkpoint_kind
         self.powersgd_rank, self.d_model = powersgd_rank, d_model
         self.reducer = CrossGroupReducer(
-            powersgd_rank, self.replicate_group, self.topology.n_groups, scale=grad_scale, seed=seed, backend=backend, device=dist.device
+            powersgd_rank,
+            self.replicate_group,
+            self.topology.n_groups,
+            scale=grad_scale,
+            seed=seed,
+            backend=backend,
+            device=dist.device,
+            warm_start=powersgd_warm_start,
+            start_iter=powersgd_start_iter,
         )
         self._plan_units({id(p): n for n, p in new_params.items()}, dense)
         self._last_bytes: dict[str, Any] = {}

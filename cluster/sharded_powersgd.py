@@ -19,6 +19,11 @@ output across the groups, over a process group of the ranks with the same local 
 - Embeddings, gains and biases (1-D parameters, parameters of nn.Embedding modules, names matching
   the engine's pattern) are all-reduced uncompressed in fp32, as is everything when rank is 0.
 
+Two options that are not the issue's default (both off): `warm_start` (Q <- the previous step's all-reduced
+Q', the PowerSGD paper's default) and `start_iter` (a unit's first `start_iter` reductions are fp32
+all-reduces, as torch's powerSGD_hook does). At rank 4 of d_model 128 neither closes the gap to the
+uncompressed loss; the rank does (bench/results/powersgd_quality.md).
+
 The error buffers live in unscaled units, so they stay valid when the loss scales change. The
 torch references of kernels/powersgd.py run on CPU, the Triton kernels on CUDA (backend "auto").
 
@@ -88,6 +93,7 @@ class UnitPlan:
     numel: int
     batches: list[Batch] = field(default_factory=list)
     dense: list[Slot] = field(default_factory=list)
+    reductions: int = 0  # calls of `reduce` so far (start_iter counts these)
 
 
 @dataclass
@@ -116,9 +122,13 @@ class CrossGroupReducer:
         eps: float = K.EPS,
         backend: str = "auto",
         device: torch.device | None = None,
+        warm_start: bool = False,
+        start_iter: int = 0,
     ):
         if rank < 0 or rank > K.MAX_RANK:
             raise ValueError(f"PowerSGD rank must be in 0..{K.MAX_RANK}, got {rank}")
+        if start_iter < 0:
+            raise ValueError(f"PowerSGD start_iter must be >= 0, got {start_iter}")
         if backend not in ("auto", "torch", "triton"):
             raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
         self.rank = rank
@@ -129,6 +139,8 @@ class CrossGroupReducer:
         self.eps = eps
         self.backend = backend
         self.device = device or torch.device("cpu")
+        self.warm_start = warm_start  # not the issue's default: Q <- the previous step's all-reduced Q' (Vogels et al.)
+        self.start_iter = start_iter  # not the issue's default: a unit's first start_iter reductions are uncompressed
         self.plans: dict[str, UnitPlan] = {}
         self.bytes = StepBytes()  # since the last `take_bytes`
 
@@ -185,19 +197,22 @@ class CrossGroupReducer:
                 f"FSDP unit '{unit.name}': reduce-scatter output has {flat.numel()} elements, expected {unit.numel} "
                 "(a parameter without a gradient this step? the cross-group hook needs every parameter to get one)"
             )
+        warming = unit.reductions < self.start_iter
+        unit.reductions += 1
+        dense = unit.dense + [s for b in unit.batches for s in b.slots] if warming else unit.dense
         work, buf = None, None
-        if unit.dense:
-            buf = torch.cat([s.matrix(flat).reshape(-1).float() for s in unit.dense])
+        if dense:
+            buf = torch.cat([s.matrix(flat).reshape(-1).float() for s in dense])
             work = self._all_reduce(buf, async_op=True)  # overlaps with the projections
             self.bytes.uncompressed += buf.numel() * ELEMENT_BYTES
             self.bytes.dense_equivalent += buf.numel() * ELEMENT_BYTES
-        if unit.batches:
+        if unit.batches and not warming:
             self._compressed(flat, unit.batches)
         if work is not None:
             work.wait()
             buf /= self.n_groups
             offset = 0
-            for s in unit.dense:
+            for s in dense:
                 s.matrix(flat).view(-1).copy_(buf[offset : offset + s.numel])
                 offset += s.numel
 
@@ -223,6 +238,10 @@ class CrossGroupReducer:
         self._all_reduce(q_flat)
         q_flat /= self.n_groups
         _unflatten(q_flat, qs)
+        if self.warm_start:  # the next step starts its power iteration from this one's Q' (identical on every group)
+            finite = bool(torch.isfinite(q_flat).all())
+            for b, q in zip(batches, qs):
+                b.q.copy_(q if finite else torch.stack([_fixed_q(self.seed, s.fqn, b.n, b.r) for s in b.slots]))
         self.bytes.compressed += (p_flat.numel() + q_flat.numel()) * ELEMENT_BYTES
         for M, p, q, b, sc in zip(mats, ps, qs, batches, scales):
             dense = M.numel() * ELEMENT_BYTES

@@ -98,6 +98,25 @@ WORKER = textwrap.dedent(
         result.update(losses=losses, state={k: v.clone() for k, v in model.state_dict().items()},
                       ratio=red.compression_ratio, steps=red.step)
 
+    elif mode == "cross":  # the sharded layout's CrossGroupReducer on one hand-made FSDP unit (two groups of one rank)
+        from tessera.cluster.sharded_powersgd import CrossGroupReducer, Slot
+        slots = [Slot("a.weight", 0, (6, 10), 64), Slot("b.weight", 64, (12, 5), 60), Slot("c.bias", 124, (7,), 8)]
+        scale = lambda fqn: 4.0 if fqn.startswith("a.") else 1.0
+        for name, warm, start in (("fixed", False, 0), ("warm", True, 0), ("start2", False, 2)):
+            red = CrossGroupReducer(2, None, 2, scale=scale, seed=3, backend="torch", warm_start=warm, start_iter=start)
+            unit = red.plan("u", slots, {"c.bias"})
+            qs = lambda: {sl.fqn: b.q[j].clone() for b in unit.batches for j, sl in enumerate(b.slots)}
+            q0 = qs()
+            g = torch.Generator().manual_seed(200 + s.rank)  # each group its own gradients
+            ins, outs = [], []
+            for step in range(4):
+                flat = torch.randn(132, generator=g)
+                ins.append(flat.clone())
+                red.reduce(flat, unit)
+                outs.append(flat.clone())
+            result[name] = dict(q0=q0, q_end=qs(), ins=ins, outs=outs,
+                                errors={k: v.clone() for k, v in red.error_state().items()})
+
     torch.save(result, os.path.join(out_dir, f"rank{s.rank}.pt"))
     shutdown(s)
     """
@@ -233,3 +252,79 @@ def test_non_finite_step_resets_the_compressed_state():
     fresh = [g.clone() for g in good]
     PowerSGDReducer(rank=2).reduce(fresh)
     torch.testing.assert_close(after[0], fresh[0])
+
+
+CROSS_SCALE = {"a.weight": 4.0, "b.weight": 1.0}
+CROSS_MATS = {"a.weight": ((6, 10), 0), "b.weight": ((12, 5), 64)}  # b is taller than wide: compressed transposed
+
+
+def _orth(a: torch.Tensor) -> torch.Tensor:
+    """Gram-Schmidt in float64 (equals Householder QR with diag(R) > 0 for a full-rank input)."""
+    cols = []
+    for j in range(a.shape[1]):
+        v = a[:, j].clone()
+        for c in cols:
+            v -= (c @ v) * c
+        cols.append(v / v.norm())
+    return torch.stack(cols, dim=1)
+
+
+def _two_group_reference(ins: list[list[torch.Tensor]], q0: dict, warm: bool, start: int, r: int = 2):
+    """One process, two simulated groups: PowerSGD with error feedback as the issue states it, in float64."""
+    steps = len(ins[0])
+    err = {k: [None, None] for k in CROSS_MATS}
+    q = {k: v.double() for k, v in q0.items()}
+    outs = [[x.double().clone() for x in ins[0]], [x.double().clone() for x in ins[1]]]
+    for t in range(steps):
+        bias = (ins[0][t][124:131] + ins[1][t][124:131]).double() / 2
+        for o in (outs[0][t], outs[1][t]):
+            o[124:131] = bias
+        for name, ((rows, cols), off) in CROSS_MATS.items():
+            sc, tr = CROSS_SCALE[name], rows > cols
+            grads = [ins[g][t][off : off + rows * cols].double().view(rows, cols) for g in range(2)]
+            if t < start:  # uncompressed steps: the mean, and nothing for the error
+                approx_out = (grads[0] + grads[1]) / 2
+            else:
+                ms = [(gr.t() if tr else gr) / sc for gr in grads]
+                ms = [m + err[name][g] if err[name][g] is not None else m for g, m in enumerate(ms)]
+                p = _orth(sum(m @ q[name] for m in ms) + 1e-6 * torch.eye(ms[0].shape[0], r, dtype=torch.float64))
+                qn = sum(m.t() @ p for m in ms) / 2
+                approx = p @ qn.t()
+                err[name] = [m - approx for m in ms]
+                if warm:
+                    q[name] = qn
+                approx_out = (approx.t() if tr else approx) * sc
+            for o in (outs[0][t], outs[1][t]):
+                o[off : off + rows * cols] = approx_out.reshape(-1)
+    return outs, err, q
+
+
+def test_cross_group_reducer_matches_a_two_group_reference(tmp_path):
+    """Value level: the sharded layout's reducer (2 real gloo groups) against a one-process float64 reference of
+    PowerSGD with error feedback; error = M - P Q'^T with M = gradient / scale + previous error, per group;
+    the mean over groups divides once; Q fixed (default), warm-started, or after uncompressed steps."""
+    r0, r1 = _run_two_ranks(tmp_path, "cross")
+    for name, warm, start in (("fixed", False, 0), ("warm", True, 0), ("start2", False, 2)):
+        a, b = r0[name], r1[name]
+        for k in a["q0"]:
+            torch.testing.assert_close(a["q0"][k], b["q0"][k], atol=0, rtol=0)  # the same Q on every group
+        assert {k: tuple(v.shape) for k, v in a["q0"].items()} == {"a.weight": (10, 2), "b.weight": (12, 2)}
+        outs, err, q = _two_group_reference([a["ins"], b["ins"]], a["q0"], warm, start)
+        for t in range(4):
+            for g, res in enumerate((a, b)):
+                torch.testing.assert_close(res["outs"][t].double(), outs[g][t], atol=2e-5, rtol=2e-5)
+            for res in (a, b):
+                torch.testing.assert_close(res["outs"][t][60:64], res["ins"][t][60:64], atol=0, rtol=0)  # padding untouched
+                torch.testing.assert_close(res["outs"][t][131:], res["ins"][t][131:], atol=0, rtol=0)
+        for g, res in enumerate((a, b)):
+            for k in CROSS_MATS:
+                torch.testing.assert_close(res["errors"][k].double(), err[k][g], atol=2e-5, rtol=2e-5)
+                same_q = torch.equal(res["q_end"][k], res["q0"][k])
+                assert same_q != warm  # fixed unless warm-started
+        # error feedback telescopes: what was applied plus the mean error left is the mean gradient, summed over steps
+        for k, ((rows, cols), off) in CROSS_MATS.items():
+            sc, tr = CROSS_SCALE[k], rows > cols
+            applied = sum(a["outs"][t][off : off + rows * cols].view(rows, cols) for t in range(4)) / sc
+            mean_in = sum((a["ins"][t] + b["ins"][t])[off : off + rows * cols].view(rows, cols) for t in range(4)) / (2 * sc)
+            left = (a["errors"][k] + b["errors"][k]) / 2
+            torch.testing.assert_close(applied + (left.t() if tr else left), mean_in, atol=1e-4, rtol=1e-4)
