@@ -128,7 +128,7 @@ def layouts():
         yield pytest.param(name, marks=marks)
 
 
-@pytest.mark.parametrize("layout", layouts())
+@pytest.mark.parametrize("layout", list(layouts()))
 def test_kill_9_at_a_random_update_resumes_on_the_same_loss_curve(layout, data):
     out = data / layout
     out.mkdir()
