@@ -24,6 +24,9 @@ Kinds, chosen by `cluster.zero_stage` and the world size:
   of `tessera.cluster.powersgd` as its comm hook (`powersgd_start_iter`, `powersgd_min_compression_rate`).
   Plain and DDP checkpoints are our run-dir format (`tessera.core.files.save_checkpoint`, kind
   `checkpoint_kind`): `dir/step_XXXXXXXX.pt` and `dir/latest.pt`, written by rank 0.
+  Every layout's directory also holds `manifest.json` (sha256 and size of each kept checkpoint's files,
+  `tessera.core.files`); `load_checkpoint` verifies the newest against it and falls back to the previous one
+  (docs/CONTRACTS.md, "Checkpoint manifest").
 - `DeepSpeedEngine` (zero_stage 1, 2, 3, even in one process): `deepspeed.initialize` with a config
   dict built from `DistConfig` (`deepspeed_config`: precision, bucket_mb as the reduce / allgather /
   prefetch bucket sizes, overlap_comm, offload_optimizer); checkpoints are DeepSpeed's own sharded
@@ -52,7 +55,7 @@ import torch
 from tessera.cluster.config import DistConfig
 from tessera.cluster.dist import DistState, discover, init
 from tessera.cluster.powersgd import PowerSGDReducer, ddp_comm_hook
-from tessera.cluster.sharded import ShardedPowerSGDEngine
+from tessera.cluster.sharded import ShardedPowerSGDEngine, choose_checkpoint, record_checkpoint
 from tessera.core import files
 from tessera.core.errors import CheckpointError, ConfigError
 from tessera.kernels.powersgd import MAX_RANK
@@ -145,20 +148,31 @@ class Engine:
                 raise ValueError(f"client_state keys {clash} are reserved by the engine checkpoint")
             state = {**(client_state or {}), "step": int(step), "model": self.module.state_dict(), "optimizer": self.optimizer.state_dict()}
             state.update(self._extra_state())
-            files.save_checkpoint(path, self.checkpoint_kind, state)
-            files.save_checkpoint(directory / "latest.pt", self.checkpoint_kind, state)
-            _prune(sorted(directory.glob("step_*.pt")), keep_last)
+            data = files.checkpoint_bytes(self.checkpoint_kind, state)
+            directory.mkdir(parents=True, exist_ok=True)
+            files.atomic_write_bytes(path, data)  # the step file, the manifest (checksums), latest.pt (a copy), then pruning
+            old = record_checkpoint(directory, path.name, step, keep_last, "step_*.pt", {path.name: files.digest(data)})
+            files.atomic_write_bytes(directory / "latest.pt", data)
+            _remove(old)
         self.dist.barrier()
         return path
 
     def load_checkpoint(self, directory: str | Path) -> tuple[int, dict[str, Any]]:
-        path = Path(directory) / "latest.pt"
-        if not path.exists():
-            if (Path(directory) / "latest").exists():
+        directory = Path(directory)
+        path = directory / "latest.pt"
+        if not path.exists() and not (directory / files.MANIFEST).exists():
+            if (directory / "latest").exists():
                 raise CheckpointError(
                     f"checkpoint directory '{directory}' holds a DeepSpeed ZeRO checkpoint; set cluster.zero_stage to load it or consolidate it"
                 )
             return 0, {}
+        name, verified = choose_checkpoint(self.dist, directory, sorted(p.name for p in directory.glob("step_*.pt")))
+        if verified:
+            if name is None:
+                return 0, {}
+            path = directory / name
+            if self.dist.is_main:
+                _repair_copy(path, directory / "latest.pt")
         ck = files.load_checkpoint(
             path, self.checkpoint_kind, map_location=str(self.dist.device) if self.dist.device.type != "cpu" else "cpu"
         )
@@ -269,21 +283,27 @@ class DeepSpeedEngine(Engine):
             directory.mkdir(parents=True, exist_ok=True)
         self.dist.barrier()
         state = {"step": int(step), "client": client_state or {}}
-        self.ds.save_checkpoint(str(directory), tag=_tag(step), client_state=state)  # ends with a barrier
-        if self.dist.is_main:
-            _prune(sorted(p for p in directory.glob("step_*") if p.is_dir()), keep_last)
+        self.ds.save_checkpoint(str(directory), tag=_tag(step), client_state=state)  # ends with a barrier; writes `latest`
+        if self.dist.is_main:  # every rank's files are complete: the manifest records their checksums, then pruning
+            _remove(record_checkpoint(directory, _tag(step), step, keep_last, "step_*/"))
         self.dist.barrier()
         return directory / _tag(step)
 
     def load_checkpoint(self, directory: str | Path) -> tuple[int, dict[str, Any]]:
         directory = Path(directory)
-        if not (directory / "latest").exists():
+        if not (directory / "latest").exists() and not (directory / files.MANIFEST).exists():
             if (directory / "latest.pt").exists():
                 raise CheckpointError(
                     f"checkpoint directory '{directory}' holds a DDP/plain checkpoint (latest.pt), not a ZeRO one; set cluster.zero_stage = 0"
                 )
             return 0, {}
-        path, state = self.ds.load_checkpoint(str(directory))
+        tag, verified = choose_checkpoint(self.dist, directory, sorted(p.name for p in directory.glob("step_*") if p.is_dir()))
+        if verified and tag is None:
+            return 0, {}
+        if verified and self.dist.is_main and (directory / "latest").read_text().strip() != tag:
+            files.atomic_write_bytes(directory / "latest", tag.encode())  # DeepSpeed's pointer (export reads it) names it again
+        self.dist.barrier()
+        path, state = self.ds.load_checkpoint(str(directory), tag=tag)
         if path is None:
             raise CheckpointError(f"DeepSpeed checkpoint in '{directory}' could not be loaded (tag in {directory / 'latest'})")
         return int(state.get("step", 0)), dict(state.get("client") or {})
@@ -297,9 +317,14 @@ def _cpu_fp32(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().float().cpu().clone() if v.is_floating_point() else v.detach().cpu().clone() for k, v in sd.items()}
 
 
-def _prune(paths: list[Path], keep_last: int) -> None:
-    """Delete all but the last `keep_last` of `paths` (sorted oldest first); 0 keeps everything."""
-    for old in paths[:-keep_last] if keep_last > 0 else []:
+def _repair_copy(src: Path, copy: Path) -> None:
+    """latest.pt made a copy of the verified checkpoint `src` again where it differs (a save cut short, a corrupt copy)."""
+    if not copy.exists() or copy.stat().st_size != src.stat().st_size or files.file_digest(copy) != files.file_digest(src):
+        files.atomic_write_bytes(copy, src.read_bytes())
+
+
+def _remove(paths: list[Path]) -> None:
+    for old in paths:
         if old.is_dir():
             shutil.rmtree(old, ignore_errors=True)
         else:

@@ -51,6 +51,7 @@ from torch.distributed.tensor import DTensor
 
 from tessera.cluster.dist import DistState, free_port, init, node_size
 from tessera.cluster.sharded_powersgd import CrossGroupReducer, Slot, paper_compression_rate
+from tessera.core import files
 from tessera.core.errors import CheckpointError, ConfigError
 from tessera.core.files import atomic_write_bytes, load_checkpoint, save_checkpoint
 
@@ -161,6 +162,32 @@ def _ensure_group(dist: DistState, timeout_s: float) -> DistState:
     )
     dist.backend, dist.initialized = backend, True
     return dist
+
+
+def choose_checkpoint(dist: DistState, directory: Path, names: list[str]) -> tuple[str | None, bool]:
+    """`tessera.core.files.select_checkpoint` taken on rank 0 (which verifies, moves bad checkpoints aside and warns) and
+    shared with every rank: (name, verified); (None, False) without a manifest. Its CheckpointError is raised on every rank.
+    Every engine's restore calls it (tessera.cluster.engine imports it from here)."""
+    out: list[Any] = [None]
+    if dist.is_main:
+        try:
+            out = [files.select_checkpoint(directory, names)]
+        except CheckpointError as e:
+            out = [str(e)]
+    if dist.initialized and dist.world_size > 1:
+        tdist.broadcast_object_list(out, src=0)
+    if isinstance(out[0], str):
+        raise CheckpointError(out[0])
+    return out[0]
+
+
+def record_checkpoint(directory: Path, name: str, step: int, keep_last: int, pattern: str, known: dict | None = None) -> list[Path]:
+    """Rank 0, after checkpoint `name` is complete: the manifest records it with the last `keep_last` of `pattern` (0 = all);
+    returns the older ones to prune (after the manifest no longer lists them)."""
+    on_disk = sorted(p for p in directory.glob(pattern) if p.name == name or files.step_of(p.name) is not None)
+    keep = on_disk[-keep_last:] if keep_last > 0 else on_disk
+    files.record_checkpoint(directory, name, step, [p.name for p in keep], known)
+    return [p for p in on_disk if p not in keep]
 
 
 class ShardedPowerSGDEngine:
@@ -340,12 +367,12 @@ class ShardedPowerSGDEngine:
             meta = {"step": int(step), "client": client_state or {}, "world": topo.world, "ranks_per_node": topo.ranks_per_node}
             save_checkpoint(tmp / "meta.pt", self.checkpoint_kind, meta)
         self.dist.barrier()
-        if self.dist.is_main:
+        if self.dist.is_main:  # the folder, then the manifest (checksums), then latest.sharded, then pruning
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)
+            old = record_checkpoint(directory, tag, step, keep_last, "step_*/")
             atomic_write_bytes(directory / LATEST, tag.encode())
-            old = sorted(p for p in directory.glob("step_*") if p.is_dir())
-            for p in old[:-keep_last] if keep_last > 0 else []:
+            for p in old:
                 shutil.rmtree(p, ignore_errors=True)
         self.dist.barrier()
         return final
@@ -359,7 +386,7 @@ class ShardedPowerSGDEngine:
                         f"checkpoint directory '{directory}' holds a {other} checkpoint of another engine, not a sharded one"
                     )
             return 0, {}
-        folder = directory / (directory / LATEST).read_text().strip()
+        folder = directory / self._choose(directory)
         meta = load_checkpoint(folder / "meta.pt", self.checkpoint_kind)
         topo = self.topology
         if (meta["world"], meta["ranks_per_node"]) != (topo.world, topo.ranks_per_node):
@@ -375,6 +402,20 @@ class ShardedPowerSGDEngine:
         _wrap_optimizer_state(self.optimizer)
         self._load_errors(shard["error_sum"])
         return int(meta["step"]), dict(meta["client"])
+
+    def _choose(self, directory: Path) -> str:
+        """The newest intact checkpoint folder (verified against the manifest; latest.sharded is rewritten to name it), or the
+        one latest.sharded names for a directory written before manifests."""
+        names = sorted(p.name for p in directory.glob("step_*") if p.is_dir())
+        name, verified = choose_checkpoint(self.dist, directory, names)
+        if not verified:
+            return (directory / LATEST).read_text().strip()
+        if name is None:
+            raise CheckpointError(f"checkpoint directory '{directory}' lists no checkpoint in its {files.MANIFEST}")
+        if self.dist.is_main and (directory / LATEST).read_text().strip() != name:
+            atomic_write_bytes(directory / LATEST, name.encode())
+        self.dist.barrier()
+        return name
 
     def _load_errors(self, sums: dict[str, torch.Tensor]) -> None:
         topo = self.topology

@@ -5,7 +5,8 @@ Layout of a run directory:
     metrics.jsonl          one JSON object per logged step ({"step", "time", ...})
     layout.json            the discovered ranks and groups (launcher, world, each rank's group and ordinal), by fit
     tb/                    TensorBoard event files
-    checkpoints/step_XXXXXXXX.pt, checkpoints/latest.pt
+    checkpoints/step_XXXXXXXX.pt, checkpoints/latest.pt, checkpoints/manifest.json (sha256 and size of each kept
+                           checkpoint's files, tessera.core.files; corrupt.* = a checkpoint found bad on resume, moved aside)
     samples/step_XXXXXXXX.png
 
 Checkpoint files themselves (kind, format, atomic write, `weights_only` load) are tessera.core.files.
@@ -22,7 +23,19 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 
 from tessera.core import config as C
-from tessera.core.files import save_checkpoint
+from tessera.core.files import atomic_write_bytes, checkpoint_bytes, digest, record_checkpoint
+
+
+def _drop_partial_line(path: Path) -> None:
+    """A run killed while appending a row can leave a last line without its newline: cut it off before appending again."""
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    with open(path, "rb+") as f:
+        f.seek(-1, 2)
+        if f.read(1) == b"\n":
+            return
+        data = f.seek(0) or f.read()
+        f.truncate(data.rfind(b"\n") + 1)
 
 
 class MetricsLogger:
@@ -33,6 +46,7 @@ class MetricsLogger:
         self.path = run_dir / "metrics.jsonl"
         self._tb = None
         if enabled:
+            _drop_partial_line(self.path)
             self._tb = SummaryWriter(log_dir=str(run_dir / "tb"))
 
     def log(self, step: int, **metrics: Any) -> None:
@@ -83,12 +97,16 @@ class RunDir:
     def save_checkpoint(self, kind: str, step: int, state: dict[str, Any], keep_last: int = 2) -> Path | None:
         if not self.is_main:
             return None
-        path = self.checkpoint_dir / f"step_{step:08d}.pt"
-        save_checkpoint(path, kind, state)
-        # latest.pt: a copy, written atomically too, so that a crash never leaves it truncated
-        save_checkpoint(self.checkpoint_dir / "latest.pt", kind, state)
-        olds = sorted(self.checkpoint_dir.glob("step_*.pt"))
-        for old in olds[:-keep_last] if keep_last > 0 else []:
+        d = self.checkpoint_dir
+        path = d / f"step_{step:08d}.pt"
+        data = checkpoint_bytes(kind, state)
+        atomic_write_bytes(path, data)
+        # the manifest (checksums of the kept ones), then latest.pt (a copy, written atomically too), then pruning
+        kept = sorted(d.glob("step_*.pt"))
+        kept = kept[-keep_last:] if keep_last > 0 else kept
+        record_checkpoint(d, path.name, step, [p.name for p in kept], {path.name: digest(data)})
+        atomic_write_bytes(d / "latest.pt", data)
+        for old in sorted(set(d.glob("step_*.pt")) - set(kept)):
             old.unlink(missing_ok=True)
         return path
 

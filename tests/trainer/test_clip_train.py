@@ -114,7 +114,7 @@ def test_schedule_and_evaluations_are_logged(trained):
 def test_run_dir_and_clip_checkpoints(trained, tok):
     cfg, run, m, _ = trained
     names = sorted(p.name for p in (run / "checkpoints").iterdir())
-    assert names == ["latest.pt", "step_00000020.pt", "step_00000040.pt"]
+    assert names == ["latest.pt", "manifest.json", "step_00000020.pt", "step_00000040.pt"]
     assert m["checkpoint"] == str(run / "checkpoints" / "step_00000040.pt")
     ck = load_checkpoint(run, "clip")
     assert ck["kind"] == "clip" and ck["step"] == 40
