@@ -149,7 +149,7 @@ def main() -> None:
     for name, world, kind, k, r in LAYOUTS:
         res = run(kind, world, k, r, steps)
         st = res["stats"]
-        across = f"{st['inter_bytes']:,} of {st['inter_dense_bytes']:,} dense" if "inter_bytes" in st else "-"
+        across = f"{st['inter_bytes']:,} of {st['inter_dense_bytes']:,} dense" if st.get("inter_dense_bytes") else "-"
         mfu = res["flops"] / res["seconds"] / peak
         print(f"{name:16s} {world:5d}  {res['tokens'] / res['seconds']:8.0f}  {100 * mfu:5.1f}%  {across}")
     print(f"(matmul share of the model FLOPs: {res['matmul_share']:.3f}; the rest is allowed-pair attention)")
