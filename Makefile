@@ -8,7 +8,7 @@ DEMO_OUT ?= runs/demo
 APT_PACKAGES := openmpi-bin libopenmpi-dev nginx slurmctld slurmd slurm-client munge
 PYTEST_ARGS ?=
 
-.PHONY: setup demo demo-quick test bench clean
+.PHONY: setup demo demo-quick demo-distributed test bench clean
 
 setup: $(VENV)/.tessera-installed
 
@@ -37,6 +37,11 @@ demo: setup
 
 demo-quick: setup
 	$(VENV)/bin/tessera demo --quick --output $(DEMO_OUT)-quick
+
+# The demo, then its transformer on 4 local CPU processes in the paper's layout (2 groups of 2: FSDP2 within, PowerSGD
+# across, per-resblock scales; fp16 where the CPU has fp16 matrix products, else fp32 with the scales on) beside 1 process.
+demo-distributed: setup
+	$(VENV)/bin/tessera demo --ranks 4 --output $(DEMO_OUT)-distributed
 
 test: setup
 	$(VENV)/bin/ruff check .

@@ -47,6 +47,7 @@ from __future__ import annotations
 import datetime
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -389,6 +390,7 @@ def build_engine(
     micro_batch_size: int = 1,
     checkpoint_kind: str = CHECKPOINT_KIND,
     scaler: Any = None,
+    grad_scale: Callable[[str], float] | None = None,
 ) -> Engine:
     """Wrap `model` (already on `dist.device`) and `optimizer` as `cfg` asks, creating the process group if needed.
 
@@ -401,7 +403,9 @@ def build_engine(
     (e.g. "transformer", so export reads them). The engine's `dist` is the initialised state.
     `scaler`: a torch.amp.GradScaler (fp16 autocast) that backward/step apply; plain and DDP only
     (DeepSpeed scales the loss itself with cluster.precision = "fp16"; the sharded layout takes
-    per-resblock scales, tessera.trainer.grad_scale).
+    per-resblock scales, tessera.trainer.grad_scale). `grad_scale(fqn)`: the per-resblock scale of a
+    parameter (`PerBlockScaler.scale_of`), which the sharded layout's PowerSGD error buffers divide by;
+    the plain and DDP engines need none (the loop unscales their gradients after backward).
     """
     cfg = cfg or DistConfig()
     cfg.validate()
@@ -419,6 +423,7 @@ def build_engine(
             dist,
             powersgd_rank=cfg.powersgd_rank,
             grad_clip=grad_clip,
+            grad_scale=grad_scale,
             timeout_s=cfg.timeout_s,
             checkpoint_kind=checkpoint_kind,
         )

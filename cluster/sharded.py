@@ -193,8 +193,12 @@ def record_checkpoint(directory: Path, name: str, step: int, keep_last: int, pat
 class ShardedPowerSGDEngine:
     """FSDP2 within groups of `ranks_per_node` ranks, PowerSGD (rank `powersgd_rank`, 0 = fp32 all-reduce) across them.
 
-    `grad_scale(fqn) -> float` is the current gradient scale of the parameter's resblock (default 1):
-    the error buffers hold gradient / scale. `units(module)` lists the FSDP units (default: the
+    `grad_scale(fqn) -> float` is the current gradient scale of the parameter's resblock (default 1;
+    `tessera.trainer.grad_scale.PerBlockScaler.scale_of` with per-resblock fp16 scales): the error
+    buffers hold the reduced shard gradient / scale. With per-resblock scales the loop unscales the
+    gradients after `backward` (the scaler checks the local shards, its flags combined over every
+    rank), then calls `step()`, or `zero_grad()` on every rank for a skipped update, which (given a
+    `grad_scale`) also puts the error buffers back as they were before that step. `units(module)` lists the FSDP units (default: the
     elements of the model's ModuleLists). `d_model` only feeds the paper's rate in `comm_stats`.
     """
 
@@ -258,6 +262,7 @@ class ShardedPowerSGDEngine:
             warm_start=powersgd_warm_start,
             start_iter=powersgd_start_iter,
         )
+        self._pending_errors: dict[str, list[torch.Tensor]] = {}  # per unit: its error buffers before this step's backward
         self._plan_units({id(p): n for n, p in new_params.items()}, dense)
         self._last_bytes: dict[str, Any] = {}
 
@@ -271,13 +276,30 @@ class ShardedPowerSGDEngine:
             name = names_of_units[id(u)]
             slots = _unit_slots(u, names)
             self.reducer.plan(name, slots, dense)
-            u.set_all_reduce_hook(self.reducer.hook(name))
+            u.set_all_reduce_hook(self._hook(name))
             if k > 1:  # payload per rank: the padded unsharded gradient in, the padded unsharded parameters out
                 es = next(iter(_fsdp_groups(u)[0].fsdp_params)).sharded_param.element_size()
                 full = sum(s.padded_numel for s in slots) * k * es
                 gathers = 1 if u is self.module else (2 if self._reshards(u) else 1)
                 self._intra["reduce_scatter"] += full
                 self._intra["all_gather"] += gathers * full
+
+    def _hook(self, name: str) -> Callable[[torch.Tensor], None]:
+        """The unit's cross-group reduction; with per-resblock scales first a copy of its error buffers, which
+        `zero_grad` (a skipped update) puts back (one more copy of the error buffers in memory, made once)."""
+        reduce, plan = self.reducer.hook(name), self.reducer.plans[name]
+        if self.reducer.scale is None or not plan.batches:
+            return reduce
+        copies = [torch.empty_like(b.error) for b in plan.batches]
+
+        def hook(flat: torch.Tensor) -> None:
+            if name not in self._pending_errors:
+                for b, c in zip(plan.batches, copies):
+                    c.copy_(b.error)
+                self._pending_errors[name] = copies
+            reduce(flat)
+
+        return hook
 
     @staticmethod
     def _reshards(u: FSDPModule) -> bool:
@@ -297,6 +319,15 @@ class ShardedPowerSGDEngine:
         loss.backward()  # FSDP reduce-scatters each unit's gradients; its hook reduces them across groups
 
     def zero_grad(self) -> None:
+        """Drop this step's gradients (the loop's skipped update); given a `grad_scale`, the error buffers go back to what
+        they held before it: a skipped update applies nothing, so nothing of it may stay in the error feedback (else the
+        finite blocks' buffers would keep M - P Q^T of a P Q^T that was never applied)."""
+        with torch.no_grad():
+            for name, saved in self._pending_errors.items():
+                for b, e in zip(self.reducer.plans[name].batches, saved):
+                    b.error.copy_(e)
+        self._pending_errors.clear()
+        self.reducer.take_bytes()
         self.optimizer.zero_grad(set_to_none=True)
 
     def set_lr(self, lr: float) -> None:
@@ -310,6 +341,7 @@ class ShardedPowerSGDEngine:
             self.last_grad_norm = float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self._pending_errors.clear()  # the update is applied: the new error buffers stand
         self._last_bytes = self._bytes(self.reducer.take_bytes())
 
     def _bytes(self, inter) -> dict[str, Any]:

@@ -11,12 +11,25 @@
 
 The output folder holds one subfolder per stage. `report.json` is written last (atomically): its
 presence means the run is complete.
+
+With `ranks` (`tessera demo --ranks N`, `make demo-distributed` = 4), one more stage trains the demo's
+transformer on the encoded tokens with N local processes (torch.multiprocessing, gloo) in the paper's
+layout, 2 groups of N/2 ranks (FSDP2 within a group, PowerSGD across), with per-resblock gradient scales
+in fp16 where the CPU has fp16 matrix products (mkldnn), else in fp32 with the scales still active; and
+the same training in 1 process. Both are bound by steps (not by time, so that they compare).
+report.json gets a "distributed" section: the layout, the compression rate across groups (the paper's
+1 - 5 r / (8 d_model) and the measured one), the bytes handed to collectives per update within and
+across groups (summed over the ranks), the bytes saved against an uncompressed all-reduce, and the
+final losses of both runs. `--reuse` runs only that stage on the tokens an earlier demo left in the
+output folder.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
+import os
 import shutil
 import sys
 import time
@@ -24,8 +37,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.multiprocessing as mp
 from PIL import Image
 
+from tessera.cluster.dist import free_port
+from tessera.cluster.sharded_powersgd import paper_compression_rate
 from tessera.core import machine
 from tessera.core.errors import InputError
 from tessera.core.progress import bar
@@ -45,8 +61,10 @@ from tessera.trainer.image_metrics import psnr
 from tessera.trainer.inference import load as load_inference
 from tessera.trainer.transformer_train import train_transformer
 
-STAGE_DIRS = ("source", "urls", "shards", "tokenizer", "dvae", "tokens", "transformer", "export", "samples")
+STAGE_DIRS = ("source", "urls", "shards", "tokenizer", "dvae", "tokens", "transformer", "export", "samples", "distributed")
 SAMPLES_PER_PROMPT = 4
+RANKS_STEPS = 100  # updates of each run of the distributed stage (both runs; steps, not time, so that they compare)
+RANKS_POWERSGD = 4  # the PowerSGD rank across groups when cluster.powersgd_rank is 0
 
 
 def demo_prompts() -> list[dict[str, str]]:
@@ -224,8 +242,11 @@ def _write_report(out: Path, report: dict[str, Any]) -> None:
     tmp.replace(out / "report.json")
 
 
-def run_demo(cfg: Any, out: Path, samples_per_prompt: int = SAMPLES_PER_PROMPT) -> dict[str, Any]:
+def run_demo(
+    cfg: Any, out: Path, samples_per_prompt: int = SAMPLES_PER_PROMPT, ranks: int = 0, ranks_steps: int = RANKS_STEPS
+) -> dict[str, Any]:
     """Run every stage into `out` (see the module docstring) and return the report written to report.json."""
+    check_ranks(ranks, ranks_steps)
 
     out.mkdir(parents=True, exist_ok=True)
     _reset(out)
@@ -254,6 +275,159 @@ def run_demo(cfg: Any, out: Path, samples_per_prompt: int = SAMPLES_PER_PROMPT) 
         "training": _training_table(summaries),
     }
     report["failures"] = [row["failure"] for row in report["training"].values() if row.get("failure")]
+    if ranks:
+        report["distributed"] = st.run("distributed transformer", run_distributed, cfg, out, ranks, ranks_steps)
+        report["stage_seconds"], report["total_seconds"] = st.seconds, st.total
+    _write_report(out, report)
+    return report
+
+
+# -- the distributed stage (--ranks) ------------------------------------------------------------------
+
+
+def check_ranks(ranks: int, steps: int) -> None:
+    if ranks and (ranks < 2 or ranks % 2):
+        raise InputError(f"--ranks: expected an even number of processes >= 2 (2 groups of N/2), got {ranks}")
+    if steps < 1:
+        raise InputError(f"--ranks-steps: expected >= 1, got {steps}")
+
+
+def distributed_precision() -> str:
+    """fp16 where the CPU computes fp16 matrix products (mkldnn; DeepSpeed's test too), else fp32 (the scales stay on)."""
+    if torch.cuda.is_available():
+        return "fp16"
+    probe = getattr(torch.ops.mkldnn, "_is_mkldnn_fp16_supported", None)
+    return "fp16" if probe is not None and bool(probe()) else "fp32"
+
+
+def _stage_cfg(cfg: Any, steps: int, ranks: int) -> Any:
+    """The demo's config for one run of the stage: step-bound, per-resblock scales, no samples; sharded on `ranks` > 1."""
+    tc = dataclasses.replace(
+        cfg.transformer.train,
+        steps=steps,
+        time_budget_s=0.0,
+        precision=distributed_precision(),
+        grad_scaling="per_resblock",
+        log_every=max(1, steps // 20),
+        sample_every=0,
+        eval_every=0,
+        ckpt_every=0,
+        eval_data="",
+        threads=1 if ranks > 1 else cfg.transformer.train.threads,
+    )
+    cluster = cfg.cluster
+    if ranks > 1:
+        rank = cluster.powersgd_rank or RANKS_POWERSGD
+        cluster = dataclasses.replace(cluster, sharded=True, ranks_per_node=ranks // 2, powersgd_rank=rank, zero_stage=0, backend="gloo")
+    return dataclasses.replace(cfg, transformer=dataclasses.replace(cfg.transformer, train=tc), cluster=cluster)
+
+
+def _rank_main(rank: int, world: int, port: int, cfg: Any, tokens: str, run_dir: str) -> None:
+    """One process of the N-process run (torch.multiprocessing): torchrun's variables, then the transformer's training."""
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    torch.set_num_threads(1)
+    summary = train_transformer(cfg, tokens, run_dir)
+    keep = {
+        k: v for k, v in summary.items() if k in ("final_loss", "steps", "skipped_steps", "precision", "engine", "comm", "tokens_per_s")
+    }
+    (Path(run_dir) / f"rank_{rank}.json").write_text(json.dumps(keep))
+
+
+def _run_ranks(cfg: Any, tokens: Path, run_dir: Path, ranks: int) -> list[dict[str, Any]]:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    args = (ranks, free_port(), cfg, str(tokens), str(run_dir))
+    mp.start_processes(_rank_main, args=args, nprocs=ranks, join=True, start_method="spawn")
+    return [json.loads((run_dir / f"rank_{r}.json").read_text()) for r in range(ranks)]
+
+
+def _comm_figures(per_rank: list[dict[str, Any]], rank: int, d_model: int) -> dict[str, Any]:
+    """The compression rates and the bytes of one update, summed over the ranks, from each rank's comm_stats."""
+    comm = [r.get("comm") or {} for r in per_rank]
+    total = {k: sum(int(c.get(k, 0)) for c in comm) for k in ("inter_compressed_bytes", "inter_bytes", "inter_dense_bytes")}
+    # each rank's compressed payload against the fp32 size of the same shards (its measured rate says how much that was)
+    dense_of_compressed = sum(
+        c["inter_compressed_bytes"] / (1.0 - c["measured_compression_rate"]) for c in comm if c.get("inter_compressed_bytes")
+    )
+    within = sum(int(c.get("intra_reduce_scatter_bytes", 0)) + int(c.get("intra_all_gather_bytes", 0)) for c in comm)
+    return {
+        "compression_rate": {
+            "paper": round(paper_compression_rate(rank, d_model), 4),
+            "measured": round(1.0 - total["inter_compressed_bytes"] / dense_of_compressed, 4) if dense_of_compressed else 0.0,
+            "measured_all_across_bytes": round(1.0 - total["inter_bytes"] / total["inter_dense_bytes"], 4)
+            if total["inter_dense_bytes"]
+            else 0.0,
+        },
+        "bytes_per_update": {
+            "within_groups": within,
+            "across_groups": total["inter_bytes"],
+            "across_groups_uncompressed": total["inter_dense_bytes"],
+            "saved": total["inter_dense_bytes"] - total["inter_bytes"],
+        },
+    }
+
+
+def run_distributed(cfg: Any, out: Path, ranks: int, steps: int = RANKS_STEPS) -> dict[str, Any]:
+    """The distributed stage on `out`/tokens: `ranks` processes in 2 groups, and 1 process; returns the report's section."""
+    check_ranks(ranks, steps)
+    tokens = _tokens(out)
+    where = out / "distributed"
+    shutil.rmtree(where, ignore_errors=True)
+    many, one = _stage_cfg(cfg, steps, ranks), _stage_cfg(cfg, steps, 1)
+    t = time.perf_counter()
+    per_rank = _run_ranks(many, tokens, where / f"ranks_{ranks}", ranks)
+    t_many = time.perf_counter() - t
+    t = time.perf_counter()
+    single = train_transformer(one, str(tokens), where / "single")
+    t_one = time.perf_counter() - t
+    tc = many.transformer.train
+    return {
+        "layout": {
+            "ranks": ranks,
+            "groups": 2,
+            "ranks_per_group": ranks // 2,
+            "engine": per_rank[0]["engine"],
+            "powersgd_rank": many.cluster.powersgd_rank,
+            "precision": per_rank[0]["precision"],
+            "grad_scaling": tc.grad_scaling,
+            "steps": steps,
+            "batch_size": tc.batch_size,
+        },
+        **_comm_figures(per_rank, many.cluster.powersgd_rank, cfg.transformer.model.d_model),
+        "final_loss": round(sum(r["final_loss"] for r in per_rank) / ranks, 4),
+        "final_loss_1_process": round(float(single["final_loss"]), 4),
+        "skipped_steps": max(int(r.get("skipped_steps", 0)) for r in per_rank),
+        "skipped_steps_1_process": int(single.get("skipped_steps", 0)),
+        "tokens_per_s": per_rank[0]["tokens_per_s"],  # the loop's own measure, over its updates (the global batch)
+        "tokens_per_s_1_process": single["tokens_per_s"],
+        "seconds": round(t_many, 1),  # wall time, process starts included
+        "seconds_1_process": round(t_one, 1),
+    }
+
+
+def _tokens(out: Path) -> Path:
+    tokens = out / "tokens"
+    if not (tokens / "manifest.json").is_file():
+        raise InputError(f"distributed demo: no token shards in '{tokens}' (manifest.json); run the demo's stages first")
+    return tokens
+
+
+def run_distributed_only(cfg: Any, out: Path, ranks: int, steps: int = RANKS_STEPS) -> dict[str, Any]:
+    """`tessera demo --ranks N --reuse`: the distributed stage on an earlier demo's tokens; its report.json gains the section
+    (a report with the config and that section only where the folder holds none)."""
+    check_ranks(ranks, steps)
+    _tokens(out)
+    path = out / "report.json"
+    report = json.loads(path.read_text()) if path.is_file() else {"config": cfg.name}
+    st = Stages()
+    report["distributed"] = st.run("distributed transformer", run_distributed, cfg, out, ranks, steps)
+    report.setdefault("stage_seconds", {}).update(st.seconds)
     _write_report(out, report)
     return report
 
@@ -271,7 +445,29 @@ def _training_table(summaries: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {name: {k: s.get(k) for k in keys if k in s} for name, s in summaries.items() if isinstance(s, dict)}
 
 
+def format_distributed(d: dict[str, Any]) -> list[tuple[str, Any]]:
+    lay, rate, b = d["layout"], d["compression_rate"], d["bytes_per_update"]
+    return [
+        (
+            "distributed layout",
+            f"{lay['ranks']} ranks: {lay['groups']} groups x {lay['ranks_per_group']} ({lay['engine']}, PowerSGD r{lay['powersgd_rank']})",
+        ),
+        ("distributed precision", f"{lay['precision']}, {lay['grad_scaling']} scales, {lay['steps']} updates of {lay['batch_size']}"),
+        ("compression rate", f"{rate['measured']:.4f} measured, {rate['paper']:.4f} paper (1 - 5r/(8 d_model))"),
+        ("bytes/update within groups", f"{b['within_groups']:,}"),
+        ("bytes/update across groups", f"{b['across_groups']:,} of {b['across_groups_uncompressed']:,} uncompressed"),
+        ("bytes/update saved", f"{b['saved']:,} ({1 - rate['measured_all_across_bytes']:.1%} of uncompressed sent)"),
+        ("final loss", f"{d['final_loss']:.4f} ({lay['ranks']} ranks) vs {d['final_loss_1_process']:.4f} (1 process)"),
+        ("skipped updates", f"{d['skipped_steps']} ({lay['ranks']} ranks) vs {d['skipped_steps_1_process']} (1 process)"),
+        ("tokens/s", f"{d['tokens_per_s']:,.0f} ({lay['ranks']} ranks) vs {d['tokens_per_s_1_process']:,.0f} (1 process)"),
+    ]
+
+
 def format_report(report: dict[str, Any]) -> str:
+    if "dvae_psnr" not in report:  # --reuse on a folder without a finished demo: the distributed section only
+        rows = format_distributed(report["distributed"])
+        w = max(len(k) for k, _ in rows)
+        return "\n".join(f"{k:<{w}}  {v}" for k, v in rows)
     rows = [
         ("dvae_psnr (dB, held-out)", report["dvae_psnr"]),
         ("color_acc", report["color_acc"]),
@@ -292,5 +488,7 @@ def format_report(report: dict[str, Any]) -> str:
     if report.get("machine"):
         rows.append(("machine", machine.one_line(report["machine"])))
     rows += [("FAILED", f) for f in report.get("failures", [])]
+    if report.get("distributed"):
+        rows += format_distributed(report["distributed"])
     w = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{w}}  {v}" for k, v in rows)

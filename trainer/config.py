@@ -42,10 +42,10 @@ class LoopConfig:
     )
     grad_scaling: Literal["global", "per_resblock"] = param(
         "global",
-        "The fp16 gradient scale (used when precision resolves to fp16): global, one dynamic loss scale "
-        "(torch.amp.GradScaler); per_resblock, one scale per resblock with the paper's rules (App. D, "
-        "tessera.trainer.grad_scale: M*2^13 at the start, x2^(1/1000) per applied update, /sqrt(2) on an overflow, "
-        "the update skipped on every rank). per_resblock: transformer only, plain and DDP engines only.",
+        "The fp16 gradient scale: global, one dynamic loss scale (torch.amp.GradScaler, fp16 only); per_resblock, one "
+        "scale per resblock with the paper's rules (App. D, tessera.trainer.grad_scale: M*2^13 at the start, x2^(1/1000) "
+        "per applied update, /sqrt(2) on an overflow, the update skipped on every rank), active in fp16 and also in fp32 "
+        "(where it changes only rounding; not in bf16). per_resblock: transformer only; plain, DDP and sharded engines.",
     )
     log_every: int = param(50, "Updates between metric lines (metrics.jsonl, TensorBoard, progress bar).")
     eval_every: int = param(500, "Updates between evaluations (0: only the final one).")

@@ -30,11 +30,12 @@ from tessera.trainer.precision import autocast, autocast_dtype, resolve_precisio
 from tessera.trainer.rundir import RunDir
 
 
-def _engine(task: Any, cfg: LoopConfig, dist: DistState, cluster: DistConfig, fp16: bool) -> tuple[Any, PerBlockScaler | None]:
+def _engine(task: Any, cfg: LoopConfig, dist: DistState, cluster: DistConfig, dtype: Any) -> tuple[Any, PerBlockScaler | None]:
     """The task's model (its resblocks wrapped for per-resblock scales) and an AdamW over its parameter groups, wrapped by
     tessera.cluster.engine.build_engine (with the global fp16 GradScaler when that is the scaling); and the per-resblock scaler."""
     model = task.build_model()
-    blocks = resblock_scaler(task, cfg, cluster, model, dist.world_size, fp16)
+    blocks = resblock_scaler(task, cfg, cluster, model, dist.world_size, dtype)
+    fp16 = dtype == torch.float16
     scaler = torch.amp.GradScaler(task.device.type) if fp16 and cfg.grad_scaling == "global" else None
     opt = torch.optim.AdamW(task.param_groups(model), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay)
     if cluster.zero_stage == 3 and cfg.ema_decay > 0:
@@ -42,7 +43,15 @@ def _engine(task: Any, cfg: LoopConfig, dist: DistState, cluster: DistConfig, fp
             f"config key '{cfg.KEY_PREFIX}.ema_decay': parameter EMA needs whole parameters on every rank; set it to 0 with cluster.zero_stage = 3"
         )
     eng = build_engine(
-        model, opt, dist, cluster, grad_clip=cfg.grad_clip, micro_batch_size=task.local_batch, checkpoint_kind=task.kind, scaler=scaler
+        model,
+        opt,
+        dist,
+        cluster,
+        grad_clip=cfg.grad_clip,
+        micro_batch_size=task.local_batch,
+        checkpoint_kind=task.kind,
+        scaler=scaler,
+        grad_scale=blocks.scale_of if blocks is not None else None,
     )
     return eng, blocks
 
@@ -64,7 +73,7 @@ def _update(eng: Any, blocks: PerBlockScaler | None) -> bool:
 def fit(task: Any, cfg: LoopConfig, run: RunDir, dist: DistState, cluster: DistConfig) -> dict[str, Any]:
     """Train `task` for `cfg.steps` updates (or until stopped) in `run`; returns the summary (also summary.json)."""
     dtype = autocast_dtype(cfg.precision, task.device)
-    eng, blocks = _engine(task, cfg, dist, cluster, dtype == torch.float16)
+    eng, blocks = _engine(task, cfg, dist, cluster, dtype)
     write_layout(eng.dist, run.path / "layout.json")  # the discovered ranks and groups, every rank's
     model, ema = eng.module, EMA(eng.module, cfg.ema_decay) if cfg.ema_decay > 0 else None
     ck = Checkpoints(eng, run, task, ema, cluster.zero_stage, blocks)
@@ -130,6 +139,7 @@ def _summary(task: Any, cfg: LoopConfig, run: RunDir, eng: Any, st: Any, stopper
         "precision": resolve_precision(cfg.precision, task.device),
         "world_size": eng.dist.world_size,
         "engine": f"deepspeed-zero{zero}" if zero else eng.kind,
+        **({"comm": eng.comm_stats()} if eng.comm_stats() else {}),  # this rank's bytes of the last update
         **({"skipped_steps": st.skipped} if eng.scaler is not None else {}),
         **extra,
     }

@@ -49,8 +49,13 @@ updates, a block that keeps overflowing while its cooldown runs would skip every
 cooldown would never end.
 
 Use with the training loop (see `PerBlockScaler`); it works with the plain and DDP engines
-(autocast fp16 over fp32 weights). DeepSpeed's fp16 mode has its own loss scaler and is not
-combined with this one.
+(autocast fp16 over fp32 weights) and with the sharded layout (tessera.cluster.sharded: FSDP2 within
+groups, PowerSGD across them). There FSDP2 replaces the parameters by DTensors after the blocks were
+wrapped, so a scaler made by `wrap_resblocks` finds each block's parameters again from its modules at
+every `unscale_()` and checks and unscales the local shards of their gradients; the flags are combined
+over the whole world, so every rank of every group skips the same updates. `scale_of(fqn)` gives the
+engine the scale of the parameter's block, so that its PowerSGD error buffers hold gradient / scale.
+DeepSpeed's fp16 mode has its own loss scaler and is not combined with this one.
 """
 
 from __future__ import annotations
@@ -61,6 +66,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from tessera.core.errors import CheckpointError, InputError
 
@@ -132,13 +138,26 @@ def prenorm_branches(block: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
 
 
 def _flag_groups(params: Sequence[torch.Tensor]) -> dict[tuple[torch.device, torch.dtype], list[torch.Tensor]]:
+    """The gradients of `params` by (device, dtype); of a DTensor (FSDP2's sharded parameters) its local shard, in place."""
     groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
     for p in params:
         if p.grad is not None:
             if p.grad.is_sparse:
                 raise InputError("per-resblock scaling: sparse gradients are not supported")
-            groups.setdefault((p.grad.device, p.grad.dtype), []).append(p.grad)
+            g = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad  # a view of this rank's shard
+            groups.setdefault((g.device, g.dtype), []).append(g)
     return groups
+
+
+def _split_params(model: nn.Module, blocks: Sequence[nn.Module]) -> tuple[list[list[torch.Tensor]], list[torch.Tensor]]:
+    """The trainable parameters of each block (each once) and those of `model` outside every block."""
+    block_params: list[list[torch.Tensor]] = []
+    seen: set[int] = set()
+    for b in blocks:
+        ps = [p for p in b.parameters() if p.requires_grad and id(p) not in seen]
+        seen.update(id(p) for p in ps)
+        block_params.append(ps)
+    return block_params, [p for p in model.parameters() if p.requires_grad and id(p) not in seen]
 
 
 def _check_and_unscale(grads: list[torch.Tensor], found: torch.Tensor, inv: torch.Tensor) -> None:
@@ -190,6 +209,9 @@ class PerBlockScaler:
         "_finite",
         "_handles",
         "_fp32_modules",
+        "_modules",
+        "_block_of",
+        "_host_scales",
     )
 
     def __init__(
@@ -218,6 +240,8 @@ class PerBlockScaler:
         self._finite: torch.Tensor | None = None
         self._handles: list[Any] = []
         self._fp32_modules: list[nn.Module] = []
+        self._modules: tuple[nn.Module, list[nn.Module]] | None = None  # (model, blocks) when made by wrap_resblocks
+        self._block_of: dict[str, int] = {}  # parameter name -> block index (wrap_resblocks)
         self._publish()
 
     @property
@@ -231,8 +255,17 @@ class PerBlockScaler:
 
     def _publish(self) -> None:
         """New device tensors for the next backward (new objects, so the previous step's views stay as they were)."""
-        self.scales = self._scales64.to(torch.float32).to(self.device)
+        self._host_scales = self._scales64.to(torch.float32)
+        self.scales = self._host_scales.to(self.device)
         self.found = torch.zeros(self.n_blocks + 1, dtype=torch.float32, device=self.device)
+
+    def scale_of(self, fqn: str) -> float:
+        """The current scale (the float32 value the hooks multiply by) of the block holding parameter `fqn`; 1 outside the blocks.
+
+        For the sharded engine's PowerSGD error buffers (`grad_scale=`), which hold gradient / scale.
+        Names are those of `model.named_parameters()` when `wrap_resblocks` was called (FSDP2 keeps them)."""
+        i = self._block_of.get(fqn)
+        return 1.0 if i is None else float(self._host_scales[i])
 
     def unscale_(self) -> torch.Tensor:
         """After backward: divide block i's parameter gradients by its scale; returns finite flags, bool[n_blocks + 1] (CPU).
@@ -244,6 +277,8 @@ class PerBlockScaler:
         """
         if self._finite is not None:
             raise RuntimeError("PerBlockScaler.unscale_() called twice before update()")
+        if self._modules is not None:  # the modules' parameters now (FSDP2 replaces them by sharded DTensors after wrapping)
+            self.block_params, self.rest_params = _split_params(*self._modules)
         inv = self.scales.double().reciprocal().float()
         one = torch.ones(1, dtype=torch.float32, device=self.device)
         for i, params in enumerate(self.block_params):
@@ -368,15 +403,12 @@ def wrap_resblocks(
     Parameters of `model` outside the blocks are checked for finiteness but not scaled.
     """
     blocks = list(blocks)
-    block_params: list[list[torch.Tensor]] = []
-    seen: set[int] = set()
-    for b in blocks:
-        ps = [p for p in b.parameters() if p.requires_grad and id(p) not in seen]
-        seen.update(id(p) for p in ps)
-        block_params.append(ps)
-    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in seen]
+    block_params, rest = _split_params(model, blocks)
     first = next(model.parameters(), None)
     scaler = PerBlockScaler(block_params, rest, replicas=replicas, device=first.device if first is not None else None, group=group)
+    scaler._modules = (model, blocks)
+    index = {id(p): i for i, ps in enumerate(block_params) for p in ps}
+    scaler._block_of = {n: index[id(p)] for n, p in model.named_parameters() if id(p) in index}
     for i, b in enumerate(blocks):
         for entry, exit_ in branches(b):
             _install(scaler, i, entry, exit_)

@@ -71,21 +71,27 @@ def rank_mean(dist: Any, values: dict[str, Any]) -> dict[str, Any]:
     return {**values, **dict(zip(keys, t.tolist()))}
 
 
-def resblock_scaler(task: Any, cfg: Any, cluster: Any, model: torch.nn.Module, replicas: int, fp16: bool) -> PerBlockScaler | None:
-    """With grad_scaling = "per_resblock" and fp16 autocast: the task's resblocks wrapped, each with its own scale (else None).
+def resblock_scaler(task: Any, cfg: Any, cluster: Any, model: torch.nn.Module, replicas: int, dtype: Any) -> PerBlockScaler | None:
+    """With grad_scaling = "per_resblock": the task's resblocks wrapped, each with its own scale; None otherwise.
 
-    Refused, whatever the precision, where it cannot work: a task without resblocks (the dVAE, the CLIP),
-    DeepSpeed ZeRO (it scales the loss itself) and the sharded layout (its FSDP parameters are not the model's)."""
+    The scales are active under fp16 autocast (`dtype` torch.float16), where they keep the small gradients
+    of the later resblocks from flushing to zero, and in fp32 (`dtype` None), where they change nothing
+    but rounding (each branch's gradient is multiplied and divided by its scale) while the rest of the
+    machinery runs as in fp16: the finite flags, the skipped updates, the sharded layout's error buffers
+    in unscaled units. That is how a CPU without fp16 matrix products trains "with the scales on"
+    (`tessera demo --ranks`). bf16 has fp32's exponent range and needs no scale: None.
+    Refused, whatever the precision, where it cannot work: a task without resblocks (the dVAE, the CLIP)
+    and DeepSpeed ZeRO (it scales the loss itself). The sharded layout takes them: the blocks are wrapped
+    here, before build_engine shards them, and the engine gets `scale_of` for its PowerSGD error buffers."""
     if cfg.grad_scaling != "per_resblock":
         return None
     key = f"config key '{cfg.KEY_PREFIX}.grad_scaling'"
     if not hasattr(task, "resblocks"):
         raise ConfigError(f"{key}: 'per_resblock' is for the transformer's pre-LN resblocks; the {task.kind} trains with 'global'")
-    if cluster.zero_stage > 0 or cluster.sharded:
+    if cluster.zero_stage > 0:
         zero = f"cluster.zero_stage = {cluster.zero_stage} (DeepSpeed scales the loss itself)"
-        layout = "cluster.sharded = true" if cluster.sharded else zero
-        raise ConfigError(f"{key}: 'per_resblock' is for the plain and DDP engines, not {layout}; use 'global'")
-    if not fp16:
+        raise ConfigError(f"{key}: 'per_resblock' is for the plain, DDP and sharded engines, not {zero}; use 'global'")
+    if dtype not in (torch.float16, None):
         return None
     blocks, fp32_modules = task.resblocks(model)
     return wrap_resblocks(model, blocks, fp32_modules=fp32_modules, replicas=replicas)
