@@ -62,16 +62,11 @@ def flops_per_sequence(model, cfg) -> tuple[float, float]:
 
 
 def peak_flops(threads: int = 2, n: int = 2048, repeats: int = 5) -> float:
-    """FLOP/s of an fp32 n^3 matmul at `threads` threads on this CPU, best of `repeats`."""
+    """FLOP/s of an fp32 n^3 matmul at `threads` threads on this CPU, best of `repeats` (bench_demo_flops' probe)."""
+    from bench_demo_flops import matmul_peak  # a sibling script: bench/ is sys.path[0] when either runs
+
     torch.set_num_threads(threads)
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t)
-    return 2.0 * n**3 / best
+    return matmul_peak(torch.float32, n, repeats)
 
 
 def _engine(kind: str, model, dist, ranks_per_node: int, rank: int):
