@@ -30,13 +30,15 @@ calls it with `cluster.backend` and `cluster.timeout_s`); `group_timeout_s()` re
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
 import re
 import socket
 import sys
-from collections.abc import Mapping
+import time
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -317,10 +319,40 @@ def _mpi_rendezvous() -> tuple[str | None, int | None]:
     return addr[0], int(addr[1])
 
 
-def shutdown(state: DistState) -> None:
+def shutdown(state: DistState, synchronize: bool = True) -> None:
+    """Destroy the process group, first letting gloo's worker threads drop what they still hold.
+
+    A gloo collective is marked done before its worker thread destroys it, and destroying it decrefs
+    its Python tensors, which takes the GIL. A process group destroyed under the GIL (destroy_process_group,
+    or a DDP Reducer freed from Python) joins those threads while holding it: if one is still waiting for the
+    GIL, both wait forever (seen as a one-in-ten hang at the end of a two-rank run). So, with more than one
+    rank: a barrier (every collective queued before it is complete; its wait releases the GIL), then a short
+    sleep (also GIL-free) for the last destructors. `synchronize=False` skips the barrier, for the path where
+    a rank is failing and its peers may never reach it.
+    """
     if state.initialized and torch.distributed.is_initialized():
+        if torch.distributed.get_world_size() > 1:
+            if synchronize:
+                torch.distributed.barrier()
+            time.sleep(_DRAIN_S)
         torch.distributed.destroy_process_group()
         state.initialized = False
+
+
+_DRAIN_S = 0.05  # ample for a thread that needs only the GIL to finish a destructor
+
+
+@contextlib.contextmanager
+def process_group(backend: str | None = "auto", timeout_s: float = DEFAULT_TIMEOUT_S) -> Iterator[DistState]:
+    """`init(discover(), backend, timeout_s)` for the length of a `with` block, then `shutdown`: synchronised
+    when the block ends normally, without the barrier when it raises (a failing rank's peers may never come)."""
+    state = init(discover(), backend, timeout_s)
+    try:
+        yield state
+    except BaseException:
+        shutdown(state, synchronize=False)
+        raise
+    shutdown(state)
 
 
 def free_port() -> int:

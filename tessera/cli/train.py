@@ -24,11 +24,8 @@ def add_dvae(parser: argparse.ArgumentParser) -> None:
 
 def run_dvae(args: argparse.Namespace) -> int:
     cfg = load_root(args.config, args.overrides)
-    state = D.init(D.discover(), cfg.cluster.backend, cfg.cluster.timeout_s)
-    try:
+    with D.process_group(cfg.cluster.backend, cfg.cluster.timeout_s) as state:
         summary = train_dvae(cfg, args.data, args.eval_data, args.output, state)
-    finally:
-        D.shutdown(state)
     if state.is_main:
         print(json.dumps(summary, indent=2))
     return 0
@@ -42,8 +39,10 @@ def add_transformer(parser: argparse.ArgumentParser) -> None:
 
 def run_transformer(args: argparse.Namespace) -> int:
     cfg = load_root(args.config, args.overrides)
-    summary = train_transformer(cfg, args.data, args.output)
-    print(json.dumps(summary, indent=1))
+    with D.process_group(cfg.cluster.backend, cfg.cluster.timeout_s) as state:
+        summary = train_transformer(cfg, args.data, args.output, state)
+    if state.is_main:
+        print(json.dumps(summary, indent=1))
     return 0
 
 

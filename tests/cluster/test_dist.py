@@ -82,3 +82,58 @@ def test_two_gloo_ranks_all_reduce(tmp_path):
     assert [p.returncode for p in procs] == [0, 0]
     assert "rank=0 world=2 mean=1.5" in outs[0]
     assert "rank=1 world=2 mean=1.5" in outs[1]
+
+
+def _two_ranks(script, timeout=120):
+    port = free_port()
+    procs = []
+    for rank in range(2):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        procs.append(subprocess.Popen([sys.executable, str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    try:
+        outs = [p.communicate(timeout=timeout)[0] for p in procs]
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        pytest.fail("ranks hung: " + " | ".join(p.communicate()[0][-800:] for p in procs))
+    return [p.returncode for p in procs], outs
+
+
+def test_process_group_block_ends_synchronised_and_a_failing_rank_frees_its_peer(tmp_path):
+    """The CLI's `with process_group(...)`: after a normal end the group is gone on every rank (DDP's Reducer,
+    freed afterwards, joins idle gloo threads); when one rank raises, its peer's closing barrier fails at once
+    (gloo sees the closed connection) instead of waiting out the group's timeout."""
+    ok = tmp_path / "ok.py"
+    ok.write_text(
+        textwrap.dedent(
+            """
+        import torch
+        from tessera.cluster.dist import process_group
+        with process_group("gloo", 600) as s:
+            model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(4, 4))
+            model(torch.ones(2, 4)).sum().backward()
+            t = torch.tensor([float(s.rank)])
+            torch.distributed.all_reduce(t)
+        del model
+        print(f"rank={s.rank} initialized={s.initialized} group={torch.distributed.is_initialized()} sum={t.item()}")
+        """
+        )
+    )
+    rcs, outs = _two_ranks(ok)
+    assert rcs == [0, 0], outs
+    assert all(f"rank={r} initialized=False group=False sum=1.0" in outs[r] for r in range(2)), outs
+    bad = tmp_path / "bad.py"
+    bad.write_text(
+        textwrap.dedent(
+            """
+        from tessera.cluster.dist import process_group
+        with process_group("gloo", 600) as s:
+            if s.rank == 1:
+                raise ValueError("rank 1 fails inside the block")
+        """
+        )
+    )
+    rcs, outs = _two_ranks(bad, timeout=60)  # well under the group's 600 s timeout
+    assert rcs == [1, 1], outs
+    assert "ValueError: rank 1 fails inside the block" in outs[1]
+    assert "Connection closed by peer" in outs[0], outs[0][-1500:]

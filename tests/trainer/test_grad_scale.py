@@ -412,7 +412,8 @@ def test_two_ranks_combine_the_flags_and_skip_the_same_updates(tmp_path):
         except subprocess.TimeoutExpired:
             for q in procs:
                 q.kill()
-            pytest.fail("grad-scale workers timed out")
+            tails = [q.communicate()[0][-2000:] for q in procs]
+            pytest.fail("grad-scale workers timed out; their output:\n" + "\n----\n".join(tails))
     assert [p.returncode for p in procs] == [0, 0], logs[0][-3000:] + "\n----\n" + logs[1][-3000:]
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2))
     assert r0["replicas"] == r1["replicas"] == 2  # M from the process group
