@@ -56,8 +56,9 @@ def layouts(world: int) -> dict[str, tuple[str, ...]]:
     out: dict[str, tuple[str, ...]] = {"ddp": ()}
     if world == 1:
         return {**out, "ddp_other_order": ("transformer.train.shuffle_buffer=8",)}
-    out["ddp_powersgd_full"] = FULL
-    out.update({f"zero{z}": (f"cluster.zero_stage={z}",) for z in (1, 2, 3)})
+    if world == 2:  # at 4 ranks only the 2x2 sharded layout is new (ZeRO and PowerSGD under DDP: as at 2; 4 ranks cost 2 cores ~2x)
+        out["ddp_powersgd_full"] = FULL
+        out.update({f"zero{z}": (f"cluster.zero_stage={z}",) for z in (1, 2, 3)})
     groups = {2: [(1, 2), (2, 1)], 4: [(2, 2)]}[world]  # (groups, ranks per group)
     for g, k in groups:
         sharded = ("cluster.sharded=true", f"cluster.ranks_per_node={k}")
@@ -183,8 +184,8 @@ def test_a_run_resumed_at_another_world_size_goes_on_exactly(curves):
 
 @pytest.mark.slow
 def test_four_ranks_log_the_one_process_curve_in_every_layout(curves):
-    """DDP (+ PowerSGD at full rank), ZeRO 1-3, sharded 2x2 (+ PowerSGD at full rank across the groups), the dVAE with DDP."""
-    _check_world(curves, 4, ENGINES)
+    """DDP, sharded 2x2 (+ PowerSGD at full rank across the groups), the dVAE with DDP."""
+    _check_world(curves, 4, {"ddp", "sharded"})
 
 
 def test_another_data_order_leaves_the_tolerance(curves):
