@@ -73,13 +73,8 @@ def test_two_gloo_ranks_all_reduce(tmp_path):
         """
         )
     )
-    port = free_port()
-    procs = []
-    for rank in range(2):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        procs.append(subprocess.Popen([sys.executable, str(script)], env=env, stdout=subprocess.PIPE, text=True))
-    outs = [p.communicate(timeout=120)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0]
+    rcs, outs = _two_ranks(script)
+    assert rcs == [0, 0], outs
     assert "rank=0 world=2 mean=1.5" in outs[0]
     assert "rank=1 world=2 mean=1.5" in outs[1]
 
