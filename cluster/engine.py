@@ -21,7 +21,9 @@ Kinds, chosen by `cluster.zero_stage` and the world size:
 - `PlainEngine` (zero_stage 0, one process): no process group, no wrapper.
 - `DDPEngine` (zero_stage 0, more processes): torch DistributedDataParallel (gloo or nccl) with
   `bucket_cap_mb = cluster.bucket_mb`, and, when `cluster.powersgd_rank > 0`, the PowerSGD reducer
-  of `tessera.cluster.powersgd` as its comm hook (`powersgd_start_iter`, `powersgd_min_compression_rate`).
+  of `tessera.cluster.powersgd` as its comm hook (`powersgd_start_iter`, `powersgd_min_compression_rate`), whose
+  state the checkpoint keeps ("powersgd_step", "powersgd_state": the error buffers summed over the ranks and the Qs, by
+  parameter; each rank resumes from the mean error, as the sharded layout does).
   Plain and DDP checkpoints are our run-dir format (`tessera.core.files.save_checkpoint`, kind
   `checkpoint_kind`): `dir/step_XXXXXXXX.pt` and `dir/latest.pt`, written by rank 0.
   Every layout's directory also holds `manifest.json` (sha256 and size of each kept checkpoint's files,
@@ -57,12 +59,13 @@ from tessera.cluster.config import DistConfig
 from tessera.cluster.dist import DistState, discover, init
 from tessera.cluster.powersgd import PowerSGDReducer, ddp_comm_hook
 from tessera.cluster.sharded import ShardedPowerSGDEngine, choose_checkpoint, record_checkpoint
+from tessera.cluster.sharded_powersgd import error_sums, load_error_sums
 from tessera.core import files
 from tessera.core.errors import CheckpointError, ConfigError
 from tessera.kernels.powersgd import MAX_RANK
 
 CHECKPOINT_KIND = "engine"
-_RESERVED = ("kind", "format", "step", "model", "optimizer", "powersgd_step")
+_RESERVED = ("kind", "format", "step", "model", "optimizer", "powersgd_step", "powersgd_state")
 
 
 def _tag(step: int) -> str:
@@ -143,12 +146,13 @@ class Engine:
         """
         directory = Path(directory)
         path = directory / f"{_tag(step)}.pt"
+        extra = self._extra_state()  # on every rank: it may be a collective
         if self.dist.is_main:
             clash = sorted(set(client_state or {}) & set(_RESERVED))
             if clash:
                 raise ValueError(f"client_state keys {clash} are reserved by the engine checkpoint")
             state = {**(client_state or {}), "step": int(step), "model": self.module.state_dict(), "optimizer": self.optimizer.state_dict()}
-            state.update(self._extra_state())
+            state.update(extra)
             data = files.checkpoint_bytes(self.checkpoint_kind, state)
             directory.mkdir(parents=True, exist_ok=True)
             files.atomic_write_bytes(path, data)  # the step file, the manifest (checksums), latest.pt (a copy), then pruning
@@ -183,6 +187,7 @@ class Engine:
         return int(ck["step"]), {k: v for k, v in ck.items() if k not in _RESERVED}
 
     def _extra_state(self) -> dict[str, Any]:
+        """Entries of the engine's own beside "model" and "optimizer"; every rank calls it (rank 0's are written)."""
         return {}
 
     def _load_extra_state(self, ck: dict[str, Any]) -> None:
@@ -205,7 +210,10 @@ class DDPEngine(Engine):
         self.reducer: PowerSGDReducer | None = None
         if cfg.powersgd_rank > 0:
             self.reducer = PowerSGDReducer(
-                rank=cfg.powersgd_rank, min_compression_rate=cfg.powersgd_min_compression_rate, start_iter=cfg.powersgd_start_iter
+                rank=cfg.powersgd_rank,
+                min_compression_rate=cfg.powersgd_min_compression_rate,
+                start_iter=cfg.powersgd_start_iter,
+                param_names={id(p): n for n, p in module.named_parameters()},  # error buffers and Qs by parameter (checkpoints)
             )
             self.wrapped.register_comm_hook(self.reducer, ddp_comm_hook)
         # what DDP's own all-reduce hands over each backward pass: every gradient, in its buckets
@@ -217,14 +225,27 @@ class DDPEngine(Engine):
         sent, dense = self.reducer.bytes_sent_last_step, self.reducer.bytes_dense_last_step
         return {"bytes_sent": sent, "bytes_dense": dense, "compression": dense / sent if sent else 1.0}
 
-    # PowerSGD: the step count is saved so that compression resumes at once; the error-feedback
-    # buffers and warm-start Qs are per rank and not saved (they rebuild within a few steps).
+    # PowerSGD: the step count, the warm-start Qs (the same on every rank) and the error-feedback buffers as the paper keeps
+    # them (tessera.cluster.sharded_powersgd.error_sums: summed over the ranks); on resume rank 0 divides the sums by the
+    # number of ranks that wrote them and broadcasts the mean (load_error_sums), which keeps the sum over the ranks, so the
+    # compressed updates go on as in the uninterrupted run (exactly in real arithmetic; within float rounding here).
     def _extra_state(self) -> dict[str, Any]:
-        return {"powersgd_step": self.reducer.step} if self.reducer is not None else {}
+        if self.reducer is None:
+            return {}
+        sums = error_sums(self.reducer.error_state(), None)  # a collective over every rank
+        qs = {k: v.detach().clone() for k, v in sorted(self.reducer.q_state().items())}
+        return {"powersgd_step": self.reducer.step, "powersgd_state": {"ranks": self.dist.world_size, "error_sum": sums, "q": qs}}
 
     def _load_extra_state(self, ck: dict[str, Any]) -> None:
-        if self.reducer is not None and "powersgd_step" in ck:
+        if self.reducer is None:
+            return
+        if "powersgd_step" in ck:
             self.reducer.step = int(ck["powersgd_step"])
+        st = ck.get("powersgd_state")
+        if st:  # every rank read the same file; rank 0's mean is broadcast
+            errors = {k: torch.empty_like(v, device=self.dist.device) for k, v in st["error_sum"].items()}
+            load_error_sums(errors, st["error_sum"], None, int(st["ranks"]), src=0)
+            self.reducer.load_state(errors, st["q"])
 
 
 class DeepSpeedEngine(Engine):

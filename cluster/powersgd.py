@@ -39,6 +39,13 @@ all-reduce: `bytes_sent_last_step` (P, Q and the uncompressed tensors) against
 A step whose all-reduced P is not finite (an fp16 overflow on any rank) resets the error buffers
 and Qs, so one bad step does not poison the following ones; its gradients come out non-finite
 and a loss scaler skips it.
+
+With parameter names (`param_names`, which the DDP engine gives: id(parameter) -> name; the hook passes each
+bucket's names) the error buffers and Qs belong to the parameters, not to the buckets: a list planned anew
+(DDP rebuilds its buckets after the first step, in the order the gradients became ready) takes over each
+parameter's error and Q, and `error_state()` / `q_state()` / `load_state()` give them by name for checkpoints
+(tessera.cluster.engine saves the error buffers as the paper does: summed over the ranks, and each rank resumes
+from the mean; the Qs are the same on every rank). Without names a new list starts from a fresh error and Q.
 """
 
 from dataclasses import dataclass, field
@@ -57,6 +64,7 @@ class _GroupState:
     m: int
     n: int
     rank: int
+    names: list[str] | None = None  # the parameters' names, when the reducer knows them
     error: torch.Tensor | None = None  # fp32 [N, m, n]
     q: torch.Tensor | None = None  # fp32 [N, n, r]
 
@@ -86,6 +94,7 @@ class PowerSGDReducer:
         seed: int = 0,
         backend: str = "auto",
         process_group=None,
+        param_names: dict[int, str] | None = None,
     ):
         if rank < 1 or rank > K.MAX_RANK:
             raise ValueError(f"rank must be in 1..{K.MAX_RANK}, got {rank}")
@@ -109,6 +118,10 @@ class PowerSGDReducer:
         self._step_sent = 0
         self._step_dense = 0
         self._states: dict[object, _ListState] = {}
+        self.param_names = dict(param_names or {})  # id(parameter) -> name (ddp_comm_hook passes each bucket's names)
+        self._restored: dict[str, tuple[torch.Tensor | None, torch.Tensor | None]] = {}  # load_state's, until a step uses them
+        self._retired: list[_ListState] = []  # named lists planned anew in this step (their rows may move to a later list)
+        self._fresh: set = set()  # keys reduced with compression in this step
 
     # -- helpers -------------------------------------------------------------------------------
     def _world(self) -> int:
@@ -131,12 +144,14 @@ class PowerSGDReducer:
     def compression_ratio(self) -> float:
         return self.elements_uncompressed / max(self.elements_sent, 1)
 
-    def _plan(self, grads: list[torch.Tensor], key) -> _ListState:
-        signature = tuple((tuple(g.shape), g.dtype, g.device) for g in grads)
-        state = self._states.get(key)
-        if state is not None and state.signature == signature:
-            return state
-        # new (or rebuilt, e.g. DDP's bucket rebuild after step 1) list: fresh error and Q
+    def _plan(self, grads: list[torch.Tensor], key, names: list[str] | None = None) -> _ListState:
+        signature = tuple((tuple(g.shape), g.dtype, g.device) for g in grads) + (tuple(names) if names else ())
+        old = self._states.get(key)
+        if old is not None and old.signature == signature:
+            return old
+        # new (or rebuilt, e.g. DDP's bucket rebuild after step 1) list: fresh error and Q, or, with names, each parameter's own
+        if old is not None and names:
+            self._retired.append(old)
         state = _ListState(signature=signature)
         by_shape: dict[tuple, list[int]] = {}
         for i, g in enumerate(grads):
@@ -149,9 +164,58 @@ class PowerSGDReducer:
                     continue
             state.uncompressed.append(i)
         for (m, n, r), idx in sorted(by_shape.items()):
-            state.groups.append(_GroupState(indices=idx, m=m, n=n, rank=r))
+            state.groups.append(_GroupState(indices=idx, m=m, n=n, rank=r, names=[names[i] for i in idx] if names else None))
+        if names:
+            # a parameter not yet reduced in this step has its row in a list not reduced in this step, in a list planned anew
+            # in this step, or in load_state's
+            rows = self._rows([*self._retired, *(st for k, st in self._states.items() if k not in self._fresh)])
+            rows = {**self._restored, **rows}
+            for gs in state.groups:
+                self._adopt(gs, rows, grads[gs.indices[0]].device)
         self._states[key] = state
         return state
+
+    @staticmethod
+    def _rows(states) -> dict[str, tuple[torch.Tensor | None, torch.Tensor | None]]:
+        """name -> (error [m, n] or None, Q [n, r] or None): views into the named groups of `states`."""
+        out = {}
+        for st in states:
+            for gs in st.groups:
+                for j, name in enumerate(gs.names or ()):
+                    out[name] = (None if gs.error is None else gs.error[j], None if gs.q is None else gs.q[j])
+        return out
+
+    def _fresh_q(self, gs: _GroupState, device: torch.device) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + gs.m * 7919 + gs.n)
+        return torch.randn(len(gs.indices), gs.n, gs.rank, generator=gen).to(device)
+
+    def _adopt(self, gs: _GroupState, rows: dict, device: torch.device) -> None:
+        """The group's error and Q stacked from its parameters' rows (copies); a missing error is zero, a missing Q fresh."""
+        errs = [rows.get(name, (None, None))[0] for name in gs.names]
+        errs = [e if e is not None and tuple(e.shape) == (gs.m, gs.n) else None for e in errs]
+        if any(e is not None for e in errs):
+            zero = torch.zeros(gs.m, gs.n, device=device)
+            gs.error = torch.stack([zero if e is None else e.detach().to(device, torch.float32) for e in errs])
+        qs = [rows.get(name, (None, None))[1] for name in gs.names]
+        qs = [q if q is not None and tuple(q.shape) == (gs.n, gs.rank) else None for q in qs]
+        if any(q is not None for q in qs):
+            gs.q = self._fresh_q(gs, device)
+            for j, q in enumerate(qs):
+                if q is not None:
+                    gs.q[j].copy_(q)
+
+    def error_state(self) -> dict[str, torch.Tensor]:
+        """This rank's error buffers by parameter name (views, [m, n]); named lists only. After a step: one row per parameter."""
+        return {name: e for name, (e, _) in self._rows(self._states.values()).items() if e is not None}
+
+    def q_state(self) -> dict[str, torch.Tensor]:
+        """The warm-start Qs by parameter name (views, [n, r]; the same on every rank: all-reduced); named lists only."""
+        return {name: q for name, (_, q) in self._rows(self._states.values()).items() if q is not None}
+
+    def load_state(self, errors: dict[str, torch.Tensor], qs: dict[str, torch.Tensor]) -> None:
+        """Resume: the next step plans its lists anew and takes these rows by parameter name (the rest start fresh)."""
+        self._states.clear()
+        self._restored = {name: (errors.get(name), qs.get(name)) for name in {*errors, *qs}}
 
     # -- the algorithm (numbered as in the module docstring) --------------------------------------
     def _count(self, t: torch.Tensor) -> None:
@@ -162,10 +226,18 @@ class PowerSGDReducer:
         self.bytes_sent_last_step, self.bytes_dense_last_step = self._step_sent, self._step_dense
         self._step_sent = self._step_dense = 0
         self.step += 1
+        if self._fresh:  # a compressed step: named lists it did not reduce are gone (fewer buckets after a rebuild)
+            stale = [k for k, st in self._states.items() if k not in self._fresh and any(gs.names for gs in st.groups)]
+            for k in stale:
+                del self._states[k]
+            self._restored = {}
+        self._retired.clear()
+        self._fresh.clear()
 
     @torch.no_grad()
-    def reduce(self, grads: list[torch.Tensor], key=0, last: bool = True) -> None:
-        """Average `grads` in place; `last` ends the step (False for all but the last DDP bucket of a backward pass)."""
+    def reduce(self, grads: list[torch.Tensor], key=0, last: bool = True, names: list[str] | None = None) -> None:
+        """Average `grads` in place; `last` ends the step (False for all but the last DDP bucket of a backward pass);
+        `names`: the gradients' parameter names (their error buffers and Qs follow them)."""
         grads = [g for g in grads]
         if grads:
             self.elements_uncompressed += sum(g.numel() for g in grads)
@@ -177,15 +249,16 @@ class PowerSGDReducer:
                 _scatter(flat, grads)
                 self._count(flat)
             else:
-                self._reduce_compressed(grads, key)
+                self._reduce_compressed(grads, key, names)
         if last:
             self._end_step()
 
-    def _reduce_compressed(self, grads: list[torch.Tensor], key) -> None:
+    def _reduce_compressed(self, grads: list[torch.Tensor], key, names: list[str] | None) -> None:
         world = self._world()
 
         # 1. split
-        state = self._plan(grads, key)
+        state = self._plan(grads, key, names)
+        self._fresh.add(key)
         device = grads[0].device
         project, orthogonalize, decompress = self._ops(device)
         work = None
@@ -202,8 +275,7 @@ class PowerSGDReducer:
                 M += gs.error
             mats.append(M)
             if gs.q is None or not self.warm_start:
-                gen = torch.Generator().manual_seed(self.seed * 1_000_003 + gs.m * 7919 + gs.n)
-                gs.q = torch.randn(len(gs.indices), gs.n, gs.rank, generator=gen).to(device)
+                gs.q = self._fresh_q(gs, device)
 
         if state.groups:
             # 3. P = M Q, 4. all-reduce P
@@ -260,7 +332,8 @@ def ddp_comm_hook(reducer: PowerSGDReducer, bucket) -> torch.futures.Future[torc
     reduces the buffer, which is what DDP expects back. Collectives run synchronously here (the
     uncompressed part overlaps with the compressed part's local compute).
     """
-    reducer.reduce(bucket.gradients(), key=bucket.index(), last=bucket.is_last())
+    names = [reducer.param_names[id(p)] for p in bucket.parameters()] if reducer.param_names else None
+    reducer.reduce(bucket.gradients(), key=bucket.index(), last=bucket.is_last(), names=names)
     fut = torch.futures.Future()
     fut.set_result(bucket.buffer())
     return fut

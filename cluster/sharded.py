@@ -50,7 +50,7 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
 
 from tessera.cluster.dist import DistState, free_port, init, node_size
-from tessera.cluster.sharded_powersgd import CrossGroupReducer, Slot, paper_compression_rate
+from tessera.cluster.sharded_powersgd import CrossGroupReducer, Slot, error_sums, load_error_sums, paper_compression_rate
 from tessera.core import files
 from tessera.core.errors import CheckpointError, ConfigError
 from tessera.core.files import atomic_write_bytes, load_checkpoint, save_checkpoint
@@ -380,10 +380,7 @@ class ShardedPowerSGDEngine:
         tag = f"step_{int(step):08d}"
         final, tmp = directory / tag, directory / f".{tag}.tmp"
         topo = self.topology
-        errors = {k: v.clone() for k, v in self.reducer.error_state().items()}
-        for t in errors.values():
-            if topo.n_groups > 1:
-                tdist.all_reduce(t, group=self.replicate_group)  # the sum over same-ordinal ranks
+        errors = error_sums(self.reducer.error_state(), self.replicate_group)  # the sum over same-ordinal ranks
         if self.dist.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
@@ -450,13 +447,8 @@ class ShardedPowerSGDEngine:
         return name
 
     def _load_errors(self, sums: dict[str, torch.Tensor]) -> None:
-        topo = self.topology
-        with torch.no_grad():
-            for k, e in self.reducer.error_state().items():
-                if topo.group == 0:
-                    e.copy_(sums[k] / topo.n_groups)
-                if topo.n_groups > 1:
-                    tdist.broadcast(e, src=topo.ordinal, group=self.replicate_group)  # group 0's rank of this ordinal
+        topo = self.topology  # the mean over the groups, from group 0's rank of this ordinal (global rank `ordinal`)
+        load_error_sums(self.reducer.error_state(), sums, self.replicate_group, topo.n_groups, src=topo.ordinal)
 
 
 def _localize_optimizer(sd: dict[str, Any]) -> dict[str, Any]:

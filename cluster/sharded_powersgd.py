@@ -24,7 +24,9 @@ Q', the PowerSGD paper's default) and `start_iter` (a unit's first `start_iter` 
 all-reduces, as torch's powerSGD_hook does). At rank 4 of d_model 128 neither closes the gap to the
 uncompressed loss; the rank does (bench/results/powersgd_quality.md).
 
-The error buffers live in unscaled units, so they stay valid when the loss scales change. The
+The error buffers live in unscaled units, so they stay valid when the loss scales change. Checkpoints keep them as the
+paper does: `error_sums` (the sum over the same-ordinal ranks) and, on resume, `load_error_sums` (the sum divided by the
+number of groups, broadcast); the DDP engine's PowerSGD reducer (tessera.cluster.engine) checkpoints its buffers with both. The
 torch references of kernels/powersgd.py run on CPU, the Triton kernels on CUDA (backend "auto").
 
 Bytes: `StepBytes` counts what each rank hands to the cross-group collectives (payload, fp32), and
@@ -279,6 +281,36 @@ class CrossGroupReducer:
     def error_state(self) -> dict[str, torch.Tensor]:
         """This rank's error buffers by parameter name (views, oriented [m, n])."""
         return {s.fqn: b.error[j] for unit in self.plans.values() for b in unit.batches for j, s in enumerate(b.slots)}
+
+
+def error_sums(errors: dict[str, torch.Tensor], group: dist.ProcessGroup | None) -> dict[str, torch.Tensor]:
+    """The checkpoint entry of PowerSGD error buffers, as the paper keeps them: each buffer summed over the ranks of `group`
+    (the same-ordinal ranks of the groups in the sharded layout; every rank under DDP). A collective: every rank of `group`
+    calls it with the same names. Copies; the buffers are untouched."""
+    out = {k: errors[k].detach().clone() for k in sorted(errors)}
+    if _group_size(group) > 1:
+        for t in out.values():
+            dist.all_reduce(t, group=group)
+    return out
+
+
+@torch.no_grad()
+def load_error_sums(
+    errors: dict[str, torch.Tensor], sums: dict[str, torch.Tensor], group: dist.ProcessGroup | None, n_summed: int, src: int
+) -> None:
+    """Resume from `error_sums`: every buffer of `errors` <- its sum / `n_summed` (the number of ranks that summed it), computed on
+    global rank `src` and broadcast over `group`. The mean keeps the sum over the ranks, on which alone the compressed updates
+    depend, so they go on as before (exactly in real arithmetic). A collective: every rank of `group` calls it with the same names."""
+    for k in sorted(errors):
+        e = errors[k]
+        if _group_size(group) == 1 or dist.get_rank() == src:
+            e.copy_(sums[k] / n_summed)
+        if _group_size(group) > 1:
+            dist.broadcast(e, src=src, group=group)
+
+
+def _group_size(group: dist.ProcessGroup | None) -> int:
+    return dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
 
 
 def _fixed_q(seed: int, fqn: str, n: int, r: int) -> torch.Tensor:

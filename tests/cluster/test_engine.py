@@ -213,8 +213,9 @@ def test_two_ranks_train_and_agree(two_rank_run, mode):
     assert not torch.allclose(w0["0.weight"], make_model().state_dict()["0.weight"])
     assert res["resume_step"] == STEPS and res["client"] == {"note": mode}
     assert res["resume_same"] and res["lr0_frozen"]
-    # PowerSGD's per-rank error buffers are not checkpointed, so only exact modes continue identically
-    assert res["continue_same"] == ("powersgd_rank" not in MODES[mode])
+    # and the next step is the same in both engines; with PowerSGD too: its error buffers resume from their mean over the
+    # ranks and its warm-start Qs as they were (within float rounding: allclose)
+    assert res["continue_same"]
 
 
 @pytest.mark.parametrize("mode", list(MODES))

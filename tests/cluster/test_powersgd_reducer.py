@@ -254,6 +254,44 @@ def test_non_finite_step_resets_the_compressed_state():
     torch.testing.assert_close(after[0], fresh[0])
 
 
+def test_named_error_and_q_follow_the_parameters_across_a_bucket_rebuild_and_a_resume():
+    """With names (the DDP engine's) a list planned anew in another order (DDP's bucket rebuild after step 1) keeps each
+    parameter's error and Q, and a new reducer given error_state()/q_state() goes on as the first; without names the
+    rebuilt list starts fresh, which changes the updates (so the comparison is not vacuous)."""
+    g = torch.Generator().manual_seed(11)
+    names = ["a.weight", "b.weight", "c.weight", "c.bias"]
+    steps = [
+        [torch.randn(40, 24, generator=g), torch.randn(40, 24, generator=g), torch.randn(16, 48, generator=g), torch.randn(8, generator=g)]
+        for _ in range(4)
+    ]
+    order = [2, 3, 1, 0]  # the rebuilt bucket
+
+    def run(reducer, first: int, last: int, rebuilt_from: int, named: bool = True) -> list[dict[str, torch.Tensor]]:
+        outs = []
+        for t in range(first, last):
+            idx = order if t >= rebuilt_from else range(4)
+            grads = [steps[t][i].clone() for i in idx]
+            reducer.reduce(grads, key=0, names=[names[i] for i in idx] if named else None)
+            outs.append({names[i]: gr for i, gr in zip(idx, grads)})
+        return outs
+
+    ref = run(PowerSGDReducer(rank=2, backend="torch"), 0, 4, rebuilt_from=4)  # never rebuilt
+    rebuilt = run(PowerSGDReducer(rank=2, backend="torch"), 0, 4, rebuilt_from=1)
+    first = PowerSGDReducer(rank=2, backend="torch")
+    head = run(first, 0, 2, rebuilt_from=1)
+    errors, qs = first.error_state(), first.q_state()
+    assert sorted(errors) == sorted(qs) == ["a.weight", "b.weight", "c.weight"] and all(float(e.abs().max()) > 0 for e in errors.values())
+    resumed = PowerSGDReducer(rank=2, backend="torch")
+    resumed.load_state({k: v.clone() for k, v in errors.items()}, {k: v.clone() for k, v in qs.items()})
+    tail = run(resumed, 2, 4, rebuilt_from=3)  # a fresh DDP: its first step in the initial order, then rebuilt
+    unnamed = run(PowerSGDReducer(rank=2, backend="torch"), 0, 4, rebuilt_from=1, named=False)
+    for t in range(4):
+        for k in names:
+            torch.testing.assert_close(rebuilt[t][k], ref[t][k], atol=1e-6, rtol=1e-5)
+            torch.testing.assert_close((head + tail)[t][k], ref[t][k], atol=1e-6, rtol=1e-5)
+    assert _rel(unnamed[3]["a.weight"], ref[3]["a.weight"]) > 1e-2
+
+
 CROSS_SCALE = {"a.weight": 4.0, "b.weight": 1.0}
 CROSS_MATS = {"a.weight": ((6, 10), 0), "b.weight": ((12, 5), 64)}  # b is taller than wide: compressed transposed
 
