@@ -24,11 +24,14 @@ factory `make_optimizer(params) -> Optimizer`, or an optimizer built on the unsh
 yet): it is rebuilt, same class, defaults and param-group settings, on the sharded parameters.
 
 Checkpoints: `dir/step_XXXXXXXX/` holds `meta.pt` (step, client state, topology) and one
-`ordinal_OOOO.pt` per local ordinal (its parameter and optimizer shards, and the error buffers summed
-over the same-ordinal ranks), written by group 0 into a temporary directory that is renamed; then
-`dir/latest.sharded` names it. On resume every rank reads its ordinal's file; group 0 divides the
-error sums by the number of groups and broadcasts them (the paper's scheme: the mean error keeps the
-sum over groups, so the compressed updates continue as before). Resuming needs the same topology.
+`ordinal_OOOO.pt` per local ordinal (its parameter and optimizer shards, the parameters' whole shapes, the
+error buffers summed over the same-ordinal ranks, and the shards of client-state tensors sharded like the
+parameters, e.g. the loop's parameter EMA, which come back as such DTensors), written by group 0 into a
+temporary directory that is renamed; then `dir/latest.sharded` names it. On resume every rank reads its
+ordinal's file; group 0 divides the error sums by the number of groups and broadcasts them (the paper's
+scheme: the mean error keeps the sum over groups, so the compressed updates continue as before). Resuming
+needs the same topology. `consolidate_sharded_checkpoint` joins the shards into whole tensors without a
+process group (export).
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ import torch
 import torch.distributed as tdist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Shard
 
 from tessera.cluster.dist import DistState, free_port, init, node_size
 from tessera.cluster.sharded_powersgd import CrossGroupReducer, Slot, error_sums, load_error_sums, paper_compression_rate
@@ -380,20 +383,24 @@ class ShardedPowerSGDEngine:
         tag = f"step_{int(step):08d}"
         final, tmp = directory / tag, directory / f".{tag}.tmp"
         topo = self.topology
+        client, client_shards = self._split_client(client_state or {})  # e.g. the loop's EMA: sharded like the parameters
         errors = error_sums(self.reducer.error_state(), self.replicate_group)  # the sum over same-ordinal ranks
         if self.dist.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         self.dist.barrier()
         if topo.group == 0:
+            sd = self.module.state_dict()
             state = {
-                "model": {k: _local(v) for k, v in self.module.state_dict().items()},
+                "model": {k: _local(v) for k, v in sd.items()},
+                "model_shapes": {k: list(v.shape) for k, v in sd.items() if isinstance(v, DTensor)},  # what consolidation joins
                 "optimizer": _localize_optimizer(self.optimizer.state_dict()),
                 "error_sum": errors,
+                "client_shards": client_shards,
             }
             save_checkpoint(tmp / f"ordinal_{topo.ordinal:04d}.pt", self.checkpoint_kind, state)
         if self.dist.is_main:
-            meta = {"step": int(step), "client": client_state or {}, "world": topo.world, "ranks_per_node": topo.ranks_per_node}
+            meta = {"step": int(step), "client": client, "world": topo.world, "ranks_per_node": topo.ranks_per_node}
             save_checkpoint(tmp / "meta.pt", self.checkpoint_kind, meta)
         self.dist.barrier()
         if self.dist.is_main:  # the folder, then the manifest (checksums), then latest.sharded, then pruning
@@ -430,7 +437,33 @@ class ShardedPowerSGDEngine:
         self.optimizer.load_state_dict(shard["optimizer"])
         _wrap_optimizer_state(self.optimizer)
         self._load_errors(shard["error_sum"])
-        return int(meta["step"]), dict(meta["client"])
+        client = dict(meta["client"])
+        for rec in shard.get("client_shards", []):
+            local = rec["local"].to(self.dist.device)
+            t = DTensor.from_local(
+                local, self.shard_mesh, [Shard(0)], run_check=False, shape=torch.Size(rec["shape"]), stride=tuple(rec["stride"])
+            )
+            _put(client, rec["path"], t)
+        return int(meta["step"]), client
+
+    def _split_client(self, client: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """`client` without its DTensors (meta.pt, rank 0), and their local shards as records {"path", "local", "shape", "stride"}
+        (this ordinal's file): a client entry such as the loop's parameter EMA is sharded like the parameters, and saved so."""
+        records: list[dict[str, Any]] = []
+
+        def walk(obj: dict[str, Any], path: list[str]) -> dict[str, Any]:
+            out = {}
+            for k, v in obj.items():
+                if isinstance(v, DTensor):
+                    if v.device_mesh != self.shard_mesh or tuple(v.placements) != (Shard(0),):
+                        where = ".".join([*path, str(k)])
+                        raise ValueError(f"client_state entry '{where}': a DTensor sharded unlike the parameters ({v.placements})")
+                    records.append({"path": [*path, k], "local": _local(v), "shape": list(v.shape), "stride": list(v.stride())})
+                else:
+                    out[k] = walk(v, [*path, k]) if isinstance(v, dict) else v
+            return out
+
+        return walk(client, []), records
 
     def _choose(self, directory: Path) -> str:
         """The newest intact checkpoint folder (verified against the manifest; latest.sharded is rewritten to name it), or the
@@ -449,6 +482,49 @@ class ShardedPowerSGDEngine:
     def _load_errors(self, sums: dict[str, torch.Tensor]) -> None:
         topo = self.topology  # the mean over the groups, from group 0's rank of this ordinal (global rank `ordinal`)
         load_error_sums(self.reducer.error_state(), sums, self.replicate_group, topo.n_groups, src=topo.ordinal)
+
+
+def _put(obj: dict[str, Any], path: list[str], value: Any) -> None:
+    for k in path[:-1]:
+        obj = obj.setdefault(k, {})
+    obj[path[-1]] = value
+
+
+def consolidate_sharded_checkpoint(
+    directory: str | Path, kind: str | tuple[str, ...], tag: str | None = None
+) -> tuple[int, dict[str, Any], dict[str, Any]]:
+    """(step, client state, model state dict) of a sharded checkpoint, whole, without a process group (e.g. for export): each
+    parameter's and each sharded client entry's (the EMA's) ordinal shards joined on dim 0, FSDP2's layout. `directory` is what
+    `save_checkpoint` was given; `tag` picks another checkpoint than the one latest.sharded names."""
+    directory = Path(directory)
+    if tag is None:
+        if not (directory / LATEST).is_file():
+            raise CheckpointError(f"'{directory}' is not a sharded checkpoint directory (no '{LATEST}' file)")
+        tag = (directory / LATEST).read_text(errors="replace").strip()
+    folder = directory / tag
+    if not folder.is_dir():
+        raise CheckpointError(f"sharded checkpoint '{folder}' does not exist")
+    meta = load_checkpoint(folder / "meta.pt", kind)
+    shards = [load_checkpoint(folder / f"ordinal_{o:04d}.pt", kind) for o in range(int(meta["ranks_per_node"]))]
+    if len(shards) > 1 and any("model_shapes" not in s for s in shards):
+        raise CheckpointError(
+            f"sharded checkpoint '{folder}' does not record its parameters' whole shapes (an older one); resume the run to write one that does"
+        )
+
+    def join(parts: list[torch.Tensor], shape: list[int], what: str) -> torch.Tensor:
+        whole = torch.cat(parts) if len(parts) > 1 else parts[0]
+        if list(whole.shape) != list(shape):
+            raise CheckpointError(f"sharded checkpoint '{folder}': the shards of '{what}' join to {list(whole.shape)}, expected {shape}")
+        return whole
+
+    model = {}
+    for k, v in shards[0]["model"].items():
+        shape = shards[0].get("model_shapes", {}).get(k)
+        model[k] = join([s["model"][k] for s in shards], shape, k) if shape is not None else v
+    client = dict(meta["client"])
+    for j, rec in enumerate(shards[0].get("client_shards", [])):
+        _put(client, rec["path"], join([s["client_shards"][j]["local"] for s in shards], rec["shape"], ".".join(rec["path"])))
+    return int(meta["step"]), client, model
 
 
 def _localize_optimizer(sd: dict[str, Any]) -> dict[str, Any]:

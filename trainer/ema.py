@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 
 class EMA:
-    """Keeps `shadow = decay * shadow + (1 - decay) * param` for floating-point parameters and buffers."""
+    """Keeps `shadow = decay * shadow + (1 - decay) * param` for floating-point parameters and buffers.
+
+    On the sharded layout (FSDP2) the parameters are DTensors, and so are their shadows: each rank keeps the EMA of its own
+    shards (the engine checkpoints them with the parameters' shards); `full_state_dict` gathers them for evaluation."""
 
     def __init__(self, model: nn.Module, decay: float):
         self.decay = decay
@@ -27,8 +31,12 @@ class EMA:
         for k, v in sd.items():
             self.shadow[k] = v.detach().clone().float()
 
-    def copy_to(self, model: nn.Module) -> None:
-        """Load the EMA weights into `model` (other entries, e.g. integer buffers, untouched)."""
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The shadows whole: DTensor shards all-gathered (a collective: every rank calls it), plain tensors as they are."""
+        return {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in self.shadow.items()}
+
+    def copy_to(self, model: nn.Module, shadow: dict[str, torch.Tensor] | None = None) -> None:
+        """Load the EMA weights (`shadow`, default this EMA's own) into `model` (other entries, e.g. integer buffers, untouched)."""
         sd = model.state_dict()
-        for k, v in self.shadow.items():
+        for k, v in (self.shadow if shadow is None else shadow).items():
             sd[k].copy_(v.to(sd[k].dtype))

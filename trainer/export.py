@@ -9,7 +9,9 @@
     DIR/clip_tokenizer.model(.json)  the CLIP's tokenizer (with --clip)
 
 The transformer comes from the run's latest checkpoint, or, when the run holds a DeepSpeed ZeRO
-checkpoint directory (a folder with a `latest` file), from DeepSpeed's zero_to_fp32 consolidation.
+checkpoint directory (a folder with a `latest` file), from DeepSpeed's zero_to_fp32 consolidation, or, for
+the sharded layout (`checkpoints/latest.sharded`), from its ordinal shards joined into whole tensors
+(tessera.cluster.sharded.consolidate_sharded_checkpoint; the EMA's shards too).
 The dVAE and tokenizer are those named by the token manifest the run trained on (recorded in the
 checkpoint), unless --dvae / --tokenizer say otherwise. Every file is written to a temporary name
 and renamed; config.json is written last, so a directory with a config.json is complete.
@@ -28,6 +30,8 @@ from safetensors.torch import save
 
 from tessera import __version__
 from tessera.cluster.engine import consolidate_zero_checkpoint, zero_checkpoint_client_state
+from tessera.cluster.sharded import LATEST as SHARDED_LATEST
+from tessera.cluster.sharded import consolidate_sharded_checkpoint
 from tessera.core import config as C
 from tessera.core.errors import CheckpointError, InputError
 from tessera.core.files import atomic_write_bytes, load_checkpoint
@@ -91,11 +95,26 @@ def _transformer_from_zero(run_dir: Path, zero_dir: Path, use_ema: bool) -> tupl
     return weights, model_cfg, meta
 
 
+def _transformer_from_sharded(run_dir: Path, ck_dir: Path, use_ema: bool) -> tuple[dict[str, torch.Tensor], dict, dict]:
+    """The sharded layout's checkpoint (FSDP2 shards per local ordinal) joined into one state dict, with its whole EMA."""
+    step, client, sd = consolidate_sharded_checkpoint(ck_dir, "transformer")
+    if not client.get("model_cfg"):
+        raise CheckpointError(f"sharded checkpoint in '{ck_dir}' lacks model_cfg")
+    weights = sd
+    if use_ema and client.get("ema"):
+        weights = {**sd, **{k: v for k, v in client["ema"].items() if k in sd}}
+    meta = {k: client.get(k) for k in ("train_data", "dvae", "tokenizer")}
+    meta.update(step=step, weights="ema" if weights is not sd else "model", consolidated_from=str(ck_dir))
+    return weights, client["model_cfg"], meta
+
+
 def _transformer_state(run_dir: Path, use_ema: bool) -> tuple[dict[str, torch.Tensor], dict, dict]:
     """(weights, model config dict, checkpoint metadata) of a run dir or checkpoint file."""
     zero = find_zero_checkpoint(run_dir) if run_dir.is_dir() else None
     if zero is not None and not (run_dir / "checkpoints" / "latest.pt").exists():
         return _transformer_from_zero(run_dir, zero, use_ema)
+    if run_dir.is_dir() and (run_dir / "checkpoints" / SHARDED_LATEST).is_file() and not (run_dir / "checkpoints" / "latest.pt").exists():
+        return _transformer_from_sharded(run_dir, run_dir / "checkpoints", use_ema)
     ck = load_checkpoint(run_dir, "transformer")
     if "model_cfg" not in ck or "model" not in ck:
         raise CheckpointError(f"checkpoint '{run_dir}' lacks model_cfg or model weights")

@@ -81,7 +81,8 @@ def fit(task: Any, cfg: LoopConfig, run: RunDir, dist: DistState, cluster: DistC
     task.start(st.step, st.data, run.metrics.log)
     ck.restore_rng(st.rng)
     stopper = Stopper(cfg, eng.dist, st)
-    ev, lines = Evaluator(task, eng, ema, cluster.zero_stage == 3, run), Lines(task, cfg, run, eng, stopper, st, blocks)
+    sharded = cluster.zero_stage == 3 or eng.kind == "sharded"  # weights split over the ranks: evaluation gathers them
+    ev, lines = Evaluator(task, eng, ema, sharded, run), Lines(task, cfg, run, eng, stopper, st, blocks)
 
     def forward(*args: Any, **kw: Any) -> Any:
         with autocast(dtype, task.device):

@@ -6,7 +6,8 @@ torch RNG states), "horizon" (the cosine horizon fitted to the time budget, 0 = 
 (training seconds of all runs so far), "scaler" (the fp16 loss scale), "grad_scale" (the per-resblock
 scales, tessera.trainer.grad_scale, with grad_scaling = "per_resblock"; None otherwise) and, in the last
 one of a run, "metrics" (the summary). Plain/DDP checkpoints are checkpoints/step_XXXXXXXX.pt and latest.pt;
-DeepSpeed ZeRO's are checkpoints/zero/ (the engine's own layouts).
+DeepSpeed ZeRO's are checkpoints/zero/; the sharded layout's are checkpoints/step_XXXXXXXX/ folders, where the EMA of
+the FSDP2-sharded parameters is sharded like them, in each ordinal's file (the engines' own layouts).
 """
 
 from __future__ import annotations
@@ -232,18 +233,20 @@ class Stopper:
 
 
 class Evaluator:
-    """Evaluation and samples on the EMA weights when kept (rank 0; under ZeRO-3 every rank gathers the weights)."""
+    """Evaluation and samples on the EMA weights when kept (rank 0, on a plain copy of the model). `sharded`: the weights (and
+    so the EMA's shadows) are split over the ranks (ZeRO-3, or the sharded layout's FSDP2 DTensors): every rank gathers them."""
 
-    def __init__(self, task: Any, engine: Any, ema: Any, zero3: bool, run: Any):
-        self.task, self.engine, self.ema, self.zero3, self.run = task, engine, ema, zero3, run
+    def __init__(self, task: Any, engine: Any, ema: Any, sharded: bool, run: Any):
+        self.task, self.engine, self.ema, self.sharded, self.run = task, engine, ema, sharded, run
         self.copy: torch.nn.Module | None = None
         self.last: dict[str, Any] = {}
         self.evaluated = self.sampled = -1
 
     def _model(self) -> torch.nn.Module | None:
-        if not self.zero3 and self.ema is None:
+        if not self.sharded and self.ema is None:
             return self.engine.module if self.engine.dist.is_main else None
-        weights = self.engine.full_state_dict() if self.zero3 else None  # collective
+        weights = self.engine.full_state_dict() if self.sharded else None  # collective
+        shadow = self.ema.full_state_dict() if self.ema is not None else None  # collective for DTensor shadows
         if not self.engine.dist.is_main:
             return None
         if self.copy is None:
@@ -251,7 +254,7 @@ class Evaluator:
                 self.copy = self.task.make_model()
         self.copy.load_state_dict(weights if weights is not None else self.engine.module.state_dict())
         if self.ema is not None:
-            self.ema.copy_to(self.copy)
+            self.ema.copy_to(self.copy, shadow)
         return self.copy
 
     def run_at(self, step: int, evaluate: bool, sample: bool) -> None:

@@ -22,10 +22,9 @@ from tessera.core.files import MANIFEST, file_digest, load_checkpoint  # noqa: E
 REPO = Path(__file__).resolve().parents[2]
 LOOP = dict(log_every=1, ckpt_every=3)
 EMA = "transformer.train.ema_decay=0.9"
-# the sharded layout without EMA: its final evaluation copies DTensor weights into a plain model (a bug outside checkpoints)
 LAYOUTS = {
     "zero2": ("cluster.zero_stage=2", EMA),
-    "sharded": ("cluster.sharded=true", "cluster.ranks_per_node=1", "cluster.powersgd_rank=1"),
+    "sharded": ("cluster.sharded=true", "cluster.ranks_per_node=1", "cluster.powersgd_rank=1", EMA),  # its EMA: in ordinal_0000.pt
 }
 
 

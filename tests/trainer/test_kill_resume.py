@@ -6,7 +6,7 @@ Each rank first trains the uninterrupted reference (RUN/ref) in the same process
 the resume is a fresh set of processes. Layouts: one process; DDP on 2 ranks with fp16 autocast, per-resblock gradient
 scales and EMA; DeepSpeed ZeRO-2 on 2 ranks (DS_ACCELERATOR=cpu) with EMA; DDP on 2 ranks with PowerSGD rank 1 from the
 first update (its error buffers and warm-start Qs are checkpointed); the sharded layout in 2 groups x 1 with PowerSGD
-rank 1 (so the error buffers matter), and, with TESSERA_TEST_2X2=1, in 2 groups x 2.
+rank 1 (so the error buffers matter) and EMA (its shards in the ordinal files), and, with TESSERA_TEST_2X2=1, in 2 groups x 2.
 TESSERA_KILL_SEED picks other kill steps (default 16)."""
 
 import json
@@ -55,8 +55,8 @@ LAYOUTS = {
     "ddp_fp16_per_resblock": (2, ("transformer.train.precision=fp16", "transformer.train.grad_scaling=per_resblock", EMA)),
     "zero2": (2, ("cluster.zero_stage=2", EMA)),
     "ddp_powersgd": (2, ("cluster.powersgd_rank=1", "cluster.powersgd_start_iter=0")),
-    "sharded_2x1": (2, ("cluster.sharded=true", "cluster.ranks_per_node=1", "cluster.powersgd_rank=1")),
-    "sharded_2x2": (4, ("cluster.sharded=true", "cluster.ranks_per_node=2", "cluster.powersgd_rank=1")),
+    "sharded_2x1": (2, ("cluster.sharded=true", "cluster.ranks_per_node=1", "cluster.powersgd_rank=1", EMA)),
+    "sharded_2x2": (4, ("cluster.sharded=true", "cluster.ranks_per_node=2", "cluster.powersgd_rank=1", EMA)),
 }
 
 
