@@ -15,6 +15,7 @@ import sys
 
 from tessera import __version__
 from tessera.cli.common import add_config_arguments
+from tessera.core import portable
 from tessera.core.errors import TesseraError
 
 __all__ = ["COMMANDS", "GROUP_HELP", "add_config_arguments", "main"]
@@ -39,6 +40,10 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str, str]] = {
     ("plan", "crawl"): ("tessera.cli.plan", "plan_crawl", "project a crawl's time and storage from the measured crawler throughput"),
     ("config",): ("tessera.cli.config", "config", "print a resolved config, or every key with its type and documentation"),
 }
+
+# Commands whose figures must not depend on the machine: they run torch's AVX2 kernels on every x86 CPU
+# (tessera.core.portable; set before the command's module imports torch).
+PORTABLE_KERNELS = {("demo",)}
 
 GROUP_HELP = {
     "prep": "data preparation: crawl, tokenizer, encode, synthetic",
@@ -91,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     module_name, name, help_ = COMMANDS[words]
     parser = argparse.ArgumentParser(prog="tessera " + " ".join(words), description=help_)
     debug = os.environ.get("TESSERA_DEBUG") == "1"
+    if words in PORTABLE_KERNELS:
+        portable.pin()
     try:
         module = importlib.import_module(module_name)
         getattr(module, f"add_{name}")(parser)

@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from tessera.core import portable
+
 # The flags of /proc/cpuinfo that change what the CPU computes fast, in the order they are printed.
 ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16")
 
@@ -46,6 +48,11 @@ def cpu_kind(isa: dict[str, bool]) -> str:
     return "avx2" if isa.get("avx2") else "other"
 
 
+def kernels() -> dict[str, Any]:
+    """The CPU kernels this process runs: torch's CPU capability and the variables of tessera.core.portable (None where unset)."""
+    return {"aten": torch.backends.cpu.get_cpu_capability(), **{k: os.environ.get(k) for k in portable.PINS}}
+
+
 def describe(cpuinfo: str | Path = "/proc/cpuinfo") -> dict[str, Any]:
     """The machine, as a JSON-ready dict: cpu model, cores, torch threads, instruction sets, kind, versions."""
     name, flags = _cpuinfo(Path(cpuinfo))
@@ -64,6 +71,7 @@ def describe(cpuinfo: str | Path = "/proc/cpuinfo") -> dict[str, Any]:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "kernels": kernels(),
     }
 
 
@@ -71,7 +79,8 @@ def one_line(m: dict[str, Any]) -> str:
     """`describe()` in one line, for tables and logs."""
     isa = ", ".join(f for f in ISA_FLAGS if m["isa"].get(f)) or "none of " + ", ".join(ISA_FLAGS)
     gpu = f"; GPU {m['cuda']}" if m.get("cuda") else ""
-    return f"{m['cpu']} ({m['kind']}: {isa}), {m['cores']} cores, {m['threads']} threads, torch {m['torch']}{gpu}"
+    kernels = f", {m['kernels']['aten']} kernels" if m.get("kernels") else ""
+    return f"{m['cpu']} ({m['kind']}: {isa}), {m['cores']} cores, {m['threads']} threads{kernels}, torch {m['torch']}{gpu}"
 
 
-__all__ = ["ISA_FLAGS", "cpu_kind", "describe", "one_line"]
+__all__ = ["ISA_FLAGS", "cpu_kind", "describe", "kernels", "one_line"]

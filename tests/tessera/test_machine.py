@@ -54,3 +54,13 @@ def test_an_unreadable_cpuinfo_falls_back_to_torchs_probes(tmp_path):
     probe = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
     if probe is not None:
         assert m["isa"]["avx512_bf16"] == bool(probe())
+
+
+def test_the_report_names_the_kernels_that_ran():
+    """tessera.core.portable pins the demo's kernels; describe() says which ran (torch's own CPU capability)."""
+    from tessera.core import portable
+
+    k = describe()["kernels"]
+    assert k["aten"] == torch.backends.cpu.get_cpu_capability()
+    assert set(k) == {"aten", *portable.PINS}
+    assert f", {k['aten']} kernels," in one_line(describe())
