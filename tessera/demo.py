@@ -61,7 +61,7 @@ from tessera.trainer.image_metrics import psnr
 from tessera.trainer.inference import load as load_inference
 from tessera.trainer.transformer_train import train_transformer
 
-STAGE_DIRS = ("source", "urls", "shards", "tokenizer", "dvae", "tokens", "transformer", "export", "samples", "distributed")
+STAGE_DIRS = ("source", "urls", "shards", "tokenizer", "dvae", "tokens", "transformer", "clip", "export", "samples", "distributed")
 SAMPLES_PER_PROMPT = 4
 RANKS_STEPS = 100  # updates of each run of the distributed stage (both runs; steps, not time, so that they compare)
 RANKS_POWERSGD = 4  # the PowerSGD rank across groups when cluster.powersgd_rank is 0
