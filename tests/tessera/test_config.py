@@ -2,6 +2,7 @@ import dataclasses
 from typing import Literal, Optional
 
 import pytest
+import torch
 
 from tessera.core import config as C
 from tessera.core.errors import ConfigError
@@ -131,6 +132,19 @@ def test_preset_extends_another(tmp_path):
     # demo-quick sets only the dVAE's depth (8x8 tokens) of the model section; the rest comes from demo
     assert dataclasses.replace(quick.dvae.model, n_groups=demo.dvae.model.n_groups) == demo.dvae.model
     assert (quick.dvae.model.n_groups, demo.dvae.model.n_groups) == (4, 3) and quick.dvae.train.steps < demo.dvae.train.steps
+
+
+@pytest.mark.parametrize("preset", ["demo", "demo-quick"])
+def test_every_demo_stage_is_bound_by_its_steps_in_fp32(preset):
+    """Issue 17: one seed, the same model on every machine. Time limits are safety stops (a failure in the report),
+    and nothing picks its precision by the CPU ("fast" would be bf16 on some machines, fp32 on others)."""
+    from tessera.trainer.precision import resolve_precision
+
+    cfg = load_root(preset)
+    for name, train in (("dvae", cfg.dvae.train), ("transformer", cfg.transformer.train), ("clip", cfg.clip)):
+        assert train.time_budget_mode == "safety", (preset, name)
+        assert resolve_precision(train.precision, torch.device("cpu")) == "fp32", (preset, name, train.precision)
+        assert train.precision != "fast", (preset, name)
 
 
 def test_extends_cycle_is_rejected(tmp_path):
