@@ -108,6 +108,7 @@ def tiny_root(extra: tuple[str, ...] = (), **train):
         "transformer.train.sample_every=0",
         "transformer.train.ckpt_every=0",
         "transformer.train.time_budget_s=0",
+        "transformer.train.time_budget_mode=horizon",  # the demo preset is step-bound (safety); these tests fit the horizon
         "transformer.train.lr=3e-3",
         "transformer.train.shuffle_buffer=64",
         "sample.batch_size=8",
