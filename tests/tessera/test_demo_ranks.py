@@ -30,6 +30,7 @@ TINY = [
     "transformer.train.lr=3e-3",
     "transformer.train.shuffle_buffer=64",
     "transformer.train.threads=1",
+    "cluster.powersgd_rank=4",  # the demo's 16 would hardly compress d_model 32
 ]
 
 
