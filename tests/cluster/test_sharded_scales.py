@@ -10,8 +10,6 @@ optimizer state and weights can be read after each run.
 """
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -171,28 +169,12 @@ def worker(out: Path, tokens: str) -> None:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     sys.path.insert(0, str(REPO / "tests" / "trainer"))
+    from rank_workers import run_rank_workers
     from token_fixtures import make_token_shards
-
-    from tessera.cluster.dist import free_port
 
     out = tmp_path_factory.mktemp("sharded_scales")
     tokens = make_token_shards(out / "tokens")
-    port, procs = free_port(), []
-    for rank in range(4):
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "OMPI_", "PMI_", "LOCAL_WORLD_SIZE"))}
-        env.update(RANK=str(rank), WORLD_SIZE="4", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests" / "trainer")]), TESSERA_PROGRESS="0")
-        cmd = [sys.executable, __file__, str(out), str(tokens)]
-        procs.append(subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    logs = []
-    for p in procs:
-        try:
-            logs.append(p.communicate(timeout=300)[0])
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            pytest.fail("sharded per-resblock workers timed out")
-    assert [p.returncode for p in procs] == [0] * 4, "\n----\n".join(log[-3000:] for log in logs)
+    run_rank_workers(__file__, [str(out), str(tokens)], 4, "sharded per-resblock")
     return out
 
 

@@ -7,7 +7,6 @@ rounding, and the resumed run's EMA is the uninterrupted one's."""
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,9 +14,9 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+from rank_workers import run_rank_workers  # noqa: E402
 from token_fixtures import make_token_shards, one_thread, tiny_root  # noqa: E402,F401
 
-REPO = Path(__file__).resolve().parents[2]
 STEPS = 6
 SHARDED = ("cluster.sharded=true", "cluster.ranks_per_node=2")
 
@@ -39,27 +38,11 @@ def worker(out: Path) -> None:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    from tessera.cluster.dist import free_port
     from tessera.trainer.transformer_train import train_transformer
 
     out = tmp_path_factory.mktemp("sharded_ema")
     make_token_shards(out / "tokens")
-    port, procs = free_port(), []
-    for rank in range(2):
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "OMPI_", "PMI_", "LOCAL_WORLD_SIZE"))}
-        env.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), TESSERA_PROGRESS="0")
-        cmd = [sys.executable, __file__, str(out)]
-        procs.append(subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    logs = []
-    for p in procs:
-        try:
-            logs.append(p.communicate(timeout=300)[0])
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            pytest.fail("sharded EMA workers timed out")
-    assert [p.returncode for p in procs] == [0, 0], logs[0][-3000:] + "\n----\n" + logs[1][-3000:]
+    run_rank_workers(__file__, [str(out)], 2, "sharded EMA")
     one = train_transformer(root(out / "tokens", STEPS), str(out / "tokens"), out / "one")  # this process: the plain engine
     return out, json.loads((out / "result0.json").read_text()), one
 

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+from rank_workers import run_rank_workers  # noqa: E402
 from token_fixtures import make_token_shards, one_thread, tiny_root  # noqa: E402,F401
 
 REPO = Path(__file__).resolve().parents[2]
@@ -40,39 +41,9 @@ def worker(out: Path) -> None:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    from tessera.cluster.dist import free_port
-
     out = tmp_path_factory.mktemp("zero")
     make_token_shards(out / "tokens")
-    port = free_port()
-    procs = []
-    for rank in range(2):
-        env = dict(
-            os.environ,
-            RANK=str(rank),
-            WORLD_SIZE="2",
-            LOCAL_RANK=str(rank),
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(port),
-            DS_ACCELERATOR="cpu",
-            OMP_NUM_THREADS="1",
-            PYTHONPATH=str(REPO),
-            TESSERA_PROGRESS="0",
-        )
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, __file__, str(out)], env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-            )
-        )
-    logs = []
-    for p in procs:
-        try:
-            logs.append(p.communicate(timeout=300)[0])
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            pytest.fail("ZeRO transformer workers timed out")
-    assert [p.returncode for p in procs] == [0, 0], logs[0][-3000:] + "\n----\n" + logs[1][-3000:]
+    run_rank_workers(__file__, [str(out)], 2, "ZeRO transformer", {"DS_ACCELERATOR": "cpu"})
     return out
 
 
