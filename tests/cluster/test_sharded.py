@@ -8,8 +8,6 @@ full weights, error buffers and checkpoints; the tests below read what it wrote.
 
 import json
 import math
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -261,31 +259,10 @@ def worker(out: Path, mode: str) -> None:
 
 # -- launching ---------------------------------------------------------------------------------------------
 def launch(out: Path, world: int, mode: str, timeout: float = 400) -> None:
-    from tessera.cluster.dist import free_port
+    sys.path.insert(0, str(REPO / "tests" / "trainer"))
+    from rank_workers import run_rank_workers
 
-    port = free_port()
-    procs = []
-    for rank in range(world):
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "OMPI_", "PMI_", "LOCAL_WORLD_SIZE"))}
-        env.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-        if world == 1:
-            for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
-                env.pop(k)
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, __file__, str(out), mode], env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-            )
-        )
-    logs = []
-    for p in procs:
-        try:
-            logs.append(p.communicate(timeout=timeout)[0])
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            pytest.fail(f"sharded workers ({world} ranks, {mode}) timed out")
-    assert [p.returncode for p in procs] == [0] * world, "\n----\n".join(log[-3000:] for log in logs)
+    run_rank_workers(__file__, [str(out), mode], world, f"sharded ({world} ranks, {mode})", timeout=timeout)
 
 
 @pytest.fixture(scope="module")

@@ -17,15 +17,16 @@ FOREIGN_LAUNCHERS = ("SLURM_", "OMPI_", "PMI_", "LOCAL_WORLD_SIZE")
 def run_rank_workers(
     script: str | Path, args: list[str], world: int, what: str, extra_env: dict[str, str] | None = None, timeout: float = 300
 ) -> list[str]:
-    """Run `python script *args` as ranks 0..world-1 (torchrun's variables, one OMP thread, no progress bars) and return
-    their outputs. A worker still running after `timeout` s fails the test naming `what`; a worker that exits non-zero
+    """Run `python script *args` as ranks 0..world-1 (torchrun's variables, one OMP thread, no progress bars; world 1: one
+    plain process without them) and return their outputs. A worker still running after `timeout` s fails the test naming `what`; a worker that exits non-zero
     fails it with the tail of every rank's output."""
     from tessera.cluster.dist import free_port
 
     port, procs = free_port(), []
     for rank in range(world):
         env = {k: v for k, v in os.environ.items() if not k.startswith(FOREIGN_LAUNCHERS)}
-        env.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        if world > 1:
+            env.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests" / "trainer")]), TESSERA_PROGRESS="0")
         env.update(extra_env or {})
         cmd = [sys.executable, str(script), *args]

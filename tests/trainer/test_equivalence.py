@@ -15,14 +15,13 @@ powersgd_min_compression_rate is lowered so that every matrix is compressed anyw
 """
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+from rank_workers import run_rank_workers  # noqa: E402
 from token_fixtures import make_token_shards, one_thread, tiny_root  # noqa: E402,F401
 
 REPO = Path(__file__).resolve().parents[2]
@@ -104,26 +103,7 @@ def worker(out: Path) -> None:
 
 
 def launch(out: Path, world: int, timeout: float = 300) -> None:
-    from tessera.cluster.dist import free_port
-
-    port = free_port()
-    procs = []
-    for rank in range(world):
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "OMPI_", "PMI_", "LOCAL_WORLD_SIZE"))}
-        env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), TESSERA_PROGRESS="0")
-        if world > 1:
-            env.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        cmd = [sys.executable, __file__, str(out)]
-        procs.append(subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    logs = []
-    for p in procs:
-        try:
-            logs.append(p.communicate(timeout=timeout)[0])
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            pytest.fail(f"equivalence workers ({world} ranks) timed out")
-    assert [p.returncode for p in procs] == [0] * world, "\n----\n".join(log[-3000:] for log in logs)
+    run_rank_workers(__file__, [str(out)], world, f"equivalence ({world} ranks)", {"DS_ACCELERATOR": "cpu"}, timeout)
 
 
 @pytest.fixture(scope="module")
