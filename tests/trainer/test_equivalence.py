@@ -24,7 +24,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 from rank_workers import run_rank_workers  # noqa: E402
 from token_fixtures import make_token_shards, one_thread, tiny_root  # noqa: E402,F401
 
-REPO = Path(__file__).resolve().parents[2]
 STEPS = 8
 RTOL = 1e-4
 FULL = ("cluster.powersgd_rank=64", "cluster.powersgd_start_iter=0", "cluster.powersgd_min_compression_rate=0.01")
