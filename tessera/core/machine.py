@@ -20,23 +20,6 @@ from tessera.core import portable
 ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16")
 
 
-def _cpuinfo(path: Path) -> tuple[str, set[str]]:
-    """(model name, flags) of the first processor in `path`; ("", empty) where it cannot be read."""
-    name, flags = "", set()
-    try:
-        text = path.read_text()
-    except OSError:
-        return name, flags
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        key = key.strip()
-        if key == "model name" and not name:
-            name = value.strip()
-        elif key == "flags" and not flags:
-            flags = set(value.split())
-    return name, flags
-
-
 def cpu_kind(isa: dict[str, bool]) -> str:
     """A short label of the CPU's kind for the demo's speed: 'amx', 'avx512-bf16', 'avx512', 'avx2' or 'other'."""
     if isa.get("amx_bf16"):
@@ -55,7 +38,7 @@ def kernels() -> dict[str, Any]:
 
 def describe(cpuinfo: str | Path = "/proc/cpuinfo") -> dict[str, Any]:
     """The machine, as a JSON-ready dict: cpu model, cores, torch threads, instruction sets, kind, versions."""
-    name, flags = _cpuinfo(Path(cpuinfo))
+    name, flags = portable.read_cpuinfo(cpuinfo)
     isa = {f: f in flags for f in ISA_FLAGS}
     if not flags:  # no /proc/cpuinfo (not Linux): ask torch's own probes where it has them
         for flag, probe in (("avx512_bf16", "_is_avx512_bf16_supported"), ("amx_bf16", "_is_amx_tile_supported")):
