@@ -54,16 +54,14 @@ def save_checkpoint(path: str | Path, kind: str, state: dict[str, Any]) -> dict[
 def load_checkpoint(path: str | Path, kind: str | tuple[str, ...], map_location: str = "cpu") -> dict[str, Any]:
     """Load a checkpoint written by `save_checkpoint`, checking its kind.
 
-    A run directory is accepted too (its checkpoints/latest.pt). Raises CheckpointError with one
-    line naming the file for a missing, truncated, corrupt, or other-kind checkpoint.
+    A run directory is accepted too: its checkpoints/latest.pt, or where the checkpoint manifest shows that file damaged,
+    the newest intact checkpoint it lists (`readable_latest`). Raises CheckpointError with one line naming the file for a
+    missing, truncated, corrupt, or other-kind checkpoint.
     """
     path = Path(path)
     kinds = (kind,) if isinstance(kind, str) else tuple(kind)
     if path.is_dir():
-        cand = path / "checkpoints" / "latest.pt"
-        if not cand.exists():
-            raise CheckpointError(f"run directory '{path}' holds no checkpoint (expected {cand})")
-        path = cand
+        path = readable_latest(path)
     if not path.exists():
         raise InputError(f"checkpoint '{path}' does not exist")
     try:
@@ -229,3 +227,35 @@ def select_checkpoint(directory: str | Path, on_disk: list[str]) -> tuple[str | 
     if bad:
         _write_manifest(directory, [e for e in m["checkpoints"] if e["name"] not in {n for n, _ in bad}])
     return (good["name"] if good else None), True
+
+
+def readable_latest(run_dir: str | Path) -> Path:
+    """The checkpoint file a reader of run directory `run_dir` (export, encode, sample) should load; nothing is changed.
+
+    checkpoints/latest.pt when it is intact. With a manifest it is checked against the newest listed single-file
+    checkpoint (latest.pt is that file's copy); when it is damaged or missing, the newest listed checkpoint whose file
+    matches the manifest is used instead, with one warning line: what resume does (`select_checkpoint`), without moving
+    anything aside. Without a manifest (runs from before manifests), latest.pt as it is.
+    """
+    run_dir = Path(run_dir)
+    ck = run_dir / "checkpoints"
+    latest = ck / "latest.pt"
+    m = read_manifest(ck) if ck.is_dir() else None
+    listed = sorted(
+        (e for e in (m or {}).get("checkpoints", []) if str(e.get("name", "")).endswith(".pt")),
+        key=lambda e: e.get("step", -1),
+        reverse=True,
+    )
+    if not listed:
+        if not latest.exists():
+            raise CheckpointError(f"run directory '{run_dir}' holds no checkpoint (expected {latest})")
+        return latest
+    want = (listed[0].get("files") or {}).get(listed[0]["name"])
+    if want and latest.is_file() and latest.stat().st_size == want["size"] and file_digest(latest)["sha256"] == want["sha256"]:
+        return latest
+    why = "is missing" if not latest.is_file() else f"differs from {listed[0]['name']} in the manifest"
+    for e in listed:
+        if verify_checkpoint(ck, e) is None:
+            warn(f"checkpoint '{latest}' {why}; loading {e['name']}, the newest intact one")
+            return ck / e["name"]
+    raise CheckpointError(f"no intact checkpoint in '{ck}': latest.pt {why}, and no listed one matches the manifest")

@@ -136,6 +136,37 @@ def test_without_manifest_it_loads_as_before_and_none_intact_is_one_line(tokens,
     assert not list(ck.glob("corrupt.*")) and len(list(ck.glob("step_*.pt"))) == 2  # nothing moved: the user decides
 
 
+def test_readers_of_a_damaged_run_load_the_newest_intact_checkpoint_and_move_nothing(tokens, tmp_path, capsys):
+    """export / sample / encode read a run dir through load_checkpoint: a damaged latest.pt (or newest step file) is
+    found against the manifest and the newest intact checkpoint loaded, with one warning line; unlike resume, a
+    reader renames nothing."""
+    from tessera.trainer.transformer_train import load_transformer
+
+    run = tmp_path / "run"
+    train(tokens, run, 6)
+    ck = run / "checkpoints"
+    listing = sorted(p.name for p in ck.iterdir())
+    capsys.readouterr()
+    assert load_checkpoint(run, "transformer")["step"] == 6 and not capsys.readouterr().err  # intact: latest.pt, silently
+
+    flip_bit(ck / "latest.pt")
+    assert load_checkpoint(run, "transformer")["step"] == 6  # from step_00000006.pt
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "latest.pt' differs from step_00000006.pt" in err and "loading step_00000006.pt" in err, err
+
+    truncate(ck / "step_00000006.pt")
+    model, _, ck3 = load_transformer(run)
+    err = capsys.readouterr().err.strip()
+    assert ck3["step"] == 3 and len(err.splitlines()) == 1 and "loading step_00000003.pt" in err, err
+    want = load_checkpoint(ck / "step_00000003.pt", "transformer")["model"]
+    assert all(torch.equal(v, want[k]) for k, v in model.state_dict().items() if k in want)
+    assert sorted(p.name for p in ck.iterdir()) == listing  # nothing moved aside or rewritten by a reader
+
+    truncate(ck / "step_00000003.pt")
+    with pytest.raises(CheckpointError, match="no intact checkpoint"):
+        load_checkpoint(run, "transformer")
+
+
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_zero2_and_sharded_corrupt_latest_falls_back(layout, tokens, tmp_path):
     env = dict(os.environ, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
