@@ -7,7 +7,7 @@ the resume is a fresh set of processes. Layouts: one process; DDP on 2 ranks wit
 scales and EMA; DeepSpeed ZeRO-2 on 2 ranks (DS_ACCELERATOR=cpu) with EMA; DDP on 2 ranks with PowerSGD rank 1 from the
 first update (its error buffers and warm-start Qs are checkpointed); the sharded layout in 2 groups x 1 with PowerSGD
 rank 1 (so the error buffers matter) and EMA (its shards in the ordinal files), and, with TESSERA_TEST_2X2=1, in 2 groups x 2.
-TESSERA_KILL_SEED picks other kill steps (default 16)."""
+TESSERA_KILL_SEED picks other kill steps (default 16). DDP + PowerSGD killed on 2 ranks also resumes on 4 on the same curve."""
 
 import json
 import os
@@ -70,10 +70,10 @@ def worker(mode: str, out: Path, layout: str) -> None:
         train_transformer(cfg, str(out.parent / "tokens"), out / name)
 
 
-def launch(mode: str, out: Path, layout: str) -> list[subprocess.Popen]:
+def launch(mode: str, out: Path, layout: str, world: int | None = None) -> list[subprocess.Popen]:
     from tessera.cluster.dist import free_port
 
-    world, port, procs = LAYOUTS[layout][0], free_port(), []
+    world, port, procs = world or LAYOUTS[layout][0], free_port(), []
     for rank in range(world):
         env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
         env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
@@ -167,6 +167,31 @@ def test_kill_9_at_a_random_update_resumes_on_the_same_loss_curve(layout, data):
         state = load_checkpoint(out / "run", "transformer")["powersgd_state"]
         assert state["ranks"] == 2 and sorted(state["error_sum"]) == sorted(state["q"]) and len(state["q"]) >= 4 * 4
         assert all(float(e.abs().max()) > 0 for e in state["error_sum"].values())
+
+
+def test_ddp_powersgd_killed_at_2_ranks_goes_on_at_4_on_the_same_curve(data):
+    """The checkpoint keeps the error buffers' sum and the number of ranks that wrote it; each rank of a resume starts from
+    the mean. PowerSGD's compressed update is linear in the ranks' (gradient + error) up to the orthogonalisation of
+    their mean, and the mean gradient over a global batch does not depend on how it is split, so a 2-rank run resumed
+    on 4 ranks computes the same updates in real arithmetic: its losses equal the uninterrupted 2-rank run's within float
+    rounding. A resume that dropped the error buffers, or summed instead of averaging them, leaves that curve."""
+    layout = "ddp_powersgd"
+    out = data / "ddp_powersgd_2_to_4"
+    out.mkdir()
+    procs = launch("first", out, layout, world=2)
+    wait_for_step(procs, out / "run", 10)
+    os.killpg(procs[0].pid, signal.SIGKILL)
+    assert [p.wait(timeout=60) for p in procs] == [-signal.SIGKILL] * 2
+    before = rows(out / "run")
+    procs = launch("resume", out, layout, world=4)
+    assert [p.wait(timeout=300) for p in procs] == [0] * 4, log_tail(out, "resume")
+    summary = json.loads((out / "run" / "summary.json").read_text())
+    assert summary["world_size"] == 4 and summary["resumed_from"] >= 9, summary
+    ref = {r["step"]: r["loss"] for r in rows(out / "ref")}
+    after = rows(out / "run")[len(before) :]
+    assert [r["step"] for r in after] == list(range(summary["resumed_from"] + 1, STEPS + 1))
+    for r in after:
+        assert r["loss"] == pytest.approx(ref[r["step"]], rel=1e-5, abs=1e-7), (r["step"], r["loss"], ref[r["step"]])
 
 
 if __name__ == "__main__":
