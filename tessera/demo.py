@@ -456,10 +456,16 @@ def format_distributed(d: dict[str, Any]) -> list[tuple[str, Any]]:
             f"{lay['ranks']} ranks: {lay['groups']} groups x {lay['ranks_per_group']} ({lay['engine']}, PowerSGD r{lay['powersgd_rank']})",
         ),
         ("distributed precision", f"{lay['precision']}, {lay['grad_scaling']} scales, {lay['steps']} updates of {lay['batch_size']}"),
-        ("compression rate", f"{rate['measured']:.4f} measured, {rate['paper']:.4f} paper (1 - 5r/(8 d_model))"),
+        (
+            "compression rate",
+            f"{rate['measured']:.4f} measured on the compressed matrices, {rate['paper']:.4f} paper (1 - 5r/(8 d_model))",
+        ),
         ("bytes/update within groups", f"{b['within_groups']:,}"),
         ("bytes/update across groups", f"{b['across_groups']:,} of {b['across_groups_uncompressed']:,} uncompressed"),
-        ("bytes/update saved", f"{b['saved']:,} ({1 - rate['measured_all_across_bytes']:.1%} of uncompressed sent)"),
+        (
+            "bytes/update saved",
+            f"{b['saved']:,} across groups ({rate['measured_all_across_bytes']:.1%}, with the uncompressed embeddings, gains, biases)",
+        ),
         ("final loss", f"{d['final_loss']:.4f} ({lay['ranks']} ranks) vs {d['final_loss_1_process']:.4f} (1 process)"),
         ("skipped updates", f"{d['skipped_steps']} ({lay['ranks']} ranks) vs {d['skipped_steps_1_process']} (1 process)"),
         ("tokens/s", f"{d['tokens_per_s']:,.0f} ({lay['ranks']} ranks) vs {d['tokens_per_s_1_process']:,.0f} (1 process)"),
