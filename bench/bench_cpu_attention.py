@@ -55,7 +55,7 @@ def tiled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index, b:
     return y.view(bsz, h, nb * b, d)[:, :, :s]
 
 
-def fwd_bwd_ms(fn, q, k, v, repeats: int = 5) -> float:
+def fwd_bwd_ms(fn, repeats: int = 5) -> float:
     for _ in range(2):
         fn().sum().backward()
     t = time.perf_counter()
@@ -83,11 +83,11 @@ def main() -> int:
     }.values():  # row, column, conv
         mask = lay.mask()
         q, k, v = (torch.randn(args.batch, args.heads, mask.shape[0], args.head_dim, requires_grad=True) for _ in range(3))
-        dense = fwd_bwd_ms(lambda: attention(q, k, v, mask), q, k, v)
+        dense = fwd_bwd_ms(lambda: attention(q, k, v, mask))
         for b in (int(x) for x in args.tiles.split(",")):
             index = tile_index(mask, b)
             err = (tiled_attention(q, k, v, index, b) - attention(q, k, v, mask)).abs().max().item()
-            tiled = fwd_bwd_ms(lambda: tiled_attention(q, k, v, index, b), q, k, v)
+            tiled = fwd_bwd_ms(lambda: tiled_attention(q, k, v, index, b))
             name = lay.kind + (" (transposed)" if lay.transposed else "")
             print(f"| {name} | {b} | {index[1]} of {index[0]} | {err:.1e} | {dense:.1f} | {tiled:.1f} |", flush=True)
     return 0
