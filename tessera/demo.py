@@ -68,6 +68,9 @@ RANKS_STEPS = 100  # updates of each run of the distributed stage (both runs; st
 # 92% (paper formula 1 - 5r/(8 d_model), above the paper's 85.9%) and ends within 10% of the 1-process loss: machine D,
 # full demo tokens, 100 updates, 4 ranks: 0.508 vs 0.467 (+8.8%); rank 4 ended +28% (bench/results/powersgd_quality.md).
 RANKS_POWERSGD = 16
+# Resblocks of the distributed stage's transformer at least: the demo's own 1-layer model would leave the per-resblock
+# gradient scales a single scale, so the stage trains the paper's pattern cut to 2 layers (row, conv) when it is smaller.
+RANKS_MIN_LAYERS = 2
 
 
 def demo_prompts() -> list[dict[str, str]]:
@@ -318,11 +321,12 @@ def _stage_cfg(cfg: Any, steps: int, ranks: int) -> Any:
         eval_data="",
         threads=1 if ranks > 1 else cfg.transformer.train.threads,
     )
+    model = dataclasses.replace(cfg.transformer.model, n_layers=max(cfg.transformer.model.n_layers, RANKS_MIN_LAYERS))
     cluster = cfg.cluster
     if ranks > 1:
         rank = cluster.powersgd_rank or RANKS_POWERSGD
         cluster = dataclasses.replace(cluster, sharded=True, ranks_per_node=ranks // 2, powersgd_rank=rank, zero_stage=0, backend="gloo")
-    return dataclasses.replace(cfg, transformer=dataclasses.replace(cfg.transformer, train=tc), cluster=cluster)
+    return dataclasses.replace(cfg, transformer=dataclasses.replace(cfg.transformer, model=model, train=tc), cluster=cluster)
 
 
 def _rank_main(rank: int, world: int, port: int, cfg: Any, tokens: str, run_dir: str) -> None:
@@ -399,6 +403,7 @@ def run_distributed(cfg: Any, out: Path, ranks: int, steps: int = RANKS_STEPS) -
             "powersgd_rank": many.cluster.powersgd_rank,
             "precision": per_rank[0]["precision"],
             "grad_scaling": tc.grad_scaling,
+            "resblocks": many.transformer.model.n_layers,
             "steps": steps,
             "batch_size": tc.batch_size,
         },
@@ -455,7 +460,10 @@ def format_distributed(d: dict[str, Any]) -> list[tuple[str, Any]]:
             "distributed layout",
             f"{lay['ranks']} ranks: {lay['groups']} groups x {lay['ranks_per_group']} ({lay['engine']}, PowerSGD r{lay['powersgd_rank']})",
         ),
-        ("distributed precision", f"{lay['precision']}, {lay['grad_scaling']} scales, {lay['steps']} updates of {lay['batch_size']}"),
+        (
+            "distributed precision",
+            f"{lay['precision']}, {lay['grad_scaling']} scales ({lay.get('resblocks', '?')} resblocks), {lay['steps']} updates of {lay['batch_size']}",
+        ),
         (
             "compression rate",
             f"{rate['measured']:.4f} measured on the compressed matrices, {rate['paper']:.4f} paper (1 - 5r/(8 d_model))",

@@ -65,6 +65,7 @@ def test_report_has_the_distributed_section(ranks_run):
         "powersgd_rank": 4,
         "precision": "fp16" if fp16 else "fp32",
         "grad_scaling": "per_resblock",
+        "resblocks": 4,
         "steps": STEPS,
         "batch_size": 16,
     }
@@ -93,6 +94,20 @@ def test_the_runs_are_real(ranks_run):
         assert rows[-1]["step"] == STEPS and "grad_scale/block_03" in rows[-1], run
     assert (out / "distributed" / "ranks_4" / "checkpoints" / "latest.sharded").is_file()
     assert (out / "distributed" / "single" / "checkpoints" / "latest.pt").is_file()
+
+
+def test_the_stage_keeps_several_resblocks():
+    """The demo's 1-layer model would leave one gradient scale: the distributed stage trains at least 2 resblocks."""
+    from tessera.core.root_config import load_root
+    from tessera.demo import RANKS_MIN_LAYERS, _stage_cfg
+
+    cfg = load_root("demo", [])
+    assert cfg.transformer.model.n_layers < RANKS_MIN_LAYERS == 2
+    for ranks in (4, 1):
+        m = _stage_cfg(cfg, 10, ranks).transformer.model
+        assert (m.n_layers, m.d_model, m.image_grid) == (2, cfg.transformer.model.d_model, cfg.transformer.model.image_grid)
+    four = load_root("demo", ["transformer.model.n_layers=4"])
+    assert _stage_cfg(four, 10, 4).transformer.model.n_layers == 4
 
 
 @pytest.mark.parametrize(
