@@ -13,7 +13,7 @@ The output folder holds one subfolder per stage. `report.json` is written last (
 presence means the run is complete.
 
 With `ranks` (`tessera demo --ranks N`, `make demo-distributed` = 4), one more stage trains the demo's
-transformer on the encoded tokens with N local processes (torch.multiprocessing, gloo) in the paper's
+transformer (with at least RANKS_MIN_LAYERS layers) on the encoded tokens with N local processes (torch.multiprocessing, gloo) in the paper's
 layout, 2 groups of N/2 ranks (FSDP2 within a group, PowerSGD across), with per-resblock gradient scales
 in fp16 where the CPU has fp16 matrix products (mkldnn), else in fp32 with the scales still active; and
 the same training in 1 process. Both are bound by steps (not by time, so that they compare).
