@@ -13,10 +13,10 @@ The output folder holds one subfolder per stage. `report.json` is written last (
 presence means the run is complete.
 
 With `ranks` (`tessera demo --ranks N`, `make demo-distributed` = 4), one more stage trains the demo's
-transformer (with at least RANKS_MIN_LAYERS layers) on the encoded tokens with N local processes (torch.multiprocessing, gloo) in the paper's
-layout, 2 groups of N/2 ranks (FSDP2 within a group, PowerSGD across), with per-resblock gradient scales
-in fp16 where the CPU has fp16 matrix products (mkldnn), else in fp32 with the scales still active; and
-the same training in 1 process. Both are bound by steps (not by time, so that they compare).
+transformer (with at least RANKS_MIN_LAYERS layers) on the encoded tokens with N local processes
+(torch.multiprocessing, gloo) in the paper's layout, 2 groups of N/2 ranks (FSDP2 within a group, PowerSGD
+across), with per-resblock gradient scales in fp16 where the CPU has fp16 matrix products (mkldnn), else in
+fp32 with the scales still active; and the same training in 1 process. Both are bound by steps (not by time, so that they compare).
 report.json gets a "distributed" section: the layout, the compression rate across groups (the paper's
 1 - 5 r / (8 d_model) and the measured one), the bytes handed to collectives per update within and
 across groups (summed over the ranks), the bytes saved against an uncompressed all-reduce, and the
