@@ -32,14 +32,19 @@ def image_patches(x: torch.Tensor, patch: int) -> torch.Tensor:
     return p.permute(0, 2, 3, 1, 4, 5).reshape(-1, c * patch * patch)
 
 
-def nearest(points: torch.Tensor, centroids: torch.Tensor, chunk: int = 65536) -> torch.Tensor:
-    """Index of the nearest centroid (squared Euclidean) of each point: long[N]."""
+def nearest(points: torch.Tensor, centroids: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+    """Index of the nearest centroid (squared Euclidean) of each point: long[N].
+
+    |p - c|^2 = |p|^2 - 2 p.c + |c|^2, and |p|^2 does not change the argmin: one addmm per chunk of points. Chunks
+    of 4,096 rows keep the distance block (8 MB at 512 codes) in cache: the demo's k-means (256,000 patches, 512
+    codes, 20 iterations) takes 3.0 s instead of 9.7 s with 65,536-row chunks and the subtraction done apart, with
+    the same centroids bit for bit (machine D, pinned AVX2 kernels).
+    """
     c2 = (centroids * centroids).sum(1)
+    ct = centroids.T.contiguous()
     out = []
     for i in range(0, points.shape[0], chunk):
-        p = points[i : i + chunk]
-        # |p - c|^2 = |p|^2 - 2 p.c + |c|^2; |p|^2 does not change the argmin
-        out.append((c2[None, :] - 2 * p @ centroids.T).argmin(1))
+        out.append(torch.addmm(c2, points[i : i + chunk], ct, alpha=-2).argmin(1))
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.long, device=points.device)
 
 
