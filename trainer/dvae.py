@@ -161,22 +161,37 @@ def logit_laplace_nll(stats: torch.Tensor, x: torch.Tensor, eps: float = LOGIT_L
     return nll.flatten(1).sum(1)
 
 
-def kl_to_uniform(logits: torch.Tensor) -> torch.Tensor:
-    """KL(q(z|x) || uniform) summed over grid positions: float[B]. logits: (B, V, G, G)."""
-    logq = F.log_softmax(logits.float(), dim=1)
-    kl = (logq.exp() * (logq + math.log(logits.shape[1]))).sum(1)
+def code_log_probs(logits: torch.Tensor) -> torch.Tensor:
+    """log q(z | x) of encoder logits (B, V, G, G), with the codes last: float (B, G, G, V).
+
+    Every softmax over the codes here runs along a (B, G, G, V) view of the logits, which is contiguous for the
+    dVAE's channels_last layout: the reductions then read memory in order and nothing is copied between layouts
+    (the relaxed-code terms of a demo update, 16 x 512 x 16 x 16, took ~2x longer along dim 1; bench/results/demo.md).
+    """
+    return F.log_softmax(logits.float().permute(0, 2, 3, 1), dim=-1)
+
+
+def kl_to_uniform(logits: torch.Tensor, logq: torch.Tensor | None = None) -> torch.Tensor:
+    """KL(q(z|x) || uniform) summed over grid positions: float[B]. logits: (B, V, G, G); `logq`: their
+    code_log_probs when the caller has them already."""
+    logq = code_log_probs(logits) if logq is None else logq
+    kl = (logq.exp() * (logq + math.log(logq.shape[-1]))).sum(-1)
     return kl.flatten(1).sum(1)
 
 
 def gumbel_softmax(logits: torch.Tensor, temp: float, generator: torch.Generator | list[torch.Generator] | None = None) -> torch.Tensor:
     """Relaxed one-hot samples over dim 1 (Jang et al. 2016; Maddison et al. 2016); `generator`: one for the batch,
-    or a list of one per sample (each row's noise then does not depend on how a batch is split across ranks)."""
+    or a list of one per sample (each row's noise then does not depend on how a batch is split across ranks).
+
+    The noise is drawn in (B, V, G, G) order; the softmax runs with the codes last (see code_log_probs), and the
+    result is returned as (B, V, G, G) in that layout (channels_last strides)."""
     if isinstance(generator, (list, tuple)):
         u = torch.stack([torch.rand(logits.shape[1:], generator=g, device=logits.device, dtype=torch.float32) for g in generator])
     else:
         u = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=torch.float32)
-    g = -torch.log(-torch.log(u.clamp(1e-10, 1.0 - 1e-7)))
-    return F.softmax((logits.float() + g) / temp, dim=1).to(logits.dtype)
+    g = u.permute(0, 2, 3, 1).clamp(1e-10, 1.0 - 1e-7).log_().neg_().log_().neg_()
+    z = F.softmax((logits.float().permute(0, 2, 3, 1) + g) / temp, dim=-1)
+    return z.to(logits.dtype).permute(0, 3, 1, 2)
 
 
 class DVAE(nn.Module):
@@ -207,11 +222,8 @@ class DVAE(nn.Module):
         """
         self._check_images(x)
         logits = self.encoder(map_pixels(x))
-        if codes is None:
-            z = gumbel_softmax(logits, temp, generator)
-        else:
-            z = self.one_hot(codes, logits.dtype)
-            z = z.contiguous(memory_format=torch.channels_last) if x.is_contiguous(memory_format=torch.channels_last) else z.contiguous()
+        z = gumbel_softmax(logits, temp, generator) if codes is None else self.one_hot(codes, logits.dtype)
+        z = z.contiguous(memory_format=torch.channels_last) if x.is_contiguous(memory_format=torch.channels_last) else z.contiguous()
         return logits, self.decoder(z)
 
     @torch.no_grad()

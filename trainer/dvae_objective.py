@@ -21,12 +21,14 @@ from tessera.cluster.dist import DistState
 from tessera.core.errors import InputError
 from tessera.trainer.codebook_init import sample_centroids
 from tessera.trainer.data import iter_image_batches
-from tessera.trainer.dvae import DVAE, kl_to_uniform, logit_laplace_nll, map_pixels, stats_to_image
+from tessera.trainer.dvae import DVAE, code_log_probs, kl_to_uniform, logit_laplace_nll, map_pixels, stats_to_image
 from tessera.trainer.image_metrics import psnr, ssim
 from tessera.trainer.precision import autocast
 
 
-def code_diversity_gap(logits: torch.Tensor, mean_over_ranks: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+def code_diversity_gap(
+    logits: torch.Tensor, mean_over_ranks: Callable[[torch.Tensor], torch.Tensor] | None = None, logq: torch.Tensor | None = None
+) -> torch.Tensor:
     """log V - I(x; z) estimated on the batch: (log V - H(mean q)) + mean H(q).
 
     Zero when every position is confident (H(q) = 0) and the batch uses every code equally;
@@ -39,18 +41,19 @@ def code_diversity_gap(logits: torch.Tensor, mean_over_ranks: Callable[[torch.Te
     batch's (averaged over ranks, one all-reduce of V numbers in the forward pass) and H(mean q) enters each rank's
     loss as its value plus its first-order term in this rank's mean q, so that the gradients averaged over ranks are
     exactly those of the global batch's term (nothing is communicated in the backward pass).
+    `logq`: the logits' code_log_probs (B, G, G, V) when the caller has them already.
     """
-    logq = F.log_softmax(logits.float(), dim=1)  # (B, V, G, G)
+    logq = code_log_probs(logits) if logq is None else logq
     q = logq.exp()
-    mean_q = q.mean(dim=(0, 2, 3))
-    position_entropy = -(q * logq).sum(1).mean()
+    mean_q = q.mean(dim=(0, 1, 2))
+    position_entropy = -(q * logq).sum(-1).mean()
     if mean_over_ranks is None:
         aggregate_entropy = -(mean_q * torch.log(mean_q.clamp_min(1e-12))).sum()
     else:
         m = mean_over_ranks(mean_q.detach().clone())
         log_m = torch.log(m.clamp_min(1e-12))
         aggregate_entropy = -(m * log_m).sum() - ((log_m + 1) * (mean_q - mean_q.detach())).sum()
-    return math.log(logits.shape[1]) - aggregate_entropy + position_entropy
+    return math.log(logq.shape[-1]) - aggregate_entropy + position_entropy
 
 
 def dvae_loss(
@@ -78,15 +81,17 @@ def dvae_loss(
     dims = x[0].numel()
     terms = {"rec_nll": rec.detach(), "soft_recon": stats.detach()}
     if codes is not None:
-        ce = F.cross_entropy(logits.float(), codes)
+        v = logits.shape[1]
+        ce = F.cross_entropy(logits.float().permute(0, 2, 3, 1).reshape(-1, v), codes.reshape(-1))  # codes last (code_log_probs)
         loss = rec / dims + ce
         terms.update(init_ce=ce.detach(), init_acc=(logits.detach().argmax(1) == codes).float().mean(), kl=torch.zeros(()))
     else:
-        kl = kl_to_uniform(logits).mean()
+        logq = code_log_probs(logits)  # shared by the KL and diversity terms
+        kl = kl_to_uniform(logits, logq).mean()
         loss = (rec + kl_weight * kl) / dims
         terms["kl"] = kl.detach()
         if diversity_weight > 0:
-            div = code_diversity_gap(logits, mean_over_ranks)
+            div = code_diversity_gap(logits, mean_over_ranks, logq)
             loss = loss + diversity_weight * div
             terms["diversity_gap"] = div.detach()
     if mse_weight > 0:
