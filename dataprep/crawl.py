@@ -52,7 +52,6 @@ from tessera.dataprep.imaging import ImageReject, ImageSpec, process_image
 from tessera.dataprep.readers import read_url_list
 from tessera.dataprep.storage import open_storage
 from tessera.dataprep.writer import make_key, read_dedup, shard_names, write_shard
-from tessera.trainer.clip import load_scorer as load_clip_scorer
 
 CRAWL_META = "crawl.json"
 META_FORMAT = 1
@@ -351,6 +350,14 @@ class _NullBar:
 
     def close(self) -> None:
         pass
+
+
+def load_clip_scorer(*args, **kwargs):
+    """tessera.trainer.clip's scorer, imported only when a similarity filter asks for it: the worker processes of a
+    crawl without one then never import torch (~1.5 s each, twice per `tessera demo`)."""
+    from tessera.trainer.clip import load_scorer
+
+    return load_scorer(*args, **kwargs)
 
 
 def crawl(

@@ -19,12 +19,15 @@ import io
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from tessera.core.files import atomic_write_bytes
+
+if TYPE_CHECKING:  # the crawler's worker processes import this module: no torch import there (1-2 s each)
+    import torch
 
 # We check the pixel count ourselves (max_pixels), before decoding; Pillow's own guard would
 # raise or warn at a fixed limit instead.
@@ -191,16 +194,16 @@ def _short(e: BaseException) -> str:
 
 def save_image_grid(images: torch.Tensor, path: str | Path, nrow: int = 8, pad: int = 2) -> None:
     """Write a (N, 3, H, W) batch in [0, 1] as one PNG grid (atomically)."""
-    images = images.detach().float().clamp(0, 1).cpu()
+    images = images.detach().float().clamp(0, 1).cpu().numpy()
     n, c, h, w = images.shape
     ncol = min(nrow, n)
     nrows = (n + ncol - 1) // ncol
-    grid = torch.ones(c, nrows * (h + pad) + pad, ncol * (w + pad) + pad)
+    grid = np.ones((nrows * (h + pad) + pad, ncol * (w + pad) + pad, c), dtype=np.float32)
     for i in range(n):
         r, q = divmod(i, ncol)
         y, x = pad + r * (h + pad), pad + q * (w + pad)
-        grid[:, y : y + h, x : x + w] = images[i]
-    arr = (grid.permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
+        grid[y : y + h, x : x + w] = images[i].transpose(1, 2, 0)
+    arr = (grid * 255 + 0.5).astype(np.uint8)
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="PNG")
     path = Path(path)

@@ -18,8 +18,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from tessera.core.errors import CheckpointError, InputError
 
 CHECKPOINT_FORMAT = 1
@@ -36,6 +34,8 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def checkpoint_bytes(kind: str, state: dict[str, Any]) -> bytes:
     """The bytes `save_checkpoint` writes: `state` with its kind and format, as torch.save makes them."""
+    import torch  # here, not at the top: the crawler's worker processes import this module and need no torch
+
     buf = io.BytesIO()
     torch.save({"kind": kind, "format": CHECKPOINT_FORMAT, **state}, buf)
     return buf.getvalue()
@@ -64,6 +64,8 @@ def load_checkpoint(path: str | Path, kind: str | tuple[str, ...], map_location:
         path = readable_latest(path)
     if not path.exists():
         raise InputError(f"checkpoint '{path}' does not exist")
+    import torch
+
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated zip, wrong format, pickled modules refused by weights_only
