@@ -38,9 +38,17 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
 
 
 def next_token(logits: torch.Tensor, cfg: SampleConfig, generator: torch.Generator | None) -> torch.Tensor:
-    """One sampled id per row from (B, V) logits after temperature, top-k and top-p."""
-    logits = filter_logits(logits.float() / cfg.temperature, cfg.top_k, cfg.top_p)
-    probs = logits.softmax(dim=-1)
+    """One sampled id per row from (B, V) logits after temperature, top-k and top-p.
+
+    With top-k, the draw is among the k largest logits only (top-p then applies within them): the same distribution as
+    masking the others to -inf, but torch.multinomial draws one exponential variate per entry, so k entries instead of
+    V cost V/k times less (the demo's sampling: 512 codes, k = 32, a third of its time before)."""
+    logits = logits.float() / cfg.temperature
+    if cfg.top_k and 0 < cfg.top_k < logits.shape[-1]:
+        values, ids = torch.topk(logits, cfg.top_k, dim=-1)
+        probs = filter_logits(values, 0, cfg.top_p).softmax(dim=-1)
+        return ids.gather(-1, torch.multinomial(probs, 1, generator=generator)).squeeze(-1)
+    probs = filter_logits(logits, 0, cfg.top_p).softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
