@@ -24,9 +24,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from tessera.core.files import atomic_write_bytes
+from tessera.core.atomic import atomic_write_bytes
 
-if TYPE_CHECKING:  # the crawler's worker processes import this module: no torch import there (1-2 s each)
+if TYPE_CHECKING:  # the crawler's worker processes import this module: no torch there (1.5-2 s each)
     import torch
 
 # We check the pixel count ourselves (max_pixels), before decoding; Pillow's own guard would

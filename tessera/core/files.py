@@ -12,30 +12,23 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import re
 import sys
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from tessera.core.atomic import atomic_write_bytes
 from tessera.core.errors import CheckpointError, InputError
+
+__all__ = ["atomic_write_bytes"]  # re-exported: its home is tessera.core.atomic, which imports no torch
 
 CHECKPOINT_FORMAT = 1
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
-
-
 def checkpoint_bytes(kind: str, state: dict[str, Any]) -> bytes:
     """The bytes `save_checkpoint` writes: `state` with its kind and format, as torch.save makes them."""
-    import torch  # here, not at the top: the crawler's worker processes import this module and need no torch
-
     buf = io.BytesIO()
     torch.save({"kind": kind, "format": CHECKPOINT_FORMAT, **state}, buf)
     return buf.getvalue()
@@ -64,8 +57,6 @@ def load_checkpoint(path: str | Path, kind: str | tuple[str, ...], map_location:
         path = readable_latest(path)
     if not path.exists():
         raise InputError(f"checkpoint '{path}' does not exist")
-    import torch
-
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated zip, wrong format, pickled modules refused by weights_only

@@ -95,6 +95,7 @@ LAYERS: list[tuple[str, list[str]]] = [
         "pipeline",
         [
             "tessera.dataprep.crawl",
+            "tessera.dataprep.crawl_worker",
             "tessera.dataprep.encode",
             "tessera.trainer.export",
             "tessera.trainer.inference",

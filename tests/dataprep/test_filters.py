@@ -79,5 +79,9 @@ def test_similarity_filter_through_a_pluggable_scorer(tmp_path, fault_server):
     st = crawl(inp, tmp_path / "some", cfg, progress=False)
     assert 0 < st["successes"] < 8 and abs(st["successes"] - expected) <= 1
     assert st["reason_counts"]["low_similarity"] == 8 - st["successes"]
+    # in spawned worker processes (the scorer's loader travels to them by name) the same rows pass
+    cfg.processes, cfg.shard_size = 2, 4
+    st2 = crawl(inp, tmp_path / "some2", cfg, progress=False)
+    assert (st2["successes"], st2["reason_counts"]["low_similarity"]) == (st["successes"], 8 - st["successes"])
     with pytest.raises(ConfigError, match="similarity_model"):
         crawl(inp, tmp_path / "x", CrawlConfig(filters=FilterConfig(similarity_threshold=0.28)), progress=False)
