@@ -64,10 +64,11 @@ from tessera.trainer.transformer_train import train_transformer
 STAGE_DIRS = ("source", "urls", "shards", "tokenizer", "dvae", "tokens", "transformer", "clip", "export", "samples", "distributed")
 SAMPLES_PER_PROMPT = 4
 RANKS_STEPS = 100  # updates of each run of the distributed stage (both runs; steps, not time, so that they compare)
-# The PowerSGD rank across groups when cluster.powersgd_rank is 0. Rank 16 compresses the cross-group matrices by
-# 92% (paper formula 1 - 5r/(8 d_model), above the paper's 85.9%) and ends within 10% of the 1-process loss: machine D,
-# full demo tokens, 100 updates, 4 ranks: 0.508 vs 0.467 (+8.8%); rank 4 ended +28% (bench/results/powersgd_quality.md).
-RANKS_POWERSGD = 16
+# The PowerSGD rank across groups when cluster.powersgd_rank is 0. Rank 24 compresses the cross-group matrices by
+# 88% (paper formula 1 - 5r/(8 d_model), above the paper's 85.9%) and ends within 10% of the 1-process loss: machine D,
+# the demo's tokens (128 image codes), 100 updates, 4 ranks: +4.5% / +3.4% at seeds 0 / 1; rank 16 ended +13.4% there
+# (+7.6% with 512 codes), rank 32 +2.3%, rank 4 +28% (bench/results/powersgd_quality.md).
+RANKS_POWERSGD = 24
 # Resblocks of the distributed stage's transformer at least: the demo's own 1-layer model would leave the per-resblock
 # gradient scales a single scale, so the stage trains the paper's pattern cut to 2 layers (row, conv) when it is smaller.
 RANKS_MIN_LAYERS = 2
