@@ -19,10 +19,8 @@ from typing import Any
 
 import torch
 
-from tessera.core.atomic import atomic_write_bytes
+from tessera.core.atomic import atomic_write_bytes  # its home since the crawler's workers stopped importing torch
 from tessera.core.errors import CheckpointError, InputError
-
-__all__ = ["atomic_write_bytes"]  # re-exported: its home is tessera.core.atomic, which imports no torch
 
 CHECKPOINT_FORMAT = 1
 
