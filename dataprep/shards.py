@@ -322,6 +322,16 @@ def caption_of(sample: dict) -> str:
 
 def decode_image(sample: dict[str, Any], size: int) -> torch.Tensor:
     """float[3, size, size] in [0, 1] (the dVAE's input); other sizes are resized (shorter side) and center-cropped."""
+    return image_tensor(decode_image_u8(sample, size))
+
+
+def image_tensor(arr: np.ndarray) -> torch.Tensor:
+    """uint8[size, size, 3] -> float[3, size, size] in [0, 1] (a new tensor; `arr` is left as it is)."""
+    return torch.from_numpy(arr).permute(2, 0, 1).float().div_(255.0)
+
+
+def decode_image_u8(sample: dict[str, Any], size: int) -> np.ndarray:
+    """uint8[size, size, 3] of a sample's image (a writable array of its own), sized as decode_image says."""
     raw = next((sample[e] for e in IMAGE_EXTS if e in sample), None)
     where = f"shard '{sample.get('__shard__')}'"
     if raw is None:
@@ -337,8 +347,7 @@ def decode_image(sample: dict[str, Any], size: int) -> torch.Tensor:
         w, h = img.size
         left, top = (w - size) // 2, (h - size) // 2
         img = img.crop((left, top, left + size, top + size))
-    arr = np.asarray(img, dtype=np.uint8)
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
+    return np.array(img, dtype=np.uint8)
 
 
 def crop_resize(im: Image.Image, size: int) -> Image.Image:
@@ -413,6 +422,8 @@ __all__ = [
     "iter_all_samples",
     "read_pairs",
     "decode_image",
+    "decode_image_u8",
+    "image_tensor",
     "caption_of",
     "crop_resize",
     "first_image_size",

@@ -27,10 +27,11 @@ from __future__ import annotations
 import random
 from typing import Iterator
 
+import numpy as np
 import torch
 
 from tessera.core.errors import ConfigError, InputError
-from tessera.dataprep.shards import decode_image, iter_all_samples, iter_samples, list_shards
+from tessera.dataprep.shards import IMAGE_EXTS, decode_image, decode_image_u8, image_tensor, iter_all_samples, iter_samples, list_shards
 
 ORDER = "global"  # the data-state format: a position in the global stream, valid at any world size
 
@@ -74,21 +75,63 @@ def shuffled(records: Iterator[dict], buffer: int, rng: random.Random) -> Iterat
     yield from buf
 
 
+CACHE_BYTES = 64 << 20  # a stream keeps the raw records of its shards in memory while they total at most this
+
+
+class RecordCache:
+    """The raw records of whole shards, kept while they total at most `limit` bytes (0: keep none).
+
+    A small dataset (the demo's: 1-2 MB of tokens, 4-13 MB of images) is read for many epochs; parsing its tars again
+    each epoch cost a third of a small transformer's update time (bench/results/demo.md, session 16). A shard is kept
+    only once it has been read whole and it fits, so a large dataset is streamed as before, with at most one shard's
+    records in memory. Each reader gets its own copy of a record's dict (the bytes are shared and immutable).
+    """
+
+    def __init__(self, limit: int = CACHE_BYTES):
+        self.limit, self.used = limit, 0
+        self.shards: dict[str, list[dict]] = {}
+
+    def samples(self, url: str) -> Iterator[dict]:
+        kept = self.shards.get(url)
+        if kept is not None:
+            yield from (dict(r) for r in kept)
+            return
+        recs: list[dict] | None = []
+        size = 0
+        for rec in iter_samples(url):
+            if recs is not None:
+                size += sum(len(v) for k, v in rec.items() if not k.startswith("__"))
+                recs = recs if self.used + size <= self.limit else None
+                if recs is not None:
+                    recs.append(dict(rec))
+            yield rec
+        if recs is not None:
+            self.shards[url], self.used = recs, self.used + size
+
+
 def global_stream(
-    shards: list[str], *, seed: int, shuffle_buffer: int = 1000, start: Position = (0, 0), loop: bool = True
+    shards: list[str],
+    *,
+    seed: int,
+    shuffle_buffer: int = 1000,
+    start: Position = (0, 0),
+    loop: bool = True,
+    cache_bytes: int = CACHE_BYTES,
 ) -> Iterator[tuple[dict, Position]]:
     """Every raw record of every epoch, in the one order of (seed), with its position (epoch, index in epoch after it).
 
-    `start` = (epoch, n) resumes after the n-th record of that epoch.
+    `start` = (epoch, n) resumes after the n-th record of that epoch. Shards are read once and then served from memory
+    while they total at most `cache_bytes` (RecordCache); the records and their order do not depend on it.
     """
     if not shards:
         raise InputError("training shards: the list is empty")
     epoch, skip = start
+    cache = RecordCache(cache_bytes)
     while True:
 
         def records(e: int = epoch) -> Iterator[dict]:
             for url in epoch_order(shards, seed, e):
-                yield from iter_samples(url)
+                yield from cache.samples(url)
 
         n = 0
         for rec in shuffled(records(), shuffle_buffer, random.Random(f"buffer/{seed}/{epoch}")):
@@ -177,8 +220,33 @@ class ImageBatches(torch.utils.data.IterableDataset):
         stream = global_stream(self.shards, seed=self.seed, shuffle_buffer=self.shuffle_buffer, start=self.start)
         worker = info.id if info is not None else 0
         kw = dict(batch_size=self.batch_size, rank=self.rank, world=self.world, worker=worker, nworkers=self.nworkers)
+        images = DecodedImages(self.image_size)
         for recs, pos in global_batches(stream, **kw):
-            yield torch.stack([decode_image(rec, self.image_size) for rec, _ in recs]), torch.tensor(pos)
+            yield torch.stack([images(rec) for rec, _ in recs]), torch.tensor(pos)
+
+
+DECODED_BYTES = 256 << 20  # an image stream keeps decoded images while they total at most this
+
+
+class DecodedImages:
+    """decode_image with a memo of the decoded pixels (uint8), keyed by the image's bytes, while they total at most
+    `limit` bytes: a small dataset's images are decoded once, not once per epoch (the demo's dVAE decoded each of its
+    4,000 JPEGs 4 times; bench/results/demo.md, session 16). The same bytes give the same pixels, so the batches do
+    not depend on the memo. Python caches a bytes object's hash, so a hit on a record the RecordCache kept costs a
+    dict lookup."""
+
+    def __init__(self, size: int, limit: int = DECODED_BYTES):
+        self.size, self.limit, self.used = size, limit, 0
+        self.memo: dict[bytes, np.ndarray] = {}
+
+    def __call__(self, rec: dict) -> torch.Tensor:
+        raw = next((rec[e] for e in IMAGE_EXTS if e in rec), None)
+        arr = self.memo.get(raw) if raw is not None else None
+        if arr is None:
+            arr = decode_image_u8(rec, self.size)
+            if raw is not None and self.used + arr.nbytes + len(raw) <= self.limit:
+                self.memo[raw], self.used = arr, self.used + arr.nbytes + len(raw)
+        return image_tensor(arr)
 
 
 class ImageStream:
@@ -255,6 +323,9 @@ __all__ = [
     "split_shards",
     "epoch_order",
     "global_stream",
+    "RecordCache",
+    "DecodedImages",
+    "CACHE_BYTES",
     "global_batches",
     "rank_slice",
     "resume_state",

@@ -88,12 +88,35 @@ def read_manifest(spec: str | Path) -> TokenManifest:
     )
 
 
+_NPY_HEADERS: dict[bytes, tuple[np.dtype, tuple[int, ...], int]] = {}
+
+
+def load_npy(raw: bytes) -> np.ndarray:
+    """np.load of one small .npy (no pickles): the header of each distinct (dtype, shape) is parsed once.
+
+    np.load parses every header with ast.literal_eval; for the token shards' tiny arrays that was most of the cost of
+    reading a record. The first array with a given header goes through np.load, which validates it; later ones with
+    the same header bytes are views of their data."""
+    hlen = int.from_bytes(raw[8:10], "little") if raw[:8] == b"\x93NUMPY\x01\x00" else -1
+    head = raw[: 10 + hlen] if hlen >= 0 else b""
+    known = _NPY_HEADERS.get(head) if head else None
+    if known is None:
+        arr = np.load(io.BytesIO(raw), allow_pickle=False)
+        if head and len(_NPY_HEADERS) < 4096 and arr.flags.c_contiguous and len(raw) == len(head) + arr.nbytes:
+            _NPY_HEADERS[head] = (arr.dtype, arr.shape, arr.nbytes)
+        return arr
+    dtype, shape, nbytes = known
+    if len(raw) != len(head) + nbytes:
+        raise ValueError(f".npy of {len(raw)} bytes: its header says {dtype} {shape}")
+    return np.frombuffer(raw, dtype=dtype, offset=len(head)).reshape(shape)
+
+
 def decode_record(rec: dict[str, Any], grid: int) -> tuple[np.ndarray, np.ndarray, str]:
     """(ids int64[n], codes int64[grid*grid], caption) of one raw token record."""
     where = f"shard '{rec.get('__shard__')}': sample '{rec.get('__key__')}'"
     try:
-        codes = np.load(io.BytesIO(rec["codes.npy"]), allow_pickle=False)
-        ids = np.load(io.BytesIO(rec["ids.npy"]), allow_pickle=False)
+        codes = load_npy(rec["codes.npy"])
+        ids = load_npy(rec["ids.npy"])
     except KeyError as e:
         raise InputError(f"{where} lacks {e.args[0]}") from None
     except Exception as e:
@@ -187,4 +210,13 @@ def iter_token_records(spec: str, grid: int) -> Iterator[tuple[np.ndarray, np.nd
         yield decode_record(rec, grid)
 
 
-__all__ = ["pad_text", "TokenManifest", "read_manifest", "decode_record", "TokenBatches", "load_token_set", "iter_token_records"]
+__all__ = [
+    "pad_text",
+    "load_npy",
+    "TokenManifest",
+    "read_manifest",
+    "decode_record",
+    "TokenBatches",
+    "load_token_set",
+    "iter_token_records",
+]

@@ -7,9 +7,11 @@ import torch
 from dvae_shapes import write_shape_shards
 
 from tessera.core.errors import ConfigError
-from tessera.dataprep.shards import list_shards
+from tessera.dataprep.shards import decode_image, iter_all_samples, list_shards
 from tessera.trainer.data import (
+    DecodedImages,
     ImageStream,
+    RecordCache,
     global_batches,
     global_stream,
     iter_image_batches,
@@ -133,3 +135,37 @@ def test_eval_batches_are_ordered_and_limited(shards):
     batches = list(iter_image_batches(str(shards), 16, 8, limit=20))
     assert [b[0].shape[0] for b in batches] == [8, 8, 4]
     assert batches[0][1][0]["__key__"] == "000000000"[:9] and 0.0 <= float(batches[0][0].min()) <= float(batches[0][0].max()) <= 1.0
+
+
+def test_the_record_cache_serves_the_same_stream_and_keeps_only_what_fits(shards):
+    s = list_shards(str(shards))
+
+    def stream(cache_bytes, n=150):  # 2.5 epochs of 60 records
+        it = global_stream(s, seed=3, shuffle_buffer=7, cache_bytes=cache_bytes)
+        return [next(it) for _ in range(n)]
+
+    ref = stream(0)
+    for got in (stream(1 << 30), stream(3000)):
+        assert [p for _, p in got] == [p for _, p in ref]
+        assert [r["__key__"] for r, _ in got] == [r["__key__"] for r, _ in ref]
+        assert all(a == b for (a, _), (b, _) in zip(got, ref))  # every member's bytes
+    size = sum(len(v) for r, _ in ref[:60] for k, v in r.items() if not k.startswith("__")) // 5  # ~ one shard
+    cache = RecordCache(int(2.5 * size))
+    for url in s:
+        assert len(list(cache.samples(url))) == 12
+    assert len(cache.shards) == 2 and cache.used <= cache.limit  # the first two shards fit, the others stream
+    first = next(cache.samples(s[0]))
+    first["jpg"] = b"changed"  # a reader's copy: the kept record is untouched
+    assert next(cache.samples(s[0]))["jpg"] != b"changed"
+
+
+def test_decoded_images_are_those_of_decode_image_and_the_memo_is_bounded(shards):
+    recs = list(iter_all_samples(list_shards(str(shards)), limit=10))
+    memo = DecodedImages(16, limit=3 * (16 * 16 * 3 + max(len(r["jpg"]) for r in recs)))
+    for _ in range(2):
+        for r in recs:
+            x = memo(r)
+            assert x.dtype == torch.float32 and torch.equal(x, decode_image(r, 16))
+            x.fill_(0.5)  # a reader's tensor is its own
+    assert len(memo.memo) == 3 and memo.used <= memo.limit
+    assert torch.equal(memo(recs[0]), decode_image(recs[0], 16))

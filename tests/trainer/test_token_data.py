@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from token_fixtures import make_token_shards, one_thread  # noqa: E402,F401
 
 from tessera.core.errors import InputError  # noqa: E402
-from tessera.trainer.token_data import TokenBatches, decode_record, iter_token_records, load_token_set, read_manifest  # noqa: E402
+from tessera.trainer.token_data import TokenBatches, decode_record, iter_token_records, load_npy, load_token_set, read_manifest  # noqa: E402
 
 GRID = 2  # 4 codes per image: up to 16**4 distinct samples
 TEXT_VOCAB = 50
@@ -302,3 +302,19 @@ def test_decode_record_errors_name_the_shard_and_sample():
 def test_wrong_grid_stops_the_batches_with_the_sample_named(shards):
     with pytest.raises(InputError, match=r"shard '.*\.tar': sample '\d{9}': codes have shape \(2, 2\), the manifest says grid 3"):
         next(batches(shards, grid=3))
+
+
+def test_load_npy_equals_np_load_and_refuses_a_body_its_header_does_not_describe():
+    arrays = [codes_of(5), codes_of(9), np.array([3, 1, 4], dtype=np.int32), np.array([2, 7], dtype=np.int32), np.zeros(0, np.int32)]
+    for _ in range(2):  # the second pass reads every header from the memo
+        for a in arrays:
+            got = load_npy(_npy(a))
+            assert got.dtype == a.dtype and got.shape == a.shape and np.array_equal(got, a)
+    raw = _npy(np.array([3, 1, 4], dtype=np.int32))
+    with pytest.raises(ValueError):  # a known header, one element short
+        load_npy(raw[:-4])
+    rec = _record(**{"codes.npy": _npy(codes_of(7))[:-2], "ids.npy": raw})
+    with pytest.raises(InputError, match=r"sample '000000007' has an unreadable \.npy \(ValueError\)"):
+        decode_record(rec, GRID)
+    with pytest.raises(ValueError):  # a pickled object array is refused, as np.load(allow_pickle=False) refuses it
+        load_npy(_npy(np.array([{"a": 1}], dtype=object)))
