@@ -290,6 +290,9 @@ def _crawl_shards(
     At most 2 * `processes` shards are in flight or waiting for a lower one. Closes `pbar`.
     """
 
+    # never more worker processes than shards: one shard (the demo's eval list) runs on a thread of this process, not
+    # in a spawned worker that first imports the crawler (0.3-0.5 s each, more on a slow CPU)
+    cfg = dataclasses.replace(cfg, processes=max(1, min(cfg.processes, len(todo))))
     in_process = cfg.processes == 1
     executor, submit_fn, progress_q = _start_workers(cfg)
     new_rows = new_ok = 0

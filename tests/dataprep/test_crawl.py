@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tessera.core.errors import InputError
+from tessera.dataprep import crawl_worker
 from tessera.dataprep.config import CrawlConfig, FilterConfig
 from tessera.dataprep.crawl import crawl
 
@@ -115,6 +116,18 @@ def test_faults_each_row_one_status(tmp_path, fault_server):
             counts[k] = counts.get(k, 0) + v
     assert counts == stats["status_counts"]
     assert counts["success"] == 3 == len(read_samples(tmp_path / "out"))
+
+
+def test_one_shard_is_crawled_in_this_process_whatever_the_processes(tmp_path, fault_server):
+    s = fault_server
+    inp = tmp_path / "one.csv"
+    inp.write_text("url,caption\n" + "".join(f"{s.url(f'/img/{i}.jpg')},shape {i}\n" for i in (111, 112, 113)))
+    crawl_worker._W.clear()
+    stats = crawl(inp, tmp_path / "out", fast_cfg(processes=4, threads=2), progress=False)
+    # no worker process was spawned for the single shard: its worker state was set up here, with one process
+    assert crawl_worker._W["cfg"].processes == 1 and crawl_worker._W["parent"] == os.getppid()
+    assert stats["status_counts"] == {"success": 3} and len(read_samples(tmp_path / "out")) == 3
+    crawl_worker._W.clear()
 
 
 def test_layout_and_webdataset_reads_shards(tmp_path, fault_server):
