@@ -84,7 +84,8 @@ class RecordCache:
     A small dataset (the demo's: 1-2 MB of tokens, 4-13 MB of images) is read for many epochs; parsing its tars again
     each epoch cost a third of a small transformer's update time (bench/results/demo.md, session 16). A shard is kept
     only once it has been read whole and it fits, so a large dataset is streamed as before, with at most one shard's
-    records in memory. Each reader gets its own copy of a record's dict (the bytes are shared and immutable).
+    records in memory. Each reader gets its own copy of a record's dict (the bytes are shared and immutable). Records
+    read while their shard still fits carry `"__kept__": True` (DecodedImages keeps the decoded pixels of those only).
     """
 
     def __init__(self, limit: int = CACHE_BYTES):
@@ -103,6 +104,7 @@ class RecordCache:
                 size += sum(len(v) for k, v in rec.items() if not k.startswith("__"))
                 recs = recs if self.used + size <= self.limit else None
                 if recs is not None:
+                    rec["__kept__"] = True
                     recs.append(dict(rec))
             yield rec
         if recs is not None:
@@ -229,11 +231,12 @@ DECODED_BYTES = 256 << 20  # an image stream keeps decoded images while they tot
 
 
 class DecodedImages:
-    """decode_image with a memo of the decoded pixels (uint8), keyed by the image's bytes, while they total at most
-    `limit` bytes: a small dataset's images are decoded once, not once per epoch (the demo's dVAE decoded each of its
-    4,000 JPEGs 4 times; bench/results/demo.md, session 16). The same bytes give the same pixels, so the batches do
-    not depend on the memo. Python caches a bytes object's hash, so a hit on a record the RecordCache kept costs a
-    dict lookup."""
+    """decode_image with a memo of the decoded pixels (uint8) of the records the RecordCache keeps (`__kept__`), keyed
+    by the image's bytes, while they total at most `limit` bytes: a small dataset's images are decoded once, not once
+    per epoch (the demo's dVAE decoded each of its 4,000 JPEGs 4 times; bench/results/demo.md, session 16), and a
+    dataset too large to be kept is decoded as it streams, without a memo that would never be hit. The same bytes give
+    the same pixels, so the batches do not depend on the memo. Python caches a bytes object's hash, so a hit on a kept
+    record costs a dict lookup."""
 
     def __init__(self, size: int, limit: int = DECODED_BYTES):
         self.size, self.limit, self.used = size, limit, 0
@@ -244,7 +247,7 @@ class DecodedImages:
         arr = self.memo.get(raw) if raw is not None else None
         if arr is None:
             arr = decode_image_u8(rec, self.size)
-            if raw is not None and self.used + arr.nbytes + len(raw) <= self.limit:
+            if raw is not None and rec.get("__kept__") and self.used + arr.nbytes + len(raw) <= self.limit:
                 self.memo[raw], self.used = arr, self.used + arr.nbytes + len(raw)
         return image_tensor(arr)
 

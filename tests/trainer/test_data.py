@@ -148,19 +148,24 @@ def test_the_record_cache_serves_the_same_stream_and_keeps_only_what_fits(shards
     for got in (stream(1 << 30), stream(3000)):
         assert [p for _, p in got] == [p for _, p in ref]
         assert [r["__key__"] for r, _ in got] == [r["__key__"] for r, _ in ref]
-        assert all(a == b for (a, _), (b, _) in zip(got, ref))  # every member's bytes
+        assert all({k: v for k, v in a.items() if k != "__kept__"} == b for (a, _), (b, _) in zip(got, ref))  # every member's bytes
     size = sum(len(v) for r, _ in ref[:60] for k, v in r.items() if not k.startswith("__")) // 5  # ~ one shard
     cache = RecordCache(int(2.5 * size))
     for url in s:
         assert len(list(cache.samples(url))) == 12
     assert len(cache.shards) == 2 and cache.used <= cache.limit  # the first two shards fit, the others stream
+    # a kept shard's records are marked; a streamed shard's only until its records overflow the limit
+    assert all(r.get("__kept__") for r in cache.samples(s[1])) and not all(r.get("__kept__") for r in cache.samples(s[4]))
     first = next(cache.samples(s[0]))
     first["jpg"] = b"changed"  # a reader's copy: the kept record is untouched
     assert next(cache.samples(s[0]))["jpg"] != b"changed"
 
 
 def test_decoded_images_are_those_of_decode_image_and_the_memo_is_bounded(shards):
-    recs = list(iter_all_samples(list_shards(str(shards)), limit=10))
+    streamed = list(iter_all_samples(list_shards(str(shards)), limit=10))
+    memo = DecodedImages(16)
+    assert all(torch.equal(memo(r), decode_image(r, 16)) for r in streamed) and not memo.memo  # not kept: no memo
+    recs = [{**r, "__kept__": True} for r in streamed]  # as the RecordCache marks the records of a shard it keeps
     memo = DecodedImages(16, limit=3 * (16 * 16 * 3 + max(len(r["jpg"]) for r in recs)))
     for _ in range(2):
         for r in recs:
