@@ -163,3 +163,16 @@ def test_cli_on_s3_shards_and_an_s3_text_file(tmp_path, s3_server, monkeypatch, 
     assert [c.strip() for c in read_captions("s3://tokenizer-test/caps.txt")] == CAPTIONS[:50]
     assert main(["prep", "tokenizer", "--input", "s3://tokenizer-test/missing", "--output", str(tmp_path / "x")] + args) == 2
     assert "s3://tokenizer-test/missing' matches no file" in capsys.readouterr().err
+
+
+def test_youtokentome_trains_the_same_model_on_any_machine(tmp_path, monkeypatch):
+    """youtokentome's multi-threaded training breaks ties between merges in thread order (8 threads: 4 different models
+    in 6 runs on these captions), so its default is 1 thread: the same model whatever the core count. os.cpu_count is
+    patched to stand for an 8-core machine (the old default took the core count)."""
+    ref = tmp_path / "one.model"
+    train_tokenizer(CAPTIONS * 10, ref, kind="youtokentome", vocab_size=256, threads=1)
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    for i in range(5):
+        out = tmp_path / f"default{i}.model"
+        train_tokenizer(CAPTIONS * 10, out, kind="youtokentome", vocab_size=256)
+        assert out.read_bytes() == ref.read_bytes(), i
