@@ -14,6 +14,8 @@ is renamed last, so a `FILE.json` always describes a complete model.
 training captions): each merge is skipped with that probability, giving varied segmentations.
 
 Both kinds use the same special ids: pad 0, unk 1, bos 2, eos 3 (`encode` adds none of them).
+sentencepiece trains the same pieces from the same captions every time; youtokentome may not (its merges' ties are
+broken in an order that varies between runs, more so with threads), so reproducible runs (the demo) use sentencepiece.
 On a small corpus the number of possible merges can be smaller than the requested vocabulary:
 both kinds then stop early, the sidecar records the size actually reached, and a note is logged.
 """
@@ -360,10 +362,10 @@ def train_tokenizer(
         raise InputError(f"tokenizer character_coverage: expected in (0, 1], got {character_coverage}")
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    # youtokentome's multi-threaded training breaks ties between merges in thread order: on the demo's 4,000 captions 8
-    # threads gave 6 different models in 8 runs, 2 threads 2 in 8, 1 thread always the same (session 16; the same
-    # caption ids then differ, and so does the demo's report). Its default is therefore 1 thread, the same model on
-    # every machine; sentencepiece's pieces do not depend on its threads
+    # youtokentome's training is not deterministic: on the demo's 4,000 captions 8 threads gave 6 different models in 8
+    # runs, 2 threads 2 in 8, and even 1 thread 2 in 10 on another corpus (session 16); the caption ids then differ, and
+    # so does everything trained on them. Its default is 1 thread, the least variable; sentencepiece's pieces were the
+    # same in every run at any thread count, which is why the demo trains sentencepiece
     threads = threads or (1 if kind == "youtokentome" else (os.cpu_count() or 1))
     n = 0
     with tempfile.TemporaryDirectory(dir=output.parent, prefix=f".{output.name}.") as tmpdir:

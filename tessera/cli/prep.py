@@ -8,6 +8,7 @@ import json
 import logging
 
 from tessera.cli.common import add_config_arguments
+from tessera.core.errors import InputError
 from tessera.core.root_config import TesseraConfig, load_root
 from tessera.dataprep.config import CrawlConfig
 from tessera.dataprep.crawl import crawl
@@ -144,6 +145,12 @@ def add_tokenizer(parser: argparse.ArgumentParser) -> None:
         default=1.0,
         help="fraction of characters kept as symbols, the rarest mapped to unk (sentencepiece suggests 0.9995 for large web corpora)",
     )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="training threads (default: 1 for youtokentome, whose multi-threaded training gives a different model from run to run; every core for sentencepiece)",
+    )
     add_config_arguments(parser)
 
 
@@ -155,8 +162,16 @@ def run_tokenizer(args: argparse.Namespace) -> int:
     lowercase = cfg.lowercase and not args.no_lowercase
     list_shards(args.input)  # fail early, naming the input
     logging.basicConfig(level=logging.INFO, format="tessera: %(message)s")
+    if args.threads is not None and args.threads < 1:
+        raise InputError(f"--threads {args.threads}: expected >= 1")
     tok = train_tokenizer(
-        read_captions(args.input), args.output, kind=kind, vocab_size=vocab, lowercase=lowercase, character_coverage=args.character_coverage
+        read_captions(args.input),
+        args.output,
+        kind=kind,
+        vocab_size=vocab,
+        lowercase=lowercase,
+        character_coverage=args.character_coverage,
+        threads=args.threads,
     )
     meta = json.loads(sidecar_path(args.output).read_text())
     print(f"wrote {kind} tokenizer {args.output} ({tok.vocab_size} tokens, trained on {meta['num_captions']} captions)")

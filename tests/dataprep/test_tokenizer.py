@@ -4,6 +4,7 @@ import pickle
 import tarfile
 
 import pytest
+import sentencepiece as spm
 
 from tessera.cli import main
 from tessera.core.errors import InputError
@@ -102,6 +103,11 @@ def test_cli_on_shards(tmp_path, capsys):
     tok = load_tokenizer(out)
     assert tok.kind == "youtokentome" and tok.vocab_size <= 200
     assert tok.decode(tok.encode(CAPTIONS[7])) == CAPTIONS[7]
+    out1 = tmp_path / "bpe1.yttm"  # --threads reaches the trainer: 1 thread is the default's model, byte for byte
+    assert main(["prep", "tokenizer", "--input", str(shards), "--output", str(out1), "--vocab-size", "200", "--threads", "1"]) == 0
+    assert out1.read_bytes() == out.read_bytes()
+    assert main(["prep", "tokenizer", "--input", str(shards), "--output", str(tmp_path / "t0"), "--threads", "0"]) == 2
+    assert "--threads 0: expected >= 1" in capsys.readouterr().err
     out2 = tmp_path / "bpe.spm"
     assert (
         main(["prep", "tokenizer", "--input", str(shards), "--output", str(out2), "--config", "demo", "tokenizer.kind=sentencepiece"]) == 0
@@ -165,14 +171,22 @@ def test_cli_on_s3_shards_and_an_s3_text_file(tmp_path, s3_server, monkeypatch, 
     assert "s3://tokenizer-test/missing' matches no file" in capsys.readouterr().err
 
 
-def test_youtokentome_trains_the_same_model_on_any_machine(tmp_path, monkeypatch):
-    """youtokentome's multi-threaded training breaks ties between merges in thread order (8 threads: 4 different models
-    in 6 runs on these captions), so its default is 1 thread: the same model whatever the core count. os.cpu_count is
-    patched to stand for an 8-core machine (the old default took the core count)."""
+def test_sentencepiece_trains_the_same_pieces_at_any_thread_count(tmp_path, monkeypatch):
+    """The demo's tokenizer must not vary between runs or machines (issue 17): sentencepiece's pieces, scores and
+    encodings are the same at 1, 2 and 8 threads, run after run (youtokentome's were not: 2 models in 10 runs even on 1
+    thread). os.cpu_count is patched to stand for an 8-core machine (the default takes the core count)."""
+
+    def vocab(path):
+        sp = spm.SentencePieceProcessor(model_file=str(path))
+        return [(sp.id_to_piece(j), sp.get_score(j)) for j in range(sp.get_piece_size())], [sp.encode(c) for c in CAPTIONS[:200]]
+
     ref = tmp_path / "one.model"
-    train_tokenizer(CAPTIONS * 10, ref, kind="youtokentome", vocab_size=256, threads=1)
-    monkeypatch.setattr("os.cpu_count", lambda: 8)
-    for i in range(5):
-        out = tmp_path / f"default{i}.model"
-        train_tokenizer(CAPTIONS * 10, out, kind="youtokentome", vocab_size=256)
-        assert out.read_bytes() == ref.read_bytes(), i
+    train_tokenizer(CAPTIONS * 10, ref, kind="sentencepiece", vocab_size=256, threads=1)
+    want = vocab(ref)
+    assert len(want[0]) > 40 and len(set(map(tuple, want[1]))) == 200  # a real vocabulary: every caption encoded its own way
+    for i, threads in enumerate((2, 8, None, None)):
+        if threads is None:
+            monkeypatch.setattr("os.cpu_count", lambda: 8)
+        out = tmp_path / f"t{i}.model"
+        train_tokenizer(CAPTIONS * 10, out, kind="sentencepiece", vocab_size=256, threads=threads)
+        assert vocab(out) == want, threads
