@@ -330,9 +330,14 @@ def image_tensor(arr: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(arr).permute(2, 0, 1).float().div_(255.0)
 
 
+def image_bytes(sample: dict[str, Any]) -> bytes | None:
+    """The encoded image of a sample: its first member with an image extension (IMAGE_EXTS), else None."""
+    return next((sample[e] for e in IMAGE_EXTS if e in sample), None)
+
+
 def decode_image_u8(sample: dict[str, Any], size: int) -> np.ndarray:
     """uint8[size, size, 3] of a sample's image (a writable array of its own), sized as decode_image says."""
-    raw = next((sample[e] for e in IMAGE_EXTS if e in sample), None)
+    raw = image_bytes(sample)
     where = f"shard '{sample.get('__shard__')}'"
     if raw is None:
         raise InputError(f"{where}: sample '{sample['__key__']}' has no image ({'/'.join(IMAGE_EXTS)})")
@@ -423,6 +428,7 @@ __all__ = [
     "read_pairs",
     "decode_image",
     "decode_image_u8",
+    "image_bytes",
     "image_tensor",
     "caption_of",
     "crop_resize",

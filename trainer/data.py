@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from tessera.core.errors import ConfigError, InputError
-from tessera.dataprep.shards import IMAGE_EXTS, decode_image, decode_image_u8, image_tensor, iter_all_samples, iter_samples, list_shards
+from tessera.dataprep.shards import decode_image, decode_image_u8, image_bytes, image_tensor, iter_all_samples, iter_samples, list_shards
 
 ORDER = "global"  # the data-state format: a position in the global stream, valid at any world size
 
@@ -102,8 +102,9 @@ class RecordCache:
         for rec in iter_samples(url):
             if recs is not None:
                 size += sum(len(v) for k, v in rec.items() if not k.startswith("__"))
-                recs = recs if self.used + size <= self.limit else None
-                if recs is not None:
+                if self.used + size > self.limit:
+                    recs = None  # this shard streams; what it read so far is dropped
+                else:
                     rec["__kept__"] = True
                     recs.append(dict(rec))
             yield rec
@@ -243,7 +244,7 @@ class DecodedImages:
         self.memo: dict[bytes, np.ndarray] = {}
 
     def __call__(self, rec: dict) -> torch.Tensor:
-        raw = next((rec[e] for e in IMAGE_EXTS if e in rec), None)
+        raw = image_bytes(rec)
         arr = self.memo.get(raw) if raw is not None else None
         if arr is None:
             arr = decode_image_u8(rec, self.size)
