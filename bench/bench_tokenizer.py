@@ -131,13 +131,22 @@ def main() -> int:
     enc = corpus[: args.encode_captions]
     rows = []
     with tempfile.TemporaryDirectory() as d:
-        for kind in KINDS:
+        # youtokentome twice: Tessera's deterministic trainer (the default) and youtokentome's own C++ trainer
+        variants = [(k, True, k) for k in KINDS] + [("youtokentome", False, "youtokentome (C++ trainer)")]
+        for kind, deterministic, label in variants:
             train_s = math.inf
             for _ in range(args.repeat):
                 t0 = time.perf_counter()
-                tok = train_tokenizer(corpus, Path(d) / f"{kind}.model", kind=kind, vocab_size=args.vocab_size, threads=args.threads)
+                tok = train_tokenizer(
+                    corpus,
+                    Path(d) / f"{kind}.model",
+                    kind=kind,
+                    vocab_size=args.vocab_size,
+                    threads=args.threads,
+                    deterministic=deterministic,
+                )
                 train_s = min(train_s, time.perf_counter() - t0)
-            figures = {"kind": kind, "vocab": tok.vocab_size, "train_s": train_s, "train_caps_s": len(corpus) / train_s}
+            figures = {"kind": label, "vocab": tok.vocab_size, "train_s": train_s, "train_caps_s": len(corpus) / train_s}
             for label, dropout, batched in (("batch", 0.0, True), ("batch_dropout", 0.1, True), ("single", 0.0, False)):
                 s = math.inf
                 for _ in range(args.repeat):
@@ -155,7 +164,7 @@ def main() -> int:
                     figures["tokens_per_caption"] = sum(map(len, ids)) / len(ids)
             rows.append(figures)
             print(
-                f"{kind:>14}: vocab {figures['vocab']}, train {train_s:.1f} s ({figures['train_caps_s']:,.0f} captions/s); "
+                f"{label:>26}: vocab {figures['vocab']}, train {train_s:.1f} s ({figures['train_caps_s']:,.0f} captions/s); "
                 f"encode {figures['batch_caps_s']:,.0f} captions/s batched, {figures['batch_dropout_caps_s']:,.0f} with dropout 0.1, "
                 f"{figures['single_caps_s']:,.0f} one at a time; {figures['tokens_per_caption']:.1f} tokens/caption"
             )

@@ -82,6 +82,11 @@ class TokenizerConfig:
     vocab_size: int = param(16384, "Vocabulary size, special tokens included.")
     lowercase: bool = param(True, "Lower-case captions before training and encoding (the paper does).")
     dropout: float = param(0.0, "BPE-dropout probability used when encoding for training (0 disables).")
+    deterministic: bool = param(
+        True,
+        "youtokentome: learn the merges with Tessera's trainer (the same captions give the same model); false uses "
+        "youtokentome's multi-threaded C++ trainer, faster on large corpora, whose ties fall differently run to run.",
+    )
 
     def validate(self) -> None:
         if self.vocab_size < 8:

@@ -14,8 +14,10 @@ is renamed last, so a `FILE.json` always describes a complete model.
 training captions): each merge is skipped with that probability, giving varied segmentations.
 
 Both kinds use the same special ids: pad 0, unk 1, bos 2, eos 3 (`encode` adds none of them).
-sentencepiece trains the same pieces from the same captions every time; youtokentome may not (its merges' ties are
-broken in an order that varies between runs, more so with threads), so reproducible runs (the demo) use sentencepiece.
+Training is deterministic by default: the same captions give the same model file. sentencepiece's trainer is; for
+youtokentome models the merges are learnt by Tessera's own trainer (`tessera.dataprep.bpe`: youtokentome's algorithm
+with one fixed order for ties), because youtokentome's C++ trainer breaks ties in an order that varies from run to
+run, even on one thread. `deterministic=False` uses that C++ trainer (multi-threaded, faster on large corpora).
 On a small corpus the number of possible merges can be smaller than the requested vocabulary:
 both kinds then stop early, the sidecar records the size actually reached, and a note is logged.
 """
@@ -38,6 +40,7 @@ import sentencepiece as spm
 import youtokentome as yttm
 
 from tessera.core.errors import InputError
+from tessera.dataprep.bpe import train_bpe, write_model
 from tessera.dataprep.shards import is_tar_name, iter_members, list_shards, open_text
 from tessera.dataprep.storage import is_s3
 
@@ -202,7 +205,10 @@ class SentencePieceTokenizer(Tokenizer):
         return self._sp.decode(self._check_ids(ids))
 
     @staticmethod
-    def train(text_file: Path, model_path: Path, vocab_size: int, character_coverage: float, threads: int) -> None:
+    def train(
+        text_file: Path, model_path: Path, vocab_size: int, character_coverage: float, threads: int, deterministic: bool = True
+    ) -> None:
+        # deterministic either way: its pieces were the same at 1, 2 and 8 threads (tests/dataprep/test_tokenizer.py)
         buf = io.BytesIO()
         try:
             spm.SentencePieceTrainer.train(
@@ -260,7 +266,15 @@ class YouTokenToMeTokenizer(Tokenizer):
         return self._bpe.decode([self._check_ids(ids)], ignore_ids=self._specials)[0]
 
     @staticmethod
-    def train(text_file: Path, model_path: Path, vocab_size: int, character_coverage: float, threads: int) -> None:
+    def train(
+        text_file: Path, model_path: Path, vocab_size: int, character_coverage: float, threads: int, deterministic: bool = True
+    ) -> None:
+        if deterministic:
+            with open(text_file, encoding="utf-8") as f:
+                lines = [ln.rstrip("\n") for ln in f]
+            char2id, merges = train_bpe(lines, vocab_size, character_coverage, (PAD_ID, UNK_ID, BOS_ID, EOS_ID))
+            write_model(model_path, char2id, merges, (PAD_ID, UNK_ID, BOS_ID, EOS_ID))
+            return
         # youtokentome prints its progress through C++ iostreams, which buffer until the process
         # exits; training in a child process keeps that out of our stdout.
         kw = dict(
@@ -352,8 +366,14 @@ def train_tokenizer(
     lowercase: bool = True,
     character_coverage: float = 1.0,
     threads: int | None = None,
+    deterministic: bool = True,
 ) -> Tokenizer:
-    """Train a BPE tokenizer on `captions` and write `output` + `output.json`; returns the loaded tokenizer."""
+    """Train a BPE tokenizer on `captions` and write `output` + `output.json`; returns the loaded tokenizer.
+
+    `deterministic` (youtokentome only): learn the merges with Tessera's trainer, which gives the same file for the
+    same captions; False uses youtokentome's C++ trainer, faster on large corpora, whose ties fall differently from
+    run to run. `threads` applies to the C++ trainers (default: every core).
+    """
     if kind not in TOKENIZERS:
         raise InputError(f"tokenizer kind {kind!r}: expected one of {', '.join(KINDS)}")
     if vocab_size < NUM_SPECIAL + 2:
@@ -362,11 +382,11 @@ def train_tokenizer(
         raise InputError(f"tokenizer character_coverage: expected in (0, 1], got {character_coverage}")
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    # youtokentome's training is not deterministic: on the demo's 4,000 captions 8 threads gave 6 different models in 8
-    # runs, 2 threads 2 in 8, and even 1 thread 2 in 10 on another corpus (session 16); the caption ids then differ, and
-    # so does everything trained on them. Its default is 1 thread, the least variable; sentencepiece's pieces were the
-    # same in every run at any thread count, which is why the demo trains sentencepiece
-    threads = threads or (1 if kind == "youtokentome" else (os.cpu_count() or 1))
+    # youtokentome's C++ training is not deterministic: on the demo's 4,000 captions 8 threads gave 6 different models
+    # in 8 runs, 2 threads 2 in 8, and even 1 thread 2 in 10 on another corpus (session 16); the caption ids then differ,
+    # and so does everything trained on them. Hence Tessera's trainer by default (deterministic=True)
+    threads = threads or (os.cpu_count() or 1)
+    trainer = "tessera" if kind == "youtokentome" and deterministic else kind
     n = 0
     with tempfile.TemporaryDirectory(dir=output.parent, prefix=f".{output.name}.") as tmpdir:
         text_file = Path(tmpdir) / "captions.txt"
@@ -379,7 +399,7 @@ def train_tokenizer(
         if n == 0:
             raise InputError(f"no non-empty captions to train tokenizer '{output}' on")
         tmp_model = Path(tmpdir) / "model"
-        TOKENIZERS[kind].train(text_file, tmp_model, vocab_size, character_coverage, threads)
+        TOKENIZERS[kind].train(text_file, tmp_model, vocab_size, character_coverage, threads, deterministic)
         actual = TOKENIZERS[kind](tmp_model, lowercase=lowercase).vocab_size
         tmp_model.replace(output)
     if actual < vocab_size:
@@ -391,6 +411,7 @@ def train_tokenizer(
         "vocab_size": actual,
         "lowercase": lowercase,
         "requested_vocab_size": vocab_size,
+        "trainer": trainer,
         "num_captions": n,
         "special_ids": {"pad": PAD_ID, "unk": UNK_ID, "bos": BOS_ID, "eos": EOS_ID},
     }

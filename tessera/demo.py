@@ -171,6 +171,7 @@ def _model_stages(cfg: Any, out: Path, st: Stages) -> dict[str, Any]:
         kind=cfg.tokenizer.kind,
         vocab_size=cfg.tokenizer.vocab_size,
         lowercase=cfg.tokenizer.lowercase,
+        deterministic=cfg.tokenizer.deterministic,
     )
 
     dvae_summary = st.run("train dvae", train_dvae, cfg, str(out / "shards" / "train"), str(out / "shards" / "eval"), out / "dvae")

@@ -149,7 +149,7 @@ def add_tokenizer(parser: argparse.ArgumentParser) -> None:
         "--threads",
         type=int,
         default=None,
-        help="training threads (default: 1 for youtokentome, whose multi-threaded training gives a different model from run to run; every core for sentencepiece)",
+        help="training threads of the C++ trainers (default: every core): sentencepiece, and youtokentome's with tokenizer.deterministic=false (Tessera's deterministic trainer, the default for youtokentome, runs on one)",
     )
     add_config_arguments(parser)
 
@@ -172,6 +172,7 @@ def run_tokenizer(args: argparse.Namespace) -> int:
         lowercase=lowercase,
         character_coverage=args.character_coverage,
         threads=args.threads,
+        deterministic=cfg.deterministic,
     )
     meta = json.loads(sidecar_path(args.output).read_text())
     print(f"wrote {kind} tokenizer {args.output} ({tok.vocab_size} tokens, trained on {meta['num_captions']} captions)")

@@ -48,6 +48,7 @@ LAYERS: list[tuple[str, list[str]]] = [
             "tessera.dataprep.storage",
             "tessera.dataprep.readers",
             "tessera.dataprep.imaging",
+            "tessera.dataprep.bpe",
             "tessera.dataprep.tokenizer",
             "tessera.dataprep.synthetic",
             "tessera.dataprep.detector",
