@@ -44,19 +44,23 @@ import shutil
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as tdist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.fsdp import FSDPModule, fully_shard
-from torch.distributed.tensor import DTensor, Shard
 
 from tessera.cluster.dist import DistState, free_port, init, node_size
 from tessera.cluster.sharded_powersgd import CrossGroupReducer, Slot, error_sums, load_error_sums, paper_compression_rate
 from tessera.core import files
 from tessera.core.errors import CheckpointError, ConfigError
 from tessera.core.files import atomic_write_bytes, load_checkpoint, save_checkpoint
+
+if TYPE_CHECKING:
+    from torch.distributed.fsdp import FSDPModule
+
+# FSDP2 and DTensor are imported where the sharded layout runs: importing them costs ~1.3 s per process on machine A
+# (DTensor's ops pull in sympy), paid by every rank and CLI process that never shards anything.
 
 LATEST = "latest.sharded"
 DENSE_NAME = re.compile(r"emb")
@@ -153,6 +157,8 @@ def _rebuild_optimizer(opt: torch.optim.Optimizer, old_names: dict[int, str], ne
 
 
 def _local(v: Any) -> Any:
+    from torch.distributed.tensor import DTensor
+
     return v.to_local().detach().clone() if isinstance(v, DTensor) else v
 
 
@@ -230,6 +236,8 @@ class ShardedPowerSGDEngine:
         powersgd_start_iter: int = 0,
         dense_pattern: re.Pattern = DENSE_NAME,
     ):
+        from torch.distributed.fsdp import fully_shard
+
         dist = _ensure_group(dist or DistState(), timeout_s).set_ranks_per_node(ranks_per_node)  # 0 keeps the discovered layout
         self.topology = Topology.of(dist)
         self.mesh = build_mesh(self.topology, dist.device.type)
@@ -339,6 +347,8 @@ class ShardedPowerSGDEngine:
 
     # -- the step ------------------------------------------------------------------------------------
     def step(self) -> None:
+        from torch.distributed.tensor import DTensor
+
         if self.grad_clip > 0:
             norm = torch.nn.utils.clip_grad_norm_([p for p in self.module.parameters() if p.grad is not None], self.grad_clip)
             self.last_grad_norm = float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
@@ -371,6 +381,8 @@ class ShardedPowerSGDEngine:
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The whole model on every rank, on the CPU (every rank must call it: it all-gathers)."""
+        from torch.distributed.tensor import DTensor
+
         out = {}
         for k, v in self.module.state_dict().items():
             v = v.full_tensor() if isinstance(v, DTensor) else v
@@ -379,6 +391,8 @@ class ShardedPowerSGDEngine:
 
     # -- checkpoints --------------------------------------------------------------------------------
     def save_checkpoint(self, directory: str | Path, step: int, client_state: dict[str, Any] | None = None, keep_last: int = 2) -> Path:
+        from torch.distributed.tensor import DTensor
+
         directory = Path(directory)
         tag = f"step_{int(step):08d}"
         final, tmp = directory / tag, directory / f".{tag}.tmp"
@@ -414,6 +428,8 @@ class ShardedPowerSGDEngine:
         return final
 
     def load_checkpoint(self, directory: str | Path) -> tuple[int, dict[str, Any]]:
+        from torch.distributed.tensor import DTensor, Shard
+
         directory = Path(directory)
         if not (directory / LATEST).exists():
             for other in ("latest.pt", "latest"):
@@ -449,6 +465,8 @@ class ShardedPowerSGDEngine:
     def _split_client(self, client: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         """`client` without its DTensors (meta.pt, rank 0), and their local shards as records {"path", "local", "shape", "stride"}
         (this ordinal's file): a client entry such as the loop's parameter EMA is sharded like the parameters, and saved so."""
+        from torch.distributed.tensor import DTensor, Shard
+
         records: list[dict[str, Any]] = []
 
         def walk(obj: dict[str, Any], path: list[str]) -> dict[str, Any]:
@@ -533,6 +551,8 @@ def _localize_optimizer(sd: dict[str, Any]) -> dict[str, Any]:
 
 def _wrap_optimizer_state(opt: torch.optim.Optimizer) -> None:
     """After load_state_dict: per-parameter state tensors become DTensors shaped like their (sharded) parameter again."""
+    from torch.distributed.tensor import DTensor
+
     for g in opt.param_groups:
         for p in g["params"]:
             if not isinstance(p, DTensor):

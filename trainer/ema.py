@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor
 
 
 class EMA:
@@ -33,6 +34,10 @@ class EMA:
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The shadows whole: DTensor shards all-gathered (a collective: every rank calls it), plain tensors as they are."""
+        if "torch.distributed.tensor" not in sys.modules:  # no DTensor can exist (the sharded layout imports it)
+            return dict(self.shadow)
+        from torch.distributed.tensor import DTensor
+
         return {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in self.shadow.items()}
 
     def copy_to(self, model: nn.Module, shadow: dict[str, torch.Tensor] | None = None) -> None:

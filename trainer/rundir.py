@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.tensorboard import SummaryWriter
 
 from tessera.core import config as C
 from tessera.core.files import atomic_write_bytes, checkpoint_bytes, digest, record_checkpoint
@@ -47,6 +46,9 @@ class MetricsLogger:
         self._tb = None
         if enabled:
             _drop_partial_line(self.path)
+            # imported here: ~0.5 s per process on machine A, which ranks other than 0 and most CLI commands never need
+            from torch.utils.tensorboard import SummaryWriter
+
             self._tb = SummaryWriter(log_dir=str(run_dir / "tb"))
 
     def log(self, step: int, **metrics: Any) -> None:
