@@ -133,7 +133,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as d:
         # youtokentome twice: Tessera's deterministic trainer (the default) and youtokentome's own C++ trainer
         variants = [(k, True, k) for k in KINDS] + [("youtokentome", False, "youtokentome (C++ trainer)")]
-        for kind, deterministic, label in variants:
+        for kind, deterministic, name in variants:
             train_s = math.inf
             for _ in range(args.repeat):
                 t0 = time.perf_counter()
@@ -146,7 +146,7 @@ def main() -> int:
                     deterministic=deterministic,
                 )
                 train_s = min(train_s, time.perf_counter() - t0)
-            figures = {"kind": label, "vocab": tok.vocab_size, "train_s": train_s, "train_caps_s": len(corpus) / train_s}
+            figures = {"kind": name, "vocab": tok.vocab_size, "train_s": train_s, "train_caps_s": len(corpus) / train_s}
             for label, dropout, batched in (("batch", 0.0, True), ("batch_dropout", 0.1, True), ("single", 0.0, False)):
                 s = math.inf
                 for _ in range(args.repeat):
@@ -164,7 +164,7 @@ def main() -> int:
                     figures["tokens_per_caption"] = sum(map(len, ids)) / len(ids)
             rows.append(figures)
             print(
-                f"{label:>26}: vocab {figures['vocab']}, train {train_s:.1f} s ({figures['train_caps_s']:,.0f} captions/s); "
+                f"{name:>26}: vocab {figures['vocab']}, train {train_s:.1f} s ({figures['train_caps_s']:,.0f} captions/s); "
                 f"encode {figures['batch_caps_s']:,.0f} captions/s batched, {figures['batch_dropout_caps_s']:,.0f} with dropout 0.1, "
                 f"{figures['single_caps_s']:,.0f} one at a time; {figures['tokens_per_caption']:.1f} tokens/caption"
             )
