@@ -34,11 +34,6 @@ from tessera.core.errors import InputError
 WORD_START = "\u2581"
 
 
-def _is_space(ch: str) -> bool:
-    # youtokentome's is_space: C isspace() on code points below 256, and the word-start mark
-    return ch in " \t\n\v\f\r" or ch == WORD_START
-
-
 def _pairs(word: tuple[int, ...]) -> Counter:
     """Adjacent pairs of `word`; a run of L equal tokens holds floor(L / 2) self-pairs."""
     out: Counter = Counter()
@@ -77,11 +72,10 @@ def _priority(count: int, x: int, y: int) -> tuple[int, int, int, int]:
 
 def _alphabet(words: Counter, total: int, coverage: float, n_special: int) -> dict[str, int]:
     """{character: id}: the word-start mark, then the characters kept for `coverage` by descending count."""
-    chars: Counter = Counter()
+    chars: Counter = Counter()  # words hold no spaces: str.split() removed them (youtokentome's spaces among them)
     for w, c in words.items():
         for ch in w:
-            if not _is_space(ch):
-                chars[ch] += c
+            chars[ch] += c
     # drop characters from the rarest up while the rest still cover `coverage` of the text
     by_count = sorted(((c, ord(ch)) for ch, c in chars.items()), reverse=True)
     removed = 0
