@@ -34,10 +34,9 @@ class EMA:
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The shadows whole: DTensor shards all-gathered (a collective: every rank calls it), plain tensors as they are."""
-        if "torch.distributed.tensor" not in sys.modules:  # no DTensor can exist (the sharded layout imports it)
+        DTensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)  # as grad_scale._dtensor_type
+        if DTensor is None:  # not imported: no DTensor can exist (the sharded layout imports it)
             return dict(self.shadow)
-        from torch.distributed.tensor import DTensor
-
         return {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in self.shadow.items()}
 
     def copy_to(self, model: nn.Module, shadow: dict[str, torch.Tensor] | None = None) -> None:
