@@ -5,8 +5,11 @@ import textwrap
 
 import pytest
 
-from tessera.cluster.dist import DistState, discover, free_port, node_size
-from tessera.core.errors import ConfigError
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "trainer"))
+import prefork  # noqa: E402
+
+from tessera.cluster.dist import DistState, discover, free_port, node_size  # noqa: E402
+from tessera.core.errors import ConfigError  # noqa: E402
 
 
 def test_discover_launchers():
@@ -80,11 +83,13 @@ def test_two_gloo_ranks_all_reduce(tmp_path):
 
 
 def _two_ranks(script, timeout=120):
+    """Run `script` as 2 gloo ranks (tests/trainer/rank_workers.py's processes); their return codes and outputs."""
     port = free_port()
     procs = []
     for rank in range(2):
         env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        procs.append(subprocess.Popen([sys.executable, str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        env["OMP_NUM_THREADS"] = "1"
+        procs.append(prefork.popen([sys.executable, str(script)], env, os.getcwd()))
     try:
         outs = [p.communicate(timeout=timeout)[0] for p in procs]
     except subprocess.TimeoutExpired:

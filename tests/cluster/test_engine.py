@@ -6,8 +6,6 @@ losses, each rank's full weights, and checkpoints; the tests below read what the
 """
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,6 +13,9 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "tests" / "trainer"))
+from rank_workers import run_rank_workers  # noqa: E402
+
 MODES = {
     "zero1": dict(zero_stage=1),
     "zero2": dict(zero_stage=2),
@@ -162,39 +163,10 @@ def single_worker(out: Path) -> None:
 
 @pytest.fixture(scope="module")
 def two_rank_run(tmp_path_factory):
-    from tessera.cluster.dist import free_port
-
     out = tmp_path_factory.mktemp("engine")
     for m in MODES:
         (out / m).mkdir()
-    port = free_port()
-    procs = []
-    for rank in range(2):
-        env = dict(
-            os.environ,
-            RANK=str(rank),
-            WORLD_SIZE="2",
-            LOCAL_RANK=str(rank),
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(port),
-            DS_ACCELERATOR="cpu",
-            OMP_NUM_THREADS="1",
-            PYTHONPATH=str(REPO),
-        )
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, __file__, str(out)], env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-            )
-        )
-    logs = []
-    for p in procs:
-        try:
-            logs.append(p.communicate(timeout=240)[0])
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            pytest.fail("engine workers timed out")
-    assert [p.returncode for p in procs] == [0, 0], logs[0][-3000:] + "\n----\n" + logs[1][-3000:]
+    run_rank_workers(__file__, [str(out)], 2, "engine", {"DS_ACCELERATOR": "cpu"}, timeout=240)
     return out
 
 
@@ -343,14 +315,7 @@ def test_fp16_refused_where_cpu_lacks_it():
 def test_deepspeed_single_process(tmp_path):
     from tessera.cluster.engine import consolidate_zero_checkpoint
 
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT") and not k.startswith(("SLURM_", "OMPI_", "PMI_"))
-    }
-    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    r = subprocess.run([sys.executable, __file__, str(tmp_path), "single"], env=env, cwd=REPO, capture_output=True, text=True, timeout=240)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    run_rank_workers(__file__, [str(tmp_path), "single"], 1, "deepspeed single process", {"DS_ACCELERATOR": "cpu"}, timeout=240)
     res = json.loads((tmp_path / "result.json").read_text())
     assert res["kind"] == "deepspeed" and res["world"] == 1
     assert res["group"] == {"backend": "gloo", "world": 1, "timeout": 45.0}  # the one-rank group build_engine created

@@ -9,8 +9,6 @@ with numbers computed here from the parameter shapes.
 
 import json
 import math
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,6 +16,9 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "tests" / "trainer"))
+from rank_workers import run_rank_workers  # noqa: E402
+
 STEPS = 30
 RANK, START = 2, 3  # PowerSGD rank and start_iter of the compressed run
 TIMEOUT_S = 37.0
@@ -141,36 +142,8 @@ def _weights_agree(model: torch.nn.Module) -> bool:
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    from tessera.cluster.dist import free_port
-
     out = tmp_path_factory.mktemp("engine_keys")
-    port = free_port()
-    procs = []
-    for rank in range(2):
-        env = dict(
-            os.environ,
-            RANK=str(rank),
-            WORLD_SIZE="2",
-            LOCAL_RANK=str(rank),
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(port),
-            OMP_NUM_THREADS="1",
-            PYTHONPATH=str(REPO),
-        )
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, __file__, str(out)], env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-            )
-        )
-    logs = []
-    for p in procs:
-        try:
-            logs.append(p.communicate(timeout=240)[0])
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            pytest.fail("engine workers timed out")
-    assert [p.returncode for p in procs] == [0, 0], logs[0][-3000:] + "\n----\n" + logs[1][-3000:]
+    run_rank_workers(__file__, [str(out)], 2, "engine keys", timeout=240)
     return json.loads((out / "result.json").read_text())
 
 

@@ -6,7 +6,6 @@ when none is intact the error is one line and nothing is moved."""
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+import prefork  # noqa: E402
 from token_fixtures import make_token_shards, one_thread, tiny_root  # noqa: E402,F401
 
 from tessera.core.errors import CheckpointError  # noqa: E402
@@ -174,13 +174,12 @@ def test_zero2_and_sharded_corrupt_latest_falls_back(layout, tokens, tmp_path):
     from tessera.cluster.dist import free_port
 
     env["MASTER_PORT"] = str(free_port())
-    r = subprocess.run(
-        [sys.executable, __file__, layout, str(tokens), str(tmp_path)], env=env, cwd=REPO, capture_output=True, text=True, timeout=300
-    )
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    p = prefork.popen([sys.executable, __file__, layout, str(tokens), str(tmp_path)], env, REPO)
+    log = p.communicate(timeout=300)[0]
+    assert p.returncode == 0, log[-6000:]
     out = json.loads((tmp_path / "result.json").read_text())
     ck = tmp_path / "run" / "checkpoints" / ("zero" if layout == "zero2" else "")
-    check_warnings(r.stderr, ck, ["step_00000006", "step_00000009"], ["is truncated", "is corrupt"])
+    check_warnings(log, ck, ["step_00000006", "step_00000009"], ["is truncated", "is corrupt"])
     assert [s["resumed_from"] for s in out] == [0, 3, 6] and out[-1]["steps"] == 12
     assert sorted(p.name for p in ck.glob("corrupt.*")) == ["corrupt.step_00000006", "corrupt.step_00000009"]
     assert sorted(p.name for p in ck.glob("step_*")) == ["step_00000009", "step_00000012"]

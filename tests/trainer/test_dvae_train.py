@@ -4,6 +4,7 @@ import os
 import pytest
 import torch
 from dvae_shapes import write_shape_shards
+from rank_workers import spawn_ranks
 
 from tessera.cli import main as cli_main
 from tessera.cluster import dist as D
@@ -180,10 +181,8 @@ def _rank_main(rank, world, port, data_dir, out_dir, result_dir):
 
 
 def test_two_gloo_ranks_split_the_global_batch_end_identical_and_match_one_process(data, tmp_path):
-    import torch.multiprocessing as mp
-
     port = D.free_port()
-    mp.spawn(_rank_main, args=(2, port, str(data / "train"), str(tmp_path / "run"), str(tmp_path)), nprocs=2, join=True)
+    spawn_ranks(_rank_main, (2, port, str(data / "train"), str(tmp_path / "run"), str(tmp_path)), 2)
     r0 = json.loads((tmp_path / "rank0.json").read_text())
     r1 = json.loads((tmp_path / "rank1.json").read_text())
     assert r0["world_size"] == 2 and r0["steps"] == r1["steps"] == 6

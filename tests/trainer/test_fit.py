@@ -19,6 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from dvae_shapes import write_shape_shards  # noqa: E402
+from rank_workers import spawn_ranks  # noqa: E402
 from test_clip_train import COLORS, SHAPES, make_pairs  # noqa: E402
 from token_fixtures import make_token_shards, tiny_root  # noqa: E402
 
@@ -248,10 +249,8 @@ def _signal_when_installed():
 
 @pytest.mark.parametrize("mode", ["budget", "signal"])
 def test_two_ranks_stop_after_the_same_step(mode, inputs, tmp_path):
-    import torch.multiprocessing as mp
-
     out = tmp_path / "run"
-    mp.spawn(_rank, args=(2, D.free_port(), inputs, str(out), mode), nprocs=2, join=True)
+    spawn_ranks(_rank, (2, D.free_port(), inputs, str(out), mode), 2)
     r0, r1 = (json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1))
     reason = "time_budget" if mode == "budget" else "preempted"
     assert r0["stop_reason"] == r1["stop_reason"] == reason and r0["engine"] == "ddp"

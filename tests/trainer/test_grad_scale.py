@@ -9,8 +9,6 @@ flush-to-zero comparison with bench/bench_grad_scale.py's measurement.
 import importlib.util
 import json
 import math
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -24,6 +22,8 @@ from tessera.trainer.grad_scale import BACKOFF, COOLDOWN, GROWTH, PerBlockScaler
 from tessera.trainer.transformer import DALLE
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "tests" / "trainer"))
+from rank_workers import run_rank_workers  # noqa: E402
 
 
 def tiny_cfg(n_layers: int = 3) -> TransformerModelConfig:
@@ -385,36 +385,7 @@ def worker(out: Path) -> None:
 
 
 def test_two_ranks_combine_the_flags_and_skip_the_same_updates(tmp_path):
-    from tessera.cluster.dist import free_port
-
-    port = free_port()
-    procs = []
-    for rank in range(2):
-        env = dict(
-            os.environ,
-            RANK=str(rank),
-            WORLD_SIZE="2",
-            LOCAL_RANK=str(rank),
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(port),
-            OMP_NUM_THREADS="1",
-            PYTHONPATH=str(REPO),
-        )
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, __file__, str(tmp_path)], env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-            )
-        )
-    logs = []
-    for p in procs:
-        try:
-            logs.append(p.communicate(timeout=180)[0])
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            tails = [q.communicate()[0][-2000:] for q in procs]
-            pytest.fail("grad-scale workers timed out; their output:\n" + "\n----\n".join(tails))
-    assert [p.returncode for p in procs] == [0, 0], logs[0][-3000:] + "\n----\n" + logs[1][-3000:]
+    run_rank_workers(__file__, [str(tmp_path)], 2, "grad-scale", timeout=180)
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2))
     assert r0["replicas"] == r1["replicas"] == 2  # M from the process group
     assert r0["rows"] == r1["rows"]  # the same flags, decisions and scales on both ranks

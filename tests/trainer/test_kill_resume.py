@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+import prefork  # noqa: E402
 from token_fixtures import make_token_shards  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
@@ -80,11 +81,7 @@ def launch(mode: str, out: Path, layout: str, world: int | None = None) -> list[
         env["TESSERA_PROGRESS"] = "0"
         log = open(out / f"{mode}.{rank}.log", "w")
         pg = procs[0].pid if procs else 0  # every rank in the first one's process group: one kill -9 ends the run
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, __file__, mode, str(out), layout], env=env, cwd=REPO, stdout=log, stderr=log, process_group=pg
-            )
-        )
+        procs.append(prefork.popen([sys.executable, __file__, mode, str(out), layout], env, REPO, stdout=log, process_group=pg))
     return procs
 
 
