@@ -139,40 +139,7 @@ script_of() {
 FAILED=0
 SUMMARY=()
 
-if [ "$DRY" = 1 ]; then
-    echo "gpu_check.sh --dry-run: results would go to $RESULTS"
-    CHECKED=""
-    i=0
-    for entry in "${STEPS[@]}"; do
-        i=$((i + 1))
-        name="${entry%%|*}"; rest="${entry#*|}"; t="${rest%%|*}"; cmd="${rest#*|}"
-        echo "[$i] step $name, timeout ${t}s: $cmd"
-        script="$(script_of "$cmd")"
-        if [ -n "$script" ]; then
-            if [ ! -f "$script" ]; then
-                echo "    MISSING: $script"; FAILED=1; continue
-            fi
-            case " $CHECKED " in *" $script "*) echo "    ok: $script (checked above)"; continue ;; esac
-            CHECKED="$CHECKED $script"
-            if timeout -k 5 90 "$PY" "$script" --help > "$WORK/help.txt" 2>&1; then
-                echo "    ok: $script exists, --help exits 0"
-            else
-                echo "    FAILED: $script --help exits non-zero:"; tail -5 "$WORK/help.txt" | sed 's/^/      /'; FAILED=1
-            fi
-        else
-            # the tests: the folder exists and the gpu marker selects tests there
-            if [ ! -d tests/kernels ]; then
-                echo "    MISSING: tests/kernels"; FAILED=1; continue
-            fi
-            if timeout -k 5 120 "$PY" -m pytest -q -p no:cacheprovider --collect-only -m gpu tests/kernels > "$WORK/collect.txt" 2>&1; then
-                echo "    ok: $(grep -E '[0-9]+(/[0-9]+)? tests? (collected|selected)' "$WORK/collect.txt" | tail -1)"
-            else
-                echo "    FAILED: pytest --collect-only -m gpu tests/kernels:"; tail -5 "$WORK/collect.txt" | sed 's/^/      /'; FAILED=1
-            fi
-        fi
-    done
-    # the package, uninstalled: every module the steps import comes from this checkout
-    if timeout -k 5 90 "$PY" - > "$WORK/imports.txt" 2>&1 <<'PYEOF'
+IMPORTS=$(cat <<'PYEOF'
 import os
 
 import tessera
@@ -188,7 +155,62 @@ outside = [m.__name__ for m in mods if not os.path.realpath(m.__file__).startswi
 assert not outside, f"imported from outside {repo}: {outside}"
 print(f"ok: tessera, tessera.trainer, tessera.kernels and tessera.cluster import from {repo}")
 PYEOF
-    then
+)
+
+if [ "$DRY" = 1 ]; then
+    echo "gpu_check.sh --dry-run: results would go to $RESULTS"
+    # the checks (each script's --help, the test collection, the imports) start together in the background, each
+    # writing its output and exit status under $WORK, and are reported below in order: one Python start-up each
+    # (torch's import: ~3.5 s on a slow CPU) runs beside the others instead of after them
+    check() {  # check NAME TIMEOUT COMMAND...: run COMMAND under timeout, output to $WORK/NAME.txt, status to $WORK/NAME.rc
+        local name="$1" t="$2"; shift 2
+        ( timeout -k 5 "$t" "$@" > "$WORK/$name.txt" 2>&1; echo $? > "$WORK/$name.rc" ) &
+    }
+    n=0
+    for entry in "${STEPS[@]}"; do
+        rest="${entry#*|}"; cmd="${rest#*|}"; script="$(script_of "$cmd")"
+        if [ -n "$script" ] && [ -f "$script" ] && [ ! -e "$WORK/help_${script//\//_}.rc" ]; then
+            : > "$WORK/help_${script//\//_}.rc"
+            check "help_${script//\//_}" 90 "$PY" "$script" --help
+        elif [ -z "$script" ] && [ -d tests/kernels ] && [ ! -e "$WORK/collect.rc" ]; then
+            : > "$WORK/collect.rc"
+            check collect 120 "$PY" -m pytest -q -p no:cacheprovider --collect-only -m gpu tests/kernels
+        fi
+    done
+    check imports 90 "$PY" -c "$IMPORTS"
+    wait
+    CHECKED=""
+    i=0
+    for entry in "${STEPS[@]}"; do
+        i=$((i + 1))
+        name="${entry%%|*}"; rest="${entry#*|}"; t="${rest%%|*}"; cmd="${rest#*|}"
+        echo "[$i] step $name, timeout ${t}s: $cmd"
+        script="$(script_of "$cmd")"
+        if [ -n "$script" ]; then
+            if [ ! -f "$script" ]; then
+                echo "    MISSING: $script"; FAILED=1; continue
+            fi
+            case " $CHECKED " in *" $script "*) echo "    ok: $script (checked above)"; continue ;; esac
+            CHECKED="$CHECKED $script"
+            if [ "$(cat "$WORK/help_${script//\//_}.rc")" = 0 ]; then
+                echo "    ok: $script exists, --help exits 0"
+            else
+                echo "    FAILED: $script --help exits non-zero:"; tail -5 "$WORK/help_${script//\//_}.txt" | sed 's/^/      /'; FAILED=1
+            fi
+        else
+            # the tests: the folder exists and the gpu marker selects tests there
+            if [ ! -d tests/kernels ]; then
+                echo "    MISSING: tests/kernels"; FAILED=1; continue
+            fi
+            if [ "$(cat "$WORK/collect.rc")" = 0 ]; then
+                echo "    ok: $(grep -E '[0-9]+(/[0-9]+)? tests? (collected|selected)' "$WORK/collect.txt" | tail -1)"
+            else
+                echo "    FAILED: pytest --collect-only -m gpu tests/kernels:"; tail -5 "$WORK/collect.txt" | sed 's/^/      /'; FAILED=1
+            fi
+        fi
+    done
+    # the package, uninstalled: every module the steps import comes from this checkout
+    if [ "$(cat "$WORK/imports.rc")" = 0 ]; then
         echo "[imports] $(cat "$WORK/imports.txt")"
     else
         echo "[imports] FAILED:"; tail -5 "$WORK/imports.txt" | sed 's/^/      /'; FAILED=1
