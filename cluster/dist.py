@@ -127,6 +127,14 @@ class DistState:
         if self.initialized:
             torch.distributed.barrier()
 
+    def any_rank(self, flag: bool) -> bool:
+        """True on every rank when `flag` is true on any (one all-reduce when a process group is up)."""
+        if self.initialized and self.world_size > 1:
+            t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+            flag = bool(t.item() > 0)
+        return flag
+
     def all_reduce_mean(self, t: torch.Tensor) -> torch.Tensor:
         if self.initialized and self.world_size > 1:
             torch.distributed.all_reduce(t)

@@ -37,11 +37,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-import torch
-
 from tessera.cluster.config import DistConfig, SlurmConfig
 from tessera.core.errors import ConfigError, InputError, TesseraError
-from tessera.core.files import atomic_write_bytes
+from tessera.core.atomic import atomic_write_bytes
 
 
 class SlurmError(TesseraError):
@@ -498,12 +496,7 @@ class PreemptionHandler:
 
     def should_stop_all(self, dist: Any) -> bool:
         """`should_stop` of any rank, on every rank (one all-reduce when a process group is up)."""
-        flag = self.should_stop
-        if getattr(dist, "initialized", False) and getattr(dist, "world_size", 1) > 1:
-            t = torch.tensor([1.0 if flag else 0.0], device=dist.device)
-            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-            flag = bool(t.item() > 0)
-        return flag
+        return dist.any_rank(self.should_stop)
 
     @staticmethod
     def job_id() -> str | None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from tessera.cli import train as train_cli
+from tessera.cli import train_flags
 from tessera.cluster import slurm
 from tessera.cluster.config import DistConfig, SlurmConfig
 from tessera.core.errors import InputError, TesseraError
@@ -120,7 +120,7 @@ def _cluster_config(cmd: list[str], config: str | None) -> DistConfig | None:
         return None
     task = cmd[i + 1]
     parser = _Parser(prog=f"tessera train {task}")
-    getattr(train_cli, f"add_{task}")(parser)
+    getattr(train_flags, f"add_{task}")(parser)
     args = parser.parse_args(cmd[i + 2 :] + (["--config", config] if config and "--config" not in cmd else []))
     return load_root(args.config, args.overrides).cluster
 

@@ -1,25 +1,19 @@
-"""`tessera train dvae | transformer | clip`: parse the flags, build the root config, call the trainer."""
+"""`tessera train dvae | transformer | clip`: parse the flags (declared in tessera.cli.train_flags), build the root
+config, call the trainer."""
 
 from __future__ import annotations
 
 import argparse
 import json
 
-from tessera.cli.common import add_config_arguments
+from tessera.cli.train_flags import add_clip, add_dvae, add_transformer
 from tessera.cluster import dist as D
 from tessera.core.root_config import load_root
 from tessera.trainer.clip_train import train_clip
 from tessera.trainer.dvae_train import train_dvae
 from tessera.trainer.transformer_train import train_transformer
 
-
-def add_dvae(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--data", default=None, help="training image shards: folder, brace pattern or s3://bucket/prefix (else dvae.train.train_data)"
-    )
-    parser.add_argument("--eval-data", default=None, help="held-out image shards for PSNR/SSIM (else dvae.train.eval_data)")
-    parser.add_argument("--output", required=True, help="run directory (resumed when it holds a checkpoint)")
-    add_config_arguments(parser, default="demo")
+__all__ = ["add_clip", "add_dvae", "add_transformer", "run_clip", "run_dvae", "run_transformer"]
 
 
 def run_dvae(args: argparse.Namespace) -> int:
@@ -31,12 +25,6 @@ def run_dvae(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_transformer(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", default=None, help="token shards (a folder with manifest.json from 'tessera prep encode')")
-    parser.add_argument("--output", required=True, help="run directory (resumed when it holds a checkpoint)")
-    add_config_arguments(parser, default="demo")
-
-
 def run_transformer(args: argparse.Namespace) -> int:
     cfg = load_root(args.config, args.overrides)
     with D.process_group(cfg.cluster.backend, cfg.cluster.timeout_s) as state:
@@ -44,15 +32,6 @@ def run_transformer(args: argparse.Namespace) -> int:
     if state.is_main:
         print(json.dumps(summary, indent=1))
     return 0
-
-
-def add_clip(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", required=True, help="training image shards (folder of *.tar, a tar, a glob or a brace pattern)")
-    parser.add_argument("--tokenizer", required=True, help="tokenizer model file from `tessera prep tokenizer`")
-    parser.add_argument("--output", required=True, help="run directory (resumed when it holds a checkpoint)")
-    parser.add_argument("--eval-data", default=None, help="held-out image shards for retrieval accuracy")
-    parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
-    add_config_arguments(parser)
 
 
 def run_clip(args: argparse.Namespace) -> int:
