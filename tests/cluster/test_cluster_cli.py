@@ -372,3 +372,16 @@ def test_job_info_without_a_slurm_client(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(slurm.SlurmError, match="'squeue' not found"):
         slurm.job_info("1")
+
+
+def test_cluster_commands_do_not_import_torch(tmp_path):
+    """Rendering or refusing a job needs no torch: a dry run answers in a fraction of a second, not after torch's ~3 s import."""
+    code = (
+        "import sys\n"
+        "from tessera.cli import main\n"
+        "code = main(['cluster', 'submit-train', '--config', 'demo', '--dry-run', '--', 'tessera', 'train', 'transformer'])\n"
+        "assert code == 0 and 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))[:5]\n"
+    )
+    r = subprocess.run([PY, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "#SBATCH" in r.stdout and "train transformer --config demo" in r.stdout
