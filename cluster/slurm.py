@@ -38,8 +38,8 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from tessera.cluster.config import DistConfig, SlurmConfig
-from tessera.core.errors import ConfigError, InputError, TesseraError
 from tessera.core.atomic import atomic_write_bytes
+from tessera.core.errors import ConfigError, InputError, TesseraError
 
 
 class SlurmError(TesseraError):
