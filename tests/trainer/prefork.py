@@ -26,6 +26,7 @@ import json
 import os
 import runpy
 import selectors
+import shutil
 import signal
 import socket
 import subprocess
@@ -245,6 +246,8 @@ def _server_path() -> str | None:
             proc.wait(5)
         except subprocess.TimeoutExpired:
             proc.kill()
+        log.close()
+        shutil.rmtree(d, ignore_errors=True)
 
     atexit.register(stop)
     return path
