@@ -123,6 +123,7 @@ def serve(path: str) -> None:
             sys.stderr.flush()
             pid = os.fork()
             if pid == 0:
+                sel.close()
                 listener.close()
                 for c in (conn, *children.values()):
                     c.close()
