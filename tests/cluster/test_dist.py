@@ -83,7 +83,7 @@ def test_two_gloo_ranks_all_reduce(tmp_path):
 
 
 def _two_ranks(script, timeout=120):
-    """Run `script` as 2 gloo ranks (tests/trainer/rank_workers.py's processes); their return codes and outputs."""
+    """Run `script` as 2 gloo ranks (processes forked by tests/trainer/prefork.py); their return codes and outputs."""
     port = free_port()
     procs = []
     for rank in range(2):
