@@ -22,6 +22,7 @@ OMP_NUM_THREADS=1, DS_ACCELERATOR=cpu, and the test session's TRITON_INTERPRET a
 from __future__ import annotations
 
 import atexit
+import importlib
 import json
 import os
 import runpy
@@ -102,8 +103,6 @@ def _child(req: dict, out_fd: int) -> None:
 def serve(path: str) -> None:
     """Import PRELOAD, then fork a child for each request on the Unix socket at `path`, until the socket's file is gone
     or the process that started the server has ended."""
-    import importlib
-
     for name in PRELOAD:
         importlib.import_module(name)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -238,6 +237,7 @@ def _server_path() -> str | None:
     if not os.path.exists(path):
         proc.kill()
         _SERVER["path"] = None
+        print(f"prefork: the server did not start (see {log.name}); workers start as plain processes", file=sys.stderr)
         return None
     _SERVER.update(path=path, proc=proc, env={k: env.get(k) for k in IMPORT_ENV})
 
